@@ -1,0 +1,110 @@
+"""The networks of the paper, built from masked layers so that every weight can be pruned.
+
+`build_model(name, **kwargs)` is the one entry point; checkpoints store `name` and `kwargs`
+so that later stages rebuild exactly the same network.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prune import MaskedConv2d, MaskedLinear, to_masked
+
+
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (Deep Compression Table 2): fc 784-300-100-10, ReLU. 266,610 parameters
+    for 1x28x28 inputs. x: (N, C, H, W) -> logits (N, num_classes)."""
+
+    def __init__(self, in_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        c, h, w = in_shape
+        self.fc1 = MaskedLinear(c * h * w, 300)
+        self.fc2 = MaskedLinear(300, 100)
+        self.fc3 = MaskedLinear(100, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def _flat_size(in_shape, convs):
+    """Size after a chain of (kernel, pool) valid convolutions: (C, H, W) -> C*H*W."""
+    _, h, w = in_shape
+    for k, pool in convs:
+        h, w = h - k + 1, w - k + 1
+        if pool:
+            h, w = h // 2, w // 2
+    return h * w
+
+
+class LeNet5(nn.Module):
+    """The LeNet-5 variant of the original PyTorch run (167,566 parameters on 1x28x28):
+    conv 1->6 5x5, pool, conv 6->16 5x5, pool, conv 16->120 4x4, fc 120->1024, fc 1024->10."""
+
+    def __init__(self, in_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.conv1 = MaskedConv2d(in_shape[0], 6, 5)
+        self.conv2 = MaskedConv2d(6, 16, 5)
+        self.conv3 = MaskedConv2d(16, 120, 4)
+        self.fc1 = MaskedLinear(120 * _flat_size(in_shape, [(5, True), (5, True), (4, False)]), 1024)
+        self.fc2 = MaskedLinear(1024, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.conv3(x))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class LeNet5Caffe(nn.Module):
+    """The paper's LeNet-5 (Caffe's, Deep Compression Table 3; 431,080 parameters on 1x28x28):
+    conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, ReLU, fc 500->10."""
+
+    def __init__(self, in_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.conv1 = MaskedConv2d(in_shape[0], 20, 5)
+        self.conv2 = MaskedConv2d(20, 50, 5)
+        self.fc1 = MaskedLinear(50 * _flat_size(in_shape, [(5, True), (5, True)]), 500)
+        self.fc2 = MaskedLinear(500, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.conv1(x), 2)  # Caffe's LeNet has no ReLU after the convs
+        x = F.max_pool2d(self.conv2(x), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def resnet18(in_shape=(3, 224, 224), num_classes=10, pretrained=False, cifar_stem=False):
+    """torchvision's ResNet-18 with every Conv2d / Linear masked (batch-norm stays dense).
+
+    pretrained: load torchvision's ImageNet weights (downloaded once into $TORCH_HOME).
+    cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs. The last layer is
+    always refitted to num_classes."""
+    import torchvision
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
+    try:
+        net = torchvision.models.resnet18(weights=weights)
+    except Exception as e:  # no network and no cached file
+        raise RuntimeError(f"could not load ImageNet weights for resnet18 ({type(e).__name__}): "
+                           "connect to the internet once, put the file under $TORCH_HOME/hub/"
+                           "checkpoints, or set --pretrained=False") from None
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(in_shape[0], 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_shape[0] != 3:
+        net.conv1 = nn.Conv2d(in_shape[0], 64, 7, stride=2, padding=3, bias=False)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return to_masked(net)
+
+
+MODELS = {"lenet_300_100": LeNet300100, "lenet5": LeNet5, "lenet5_caffe": LeNet5Caffe,
+          "resnet18": resnet18}
+
+
+def build_model(name, **kwargs):
+    """Build a model by name; kwargs (JSON-able: in_shape, num_classes, ...) go to its constructor."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    kwargs = dict(kwargs)
+    if "in_shape" in kwargs:
+        kwargs["in_shape"] = tuple(kwargs["in_shape"])
+    return MODELS[name](**kwargs)

@@ -1,0 +1,166 @@
+"""Masked layers and magnitude-pruning rules (Han et al. 2015, "Learning both Weights and
+Connections"; Deep Compression section 2).
+
+A masked layer keeps a `mask` buffer of the weight's shape and computes with `weight * mask`,
+so a pruned connection contributes nothing and, by the chain rule, receives a zero gradient.
+Pruning also zeroes the stored weight, so with any optimizer whose update is zero for a zero
+weight with zero gradient (SGD with momentum and weight decay, Adam, AdamW) it stays exactly 0.
+"""
+import fnmatch
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MaskedLinear(nn.Linear):
+    """nn.Linear whose weight (out, in) is multiplied by a 0/1 `mask` buffer of the same shape."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("mask", torch.ones_like(self.weight))
+
+    def forward(self, x):  # x: (N, *, in) -> (N, *, out)
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight (out, in/groups, kh, kw) is multiplied by a 0/1 `mask` buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.ones_like(self.weight))
+
+    def forward(self, x):  # x: (N, C, H, W)
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+MASKED = (MaskedLinear, MaskedConv2d)
+
+
+def _masked_twin(m):
+    """A masked copy of an nn.Linear / nn.Conv2d sharing its parameters (same names, same order)."""
+    if isinstance(m, nn.Linear):
+        t = MaskedLinear(m.in_features, m.out_features, bias=m.bias is not None)
+    else:
+        t = MaskedConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                         padding=m.padding, dilation=m.dilation, groups=m.groups,
+                         bias=m.bias is not None, padding_mode=m.padding_mode)
+    t.weight = m.weight
+    t.bias = m.bias
+    t.mask = torch.ones_like(m.weight)
+    return t
+
+
+def to_masked(model):
+    """Replace, in place and at any depth (nested Sequential blocks included), every nn.Linear
+    and nn.Conv2d by its masked twin. Parameter names and order are unchanged; each masked
+    layer adds one `<name>.mask` buffer. Returns the model."""
+    for name, child in model.named_children():
+        if type(child) in (nn.Linear, nn.Conv2d):
+            setattr(model, name, _masked_twin(child))
+        else:
+            to_masked(child)
+    return model
+
+
+def layer_kind(module):
+    """'conv' or 'fc': the key under which per-layer settings group a masked layer."""
+    return "conv" if isinstance(module, nn.Conv2d) else "fc"
+
+
+def masked_layers(model, which="all"):
+    """[(name, module)] of the masked layers, in model order. which: 'all' | 'conv' | 'fc'."""
+    if which not in ("all", "conv", "fc"):
+        raise ValueError(f"prune_layers must be 'all', 'conv' or 'fc', not {which!r}")
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, MASKED) and which in ("all", layer_kind(m))]
+
+
+def layer_value(setting, name, kind):
+    """Resolve a per-layer setting for one layer.
+
+    `setting` is a scalar (same for every layer) or a dict whose keys are, in order of
+    precedence: the exact layer name ('fc1', 'layer1.0.conv2'), a glob ('layer4.*'),
+    the layer kind ('conv' / 'fc'), and '*' (default)."""
+    if not isinstance(setting, dict):
+        return setting
+    if name in setting:
+        return setting[name]
+    for key, value in setting.items():
+        if key not in ("*", "conv", "fc") and fnmatch.fnmatchcase(name, key):
+            return value
+    if kind in setting:
+        return setting[kind]
+    if "*" in setting:
+        return setting["*"]
+    raise KeyError(f"no value for layer {name!r} (add a '*' default)")
+
+
+# --- thresholds: pure functions of one weight tensor and its mask --------------------------
+
+def std_threshold(weight, mask, sensitivity):
+    """Han 2015 section 3: threshold = sensitivity x std of the layer's surviving weights.
+
+    Taking the std over survivors (mask == 1), not over the zeros already pruned, makes the
+    threshold rise from one prune/retrain iteration to the next, as iterative pruning needs.
+    weight, mask: same shape. Returns a float."""
+    alive = weight[mask.bool()]
+    if alive.numel() < 2:
+        return 0.0
+    return float(alive.float().std() * sensitivity)
+
+
+def percentile_threshold(weights, q):
+    """Magnitude that prunes the q percent (0..100) smallest of the given surviving weights
+    when pruning keeps |w| >= threshold. weights: any-shape tensor. Returns a float."""
+    a = weights.detach().abs().flatten().float()
+    k = round(a.numel() * q / 100)
+    if k <= 0:
+        return 0.0
+    if k >= a.numel():
+        return float("inf")
+    return float(a.kthvalue(k + 1).values)  # kthvalue, unlike quantile, has no size limit
+
+
+def apply_threshold(module, threshold):
+    """Zero the mask (and the weight) wherever |w| < threshold; already-pruned stay pruned."""
+    with torch.no_grad():
+        module.mask.mul_((module.weight.abs() >= threshold).to(module.mask.dtype))
+        module.weight.mul_(module.mask)
+
+
+# --- model-level rules: return {layer name: threshold} --------------------------------------
+
+def prune_by_std(model, sensitivity, which="all"):
+    """Per layer: threshold = std(survivors) x sensitivity (a float or per-layer dict)."""
+    out = {}
+    for name, m in masked_layers(model, which):
+        s = layer_value(sensitivity, name, layer_kind(m))
+        out[name] = std_threshold(m.weight.detach(), m.mask, s)
+        apply_threshold(m, out[name])
+    return out
+
+
+def prune_by_percentile(model, q, which="all"):
+    """Per layer: prune the q percent (float or per-layer dict) smallest surviving weights."""
+    out = {}
+    for name, m in masked_layers(model, which):
+        alive = m.weight.detach()[m.mask.bool()]
+        out[name] = percentile_threshold(alive, layer_value(q, name, layer_kind(m)))
+        apply_threshold(m, out[name])
+    return out
+
+
+def prune_global(model, q, which="all"):
+    """One threshold for all chosen layers: the q-th percentile (a float) of all their
+    surviving magnitudes pooled, so layers with many small weights lose more of them."""
+    layers = masked_layers(model, which)
+    pooled = torch.cat([m.weight.detach()[m.mask.bool()].flatten() for _, m in layers])
+    t = percentile_threshold(pooled, q)
+    for _, m in layers:
+        apply_threshold(m, t)
+    return {name: t for name, _ in layers}
+
+
+PRUNE_METHODS = {"std": prune_by_std, "percentile": prune_by_percentile, "global": prune_global}

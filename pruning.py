@@ -1,0 +1,137 @@
+"""Stage 1 of Deep Compression (Han, Mao & Dally 2016, section 2; Han et al. 2015):
+train a network, prune its small-magnitude connections, retrain the survivors.
+
+    python pruning.py --model=lenet5 --prune_layers=fc --data_root=../shared/data
+
+Writes {out_dir}/{model}_initial.pt (dense, trained), {out_dir}/{model}_pruned.pt (pruned and
+retrained, the input of quantization.py) and {out_dir}/{model}_pruned.json.
+"""
+import os
+import time
+
+import torch
+
+import util
+from models import MODELS, build_model
+from prune import PRUNE_METHODS, masked_layers
+
+# -----------------------------------------------------------------------------
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18
+dataset = "mnist"           # mnist | cifar10
+data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; downloaded into if absent
+out_dir = "out"             # checkpoints and JSON summaries go here
+pretrained = False          # resnet18: start from torchvision's ImageNet weights
+cifar_stem = False          # resnet18: 3x3 stride-1 first conv, no max-pool (32x32 inputs)
+batch_size = 128            # training minibatch
+test_batch_size = 1000      # evaluation minibatch
+val_split = 0.1             # fraction of the training set held out for per-epoch validation
+subset = 0                  # use only this many train and test images (0 = all); for quick runs
+epochs = 20                 # dense training epochs
+lr = 1e-3                   # dense training learning rate
+retrain_epochs = 20         # retraining epochs after each pruning step
+retrain_lr = 1e-4           # Han 2015 retrains at 1/10 of the training rate
+weight_decay = 0.0          # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
+optimizer = "adam"          # adam | sgd (momentum 0.9, Nesterov)
+schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
+prune_method = "std"        # std (threshold = sensitivity x std) | percentile (per layer) | global
+prune_layers = "all"        # all (convs and fcs, as the paper) | fc | conv
+sensitivity = {"*": 1.0}    # std: threshold = sensitivity x std of the layer's surviving weights
+percent = {"*": 90.0}       # percentile / global: percent of surviving weights pruned per iteration
+prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
+seed = 0                    # torch seed (weights, batch order)
+device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
+# -----------------------------------------------------------------------------
+SETTINGS = util.settings_from(globals())
+
+
+def check_settings(cfg):
+    """Reject bad settings before any work, each with one line that names the fix."""
+    util.require(cfg["model"] in MODELS, f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    util.require(cfg["dataset"] in util.DATASETS,
+                 f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(util.DATASETS)}")
+    util.require(cfg["prune_method"] in PRUNE_METHODS,
+                 f"unknown prune_method {cfg['prune_method']!r}; choose one of {', '.join(PRUNE_METHODS)}")
+    util.require(cfg["prune_layers"] in ("all", "fc", "conv"),
+                 f"unknown prune_layers {cfg['prune_layers']!r}; choose all, fc or conv")
+    util.require(all(v >= 0 for v in cfg["sensitivity"].values()),
+                 f"sensitivity must be >= 0, got {cfg['sensitivity']}")
+    util.require(all(0 <= v <= 100 for v in cfg["percent"].values()),
+                 f"percent must be in 0..100, got {cfg['percent']}")
+    util.require(cfg["prune_method"] != "global" or set(cfg["percent"]) == {"*"},
+                 "prune_method=global uses one percent for all layers: give --percent=<number>")
+    for key in ("epochs", "retrain_epochs", "prune_iterations", "batch_size", "test_batch_size"):
+        util.require(cfg[key] >= (1 if "batch" in key else 0), f"{key} must be positive, got {cfg[key]}")
+    util.require(cfg["model"] == "resnet18" or not (cfg["pretrained"] or cfg["cifar_stem"]),
+                 "pretrained and cifar_stem apply to resnet18 only")
+
+
+def prune(net, cfg):
+    """One pruning step with the configured rule. Returns {layer name: threshold}."""
+    amount = cfg["sensitivity"] if cfg["prune_method"] == "std" else cfg["percent"]
+    if cfg["prune_method"] == "global":
+        amount = amount["*"]
+    return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"])
+
+
+def main(cfg):
+    check_settings(cfg)
+    t_start = time.time()
+    dev = util.pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
+                              f" ({torch.get_num_threads()} threads)"))
+
+    train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"],
+                                      cfg["test_batch_size"], cfg["val_split"], cfg["subset"], dev, cfg["seed"])
+    print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
+
+    # The last layer is fitted to the data set's classes when the model is built.
+    in_shape, classes = util.DATASETS[cfg["dataset"]][:2]
+    kwargs = dict(in_shape=list(in_shape), num_classes=classes)
+    if cfg["model"] == "resnet18":
+        kwargs.update(pretrained=cfg["pretrained"], cifar_stem=cfg["cifar_stem"])
+    try:
+        net = build_model(cfg["model"], **kwargs).to(dev)
+    except RuntimeError as e:
+        raise util.UserError(str(e)) from None
+    model_args = dict(name=cfg["model"], kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
+    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    train_kw = dict(weight_decay=cfg["weight_decay"], optimizer=cfg["optimizer"], schedule=cfg["schedule"])
+    accuracy, history = {}, {}
+
+    def report(header, key):
+        loss, correct, total = util.evaluate(net, test)
+        accuracy[key] = 100 * correct / max(total, 1)
+        print(util.test_line(loss, correct, total))
+        print(f"--- {header} ---")
+        print(util.layer_table(util.layer_stats(net)))
+
+    # 1. Train the dense network (Han 2015 section 3, step 1: learn which connections matter).
+    history["train"] = util.fit(net, net.parameters(), train, val, cfg["epochs"], cfg["lr"], label="train", **train_kw)
+    report("Before pruning", "initial")
+    util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg, {"accuracy": dict(accuracy)})
+
+    # 2-3. Prune the small weights, then retrain the survivors with the masks fixed; iterating
+    # with the threshold recomputed on the survivors prunes further each cycle (section 3.3).
+    for it in range(1, cfg["prune_iterations"] + 1):
+        for name, t in prune(net, cfg).items():
+            print(f"Pruning with threshold : {t} for layer {name}")
+        report("After pruning" + (f" (iteration {it})" if cfg["prune_iterations"] > 1 else ""), "pruned")
+        history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
+                                           cfg["retrain_lr"], label=f"retrain{it}", **train_kw)
+        report("After Retraining", "retrained")
+
+    stats = util.layer_stats(net)
+    masked = {n + ".weight" for n, _ in masked_layers(net)}
+    summary = dict(
+        model=cfg["model"], dataset=cfg["dataset"], stage="pruned", accuracy=accuracy,
+        params=dict(total=sum(s["total"] for s in stats), nonzero=sum(s["nonzero"] for s in stats)),
+        layers=[{**s, "masked": s["name"] in masked} for s in stats],
+        history=history, settings=cfg, device=str(dev), seconds=round(time.time() - t_start, 1))
+    util.save_checkpoint(stem + "_pruned.pt", "pruned", net, model_args, cfg, summary)
+    util.write_json(stem + "_pruned.json", summary)
+    print(f"saved {stem}_pruned.pt and {stem}_pruned.json ({summary['seconds']} s)")
+
+
+if __name__ == "__main__":
+    util.run_stage(main, SETTINGS)

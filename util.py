@@ -1,0 +1,333 @@
+"""Shared plumbing for the stage scripts: settings overrides, data, train/test loops, the
+per-layer table, checkpoints and JSON summaries. Nothing here prints except the loops' bars,
+the per-epoch summary lines and the test line."""
+import ast
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad input from the user (setting, file, data): reported as one line, exit code 2."""
+
+
+def require(condition, message):
+    if not condition:
+        raise UserError(message)
+
+
+# --- settings -------------------------------------------------------------------------------
+
+SETTING_TYPES = (bool, int, float, str, dict, type(None))
+
+
+def settings_from(namespace):
+    """The settings of a stage script: its lowercase module-level names holding literal values
+    (imported UPPERCASE tables and modules are not settings). Call right after the settings
+    block, before any function is defined."""
+    return {k: v for k, v in namespace.items()
+            if k[0] != "_" and k == k.lower() and type(v) in SETTING_TYPES}
+
+
+def _typed(key, value, default):
+    """Check `value` against the type of `default` (an int is a valid float). Returns the value."""
+    want = type(default)
+    if default is None or type(value) is want:
+        return value
+    if want is float and type(value) is int:
+        return float(value)
+    raise UserError(f"setting {key} expects {want.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def parse_settings(defaults, argv):
+    """Apply `--key=value` overrides to a copy of `defaults`.
+
+    Values are Python literals (`--lr=0.01`, `--pretrained=True`, `--bits={'*': 4, 'fc3': 6}`);
+    a bare word is a string (`--model=lenet5`). Each value must have its default's type.
+    A per-layer setting (a dict default) takes a dict or one value for every layer ({'*': v})."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"bad argument {arg!r}: give settings as --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise UserError(f"unknown setting {key!r}; valid settings: {', '.join(defaults)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                value = {"*": value}
+            proto = default.get("*", next(iter(default.values()), None))
+            value = {str(k): _typed(f"{key}[{k!r}]", v, proto) for k, v in value.items()}
+        cfg[key] = _typed(key, value, default)
+    return cfg
+
+
+def run_stage(main, defaults, argv=None):
+    """Entry point of a stage script: parse overrides, run main(cfg), report UserError as
+    one line on stderr with exit code 2."""
+    try:
+        main(parse_settings(defaults, sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(setting):
+    """'auto' -> CUDA when available, else CPU; otherwise the named device, checked."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise UserError(f"bad device {setting!r}: use 'auto', 'cpu' or 'cuda[:N]'") from None
+    require(device.type != "cuda" or torch.cuda.is_available(),
+            f"device {setting!r} asked for but CUDA is not available: use --device=cpu or auto")
+    return device
+
+
+# --- data -----------------------------------------------------------------------------------
+
+DATASETS = {  # in_shape, classes, normalisation mean / std per channel
+    "mnist": ((1, 28, 28), 10, (0.1307,), (0.3081,)),
+    "cifar10": ((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+SPLIT_SEED = 0  # the validation split and subsets are fixed, whatever the training seed
+
+
+class Batches:
+    """Minibatches from in-memory tensors, with no per-sample Python work.
+
+    x: (N, C, H, W) uint8 images, y: (N,) int64 labels, both on the target device.
+    Yields (float (B, C, H, W) normalised images, (B,) labels). augment: random crop with
+    4-pixel zero padding and horizontal flip (the usual CIFAR augmentation), batched."""
+
+    def __init__(self, x, y, batch_size, mean, std, shuffle=False, augment=False, seed=0):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.augment = shuffle, augment
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=x.device).view(shape) * 255
+        self.std = torch.tensor(std, device=x.device).view(shape) * 255
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __len__(self):
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def _augment(self, xb):
+        n, _, h, w = xb.shape
+        padded = F.pad(xb, (4, 4, 4, 4))
+        dy, dx = (torch.randint(0, 9, (2, n, 1), generator=self.gen)).to(xb.device)
+        rows = (torch.arange(h, device=xb.device) + dy)[:, None, :, None]
+        cols = (torch.arange(w, device=xb.device) + dx)[:, None, None, :]
+        xb = padded[torch.arange(n, device=xb.device)[:, None, None, None],
+                    torch.arange(xb.shape[1], device=xb.device)[None, :, None, None], rows, cols]
+        flip = (torch.rand(n, generator=self.gen) < 0.5).to(xb.device).view(-1, 1, 1, 1)
+        return torch.where(flip, xb.flip(3), xb)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.gen).to(self.x.device) if self.shuffle else None
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
+            xb = (self.x[idx].float() - self.mean) / self.std
+            if self.augment:
+                xb = self._augment(xb)
+            yield xb, self.y[idx]
+
+
+def _read_image_folder(root):
+    """Decode an ImageFolder tree (root/<class>/*.jpg) -> (N, C, H, W) uint8, (N,) int64."""
+    import torchvision
+    from torchvision.io import decode_image, read_file
+
+    folder = torchvision.datasets.ImageFolder(root)
+    images = [decode_image(read_file(p)) for p, _ in tqdm(folder.samples, desc=f"read {root}",
+                                                          leave=False, mininterval=1)]
+    return torch.stack(images), torch.tensor(folder.targets)
+
+
+def _load_split(dataset, root, train):
+    """The raw train or test split: (N, C, H, W) uint8, (N,) int64. Reads a local copy when
+    there is one, else asks torchvision to download (as a user's machine would)."""
+    import torchvision
+
+    split = "train" if train else "test"
+    try:
+        if dataset == "mnist":
+            ds = torchvision.datasets.MNIST(root, train=train, download=True)
+            return ds.data.unsqueeze(1), ds.targets
+        local = os.path.join(root, "CIFAR10", split)
+        if os.path.isdir(local):
+            return _read_image_folder(local)
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+    except (OSError, RuntimeError, ValueError) as e:
+        where = "MNIST/raw/ (the four IDX files)" if dataset == "mnist" else \
+            "CIFAR10/train/<class>/*.jpg and CIFAR10/test/ (or cifar-10-batches-py/)"
+        raise UserError(f"{dataset} {split} set not found under {os.path.abspath(root)} and the "
+                        f"download failed ({type(e).__name__}): put {where} there, or point "
+                        f"--data_root at a folder that has it") from None
+
+
+def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset, device, seed):
+    """Train, validation and test Batches on `device`.
+
+    val_split: fraction of the training set held out (fixed split). subset: use only this many
+    training and test images (0 = all), for quick runs."""
+    require(dataset in DATASETS, f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    require(0 <= val_split < 1, f"val_split must be in [0, 1), not {val_split}")
+    require(subset >= 0, f"subset must be >= 0 (0 = all), not {subset}")
+    _, _, mean, std = DATASETS[dataset]
+    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
+    x, y = _load_split(dataset, data_root, train=True)
+    xt, yt = _load_split(dataset, data_root, train=False)
+    order = torch.randperm(len(y), generator=split_gen)
+    if subset:
+        order = order[:subset]
+        keep = torch.randperm(len(yt), generator=split_gen)[:subset].sort().values
+        xt, yt = xt[keep], yt[keep]
+    n_val = int(len(order) * val_split)
+    tr, va = order[n_val:], order[:n_val]
+    mk = lambda xs, ys, bs, **kw: Batches(xs.to(device), ys.to(device), bs, mean, std, **kw)
+    train = mk(x[tr], y[tr], batch_size, shuffle=True, augment=dataset == "cifar10", seed=seed)
+    return train, mk(x[va], y[va], test_batch_size), mk(xt, yt, test_batch_size)
+
+
+# --- train / test ---------------------------------------------------------------------------
+
+def evaluate(model, batches):
+    """-> (mean loss, correct, total) over all batches; empty batches give (0, 0, 0)."""
+    model.eval()
+    loss, correct, total = 0.0, 0, 0
+    with torch.no_grad():
+        for xb, yb in batches:
+            out = model(xb)
+            loss += F.cross_entropy(out, yb, reduction="sum").item()
+            correct += (out.argmax(1) == yb).sum().item()
+            total += len(yb)
+    return loss / max(total, 1), correct, total
+
+
+def test_line(loss, correct, total):
+    """The line of the original run: 'Test set: Average loss: 0.0486, Accuracy: 9852/10000 (98.52%)'."""
+    return f"Test set: Average loss: {loss:.4f}, Accuracy: {correct}/{total} ({100 * correct / max(total, 1):.2f}%)"
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    """'adam' or 'sgd' (momentum 0.9, Nesterov)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer {name!r}; choose adam or sgd")
+
+
+def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", schedule="cosine",
+        label="train"):
+    """Train `params` of `model` for `epochs`, printing one summary line per epoch.
+
+    schedule: 'cosine' (to 0 over the run) or 'constant'. Returns the history
+    [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
+    require(schedule in ("cosine", "constant"), f"unknown lr schedule {schedule!r}; use cosine or constant")
+    opt = make_optimizer(optimizer, params, lr, weight_decay)
+    steps = max(epochs * len(train), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if schedule == "cosine" else (lambda s: 1.0))
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0, model = time.time(), model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(train, desc=f"{label} {epoch}/{epochs}", leave=False, mininterval=0.5)
+        for xb, yb in bar:
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(yb)
+            correct += (out.argmax(1) == yb).sum().item()
+            seen += len(yb)
+        val_loss, val_correct, val_total = evaluate(model, val)
+        row = dict(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_acc=100 * correct / max(seen, 1),
+                   val_loss=val_loss, val_acc=100 * val_correct / max(val_total, 1), seconds=time.time() - t0)
+        history.append(row)
+        print(f"{label} epoch {epoch:3d}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% "
+              f"| val loss {val_loss:.4f} acc {row['val_acc']:6.2f}% | {row['seconds']:.1f} s", flush=True)
+    return history
+
+
+# --- the per-layer table of the original run ------------------------------------------------
+
+def layer_stats(model):
+    """[{name, shape, total, nonzero}] for every parameter, in state-dict order."""
+    return [dict(name=n, shape=list(p.shape), total=p.numel(), nonzero=int((p != 0).sum()))
+            for n, p in model.named_parameters()]
+
+
+def layer_table(stats):
+    """The original run's per-layer table and its summary line, as one string."""
+    width = max([18] + [len(s["name"]) + 1 for s in stats])
+    lines = [f"{s['name']:<{width}}| nonzeros = {s['nonzero']:5} / {s['total']:5} "
+             f"({100 * s['nonzero'] / s['total']:6.2f}%) | total_pruned = {s['total'] - s['nonzero']:4} "
+             f"| shape = {tuple(s['shape'])}" for s in stats]
+    total = sum(s["total"] for s in stats)
+    alive = sum(s["nonzero"] for s in stats)
+    lines.append(f"alive: {alive}, pruned : {total - alive}, total: {total}, Compression rate : "
+                 f"{total / max(alive, 1):7.2f}x ( {100 * (total - alive) / total:.2f}% pruned)")
+    return "\n".join(lines)
+
+
+# --- files: checkpoints and JSON, always written to a temporary file and renamed ------------
+
+def _atomic_write(path, write):
+    """Call write(tmp_path), then rename into `path`, so a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    _atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_checkpoint(path, stage, model, model_args, settings, metrics, **extra):
+    """One checkpoint format for every stage: {'stage', 'model': {'name', 'kwargs'},
+    'state_dict', 'settings', 'metrics', **extra}. model_args = {'name', 'kwargs'} for
+    models.build_model."""
+    ckpt = dict(stage=stage, model=model_args, state_dict=model.state_dict(), settings=settings,
+                metrics=metrics, **extra)
+    _atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path, stage, device, hint):
+    """Load a checkpoint of `stage` on `device` (no pickle: weights_only=True).
+
+    hint: how to make the missing file (e.g. 'run pruning.py first')."""
+    require(os.path.isfile(path), f"no checkpoint at {path}: {hint}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): {hint}") from None
+    require(isinstance(ckpt, dict) and {"stage", "model", "state_dict"} <= set(ckpt),
+            f"{path} is not a deep-compression checkpoint: {hint}")
+    require(ckpt["stage"] == stage,
+            f"{path} is a '{ckpt['stage']}' checkpoint but this stage needs a '{stage}' one: {hint}")
+    return ckpt

@@ -147,13 +147,14 @@ class Batches:
 
 def _read_image_folder(root):
     """Decode an ImageFolder tree (root/<class>/*.jpg) -> (N, C, H, W) uint8, (N,) int64."""
+    import numpy as np
     import torchvision
-    from torchvision.io import decode_image, read_file
+    from PIL import Image
 
     folder = torchvision.datasets.ImageFolder(root)
-    images = [decode_image(read_file(p)) for p, _ in tqdm(folder.samples, desc=f"read {root}",
-                                                          leave=False, mininterval=1)]
-    return torch.stack(images), torch.tensor(folder.targets)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in
+              tqdm(folder.samples, desc=f"read {root}", leave=False, mininterval=1)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(folder.targets)
 
 
 def _load_split(dataset, root, train):
@@ -279,7 +280,7 @@ def layer_table(stats):
     """The original run's per-layer table and its summary line, as one string."""
     width = max([18] + [len(s["name"]) + 1 for s in stats])
     lines = [f"{s['name']:<{width}}| nonzeros = {s['nonzero']:5} / {s['total']:5} "
-             f"({100 * s['nonzero'] / s['total']:6.2f}%) | total_pruned = {s['total'] - s['nonzero']:4} "
+             f"({100 * s['nonzero'] / s['total']:5.2f}%) | total_pruned = {s['total'] - s['nonzero']:4} "
              f"| shape = {tuple(s['shape'])}" for s in stats]
     total = sum(s["total"] for s in stats)
     alive = sum(s["nonzero"] for s in stats)

@@ -1,0 +1,289 @@
+"""Stage 1: masked layers, pruning rules, models, util (settings, data, table, checkpoints),
+and pruning.py run as a user runs it."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import prune
+import util
+from conftest import SHARED_DATA, run_script
+from models import build_model
+from prune import MaskedConv2d, MaskedLinear
+
+
+# --- threshold math on hand-made tensors ----------------------------------------------------
+
+def test_std_threshold_known_answer():
+    w = torch.tensor([-2.0, -1.0, 1.0, 2.0])
+    # unbiased std of {-2,-1,1,2} = sqrt(10/3)
+    assert prune.std_threshold(w, torch.ones(4), 0.6) == pytest.approx(0.6 * (10 / 3) ** 0.5)
+    # survivors only: std of {-2, 2} = sqrt(8) (the zeros already pruned do not count)
+    assert prune.std_threshold(w, torch.tensor([1.0, 0, 0, 1]), 1.0) == pytest.approx(8 ** 0.5)
+
+
+def test_prune_by_std_prunes_below_threshold_and_zeroes_weights():
+    layer = MaskedLinear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-2.0, -1.0], [1.0, 2.0]]))
+    net = nn.Sequential(layer)
+    thresholds = prune.prune_by_std(net, 0.6, "all")  # 0.6 * 1.826 = 1.095 > 1
+    assert list(thresholds) == ["0"]
+    assert layer.mask.tolist() == [[1, 0], [0, 1]]
+    assert layer.weight.tolist() == [[-2, 0], [0, 2]]
+    prune.prune_by_std(net, 0.5, "all")  # survivors {-2, 2}: threshold 0.5 * 2.83 = 1.41 keeps both
+    assert layer.mask.sum() == 2
+
+
+def test_percentile_threshold_known_answer():
+    w = torch.tensor([4.0, -1.0, 3.0, -2.0])
+    assert prune.percentile_threshold(w, 50) == 3.0  # |w| < 3 -> the two smallest go
+    assert prune.percentile_threshold(w, 0) == 0.0
+    assert prune.percentile_threshold(w, 100) == float("inf")
+
+
+def test_global_threshold_is_shared_and_prunes_pooled_percentile():
+    a, b = MaskedLinear(4, 1, bias=False), MaskedLinear(4, 1, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+        b.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    t = prune.prune_global(nn.Sequential(a, b), 50, "all")
+    assert set(t.values()) == {1.0}
+    assert a.mask.sum() == 0 and b.mask.sum() == 4  # the small layer loses everything
+
+
+def test_per_layer_percentile_and_layer_value_precedence():
+    setting = {"fc1": 1, "layer4.*": 2, "conv": 3, "*": 4}
+    assert prune.layer_value(setting, "fc1", "fc") == 1
+    assert prune.layer_value(setting, "layer4.0.conv1", "conv") == 2
+    assert prune.layer_value(setting, "conv2", "conv") == 3
+    assert prune.layer_value(setting, "fc2", "fc") == 4
+    assert prune.layer_value(0.5, "anything", "fc") == 0.5
+
+
+def test_prune_layers_fc_leaves_convs_dense():
+    net = build_model("lenet5")
+    prune.prune_by_std(net, 1.0, "fc")
+    assert net.conv1.mask.all() and net.conv3.mask.all()
+    assert not net.fc1.mask.all() and not net.fc2.mask.all()
+
+
+# --- pruned weights stay exactly zero through retraining ------------------------------------
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_pruned_weights_stay_zero_through_retraining(fake_mnist, opt):
+    torch.manual_seed(0)
+    train, val, _ = util.load_data("mnist", fake_mnist, 64, 200, 0.1, 0, torch.device("cpu"), 0)
+    net = build_model("lenet5_caffe")
+    prune.prune_by_percentile(net, 80, "all")
+    masks = {n: m.mask.clone() for n, m in prune.masked_layers(net)}
+    before = {n: m.weight.detach().clone() for n, m in prune.masked_layers(net)}
+    util.fit(net, net.parameters(), train, val, 1, 1e-2, weight_decay=1e-3, optimizer=opt)
+    for name, m in prune.masked_layers(net):
+        dead = masks[name] == 0
+        assert torch.equal(m.mask, masks[name])
+        assert (m.weight[dead] == 0).all(), name  # exactly zero, not small
+        assert not torch.equal(m.weight[~dead], before[name][~dead])  # survivors did train
+
+
+# --- models and the converter ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count", [("lenet_300_100", 266_610), ("lenet5", 167_566),
+                                        ("lenet5_caffe", 431_080)])
+def test_parameter_counts(name, count):
+    net = build_model(name)
+    assert sum(p.numel() for p in net.parameters()) == count
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_resnet18_converter_masks_every_layer_and_keeps_names():
+    reference = torchvision.models.resnet18(num_classes=10)
+    net = build_model("resnet18", num_classes=10)
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    for name, m in net.named_modules():
+        assert type(m) not in (nn.Conv2d, nn.Linear), f"{name} was not converted"
+    masked = prune.masked_layers(net)
+    assert len(masked) == 21  # 20 convs (3 of them 1x1 downsamples) + fc
+    assert all(isinstance(m, (MaskedConv2d, MaskedLinear)) for _, m in masked)
+    assert {n for n, _ in masked} >= {"conv1", "layer2.0.downsample.0", "layer4.1.conv2", "fc"}
+    assert isinstance(net.bn1, nn.BatchNorm2d)  # batch-norm stays dense
+
+
+def test_resnet18_cifar_stem_and_same_function_as_unmasked():
+    torch.manual_seed(0)
+    net = build_model("resnet18", in_shape=[3, 32, 32], num_classes=10, cifar_stem=True).eval()
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.conv1, plain.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.endswith("mask")})
+    assert torch.allclose(net(x), plain.eval()(x), atol=1e-5)
+
+
+# --- table format ---------------------------------------------------------------------------
+
+def test_table_format_matches_original_run():
+    stats = util.layer_stats(build_model("lenet5"))
+    table = util.layer_table(stats).splitlines()
+    assert table[0] == "conv1.weight      | nonzeros =   150 /   150 (100.00%) | total_pruned =    0 | shape = (6, 1, 5, 5)"
+    assert table[-1] == "alive: 167566, pruned : 0, total: 167566, Compression rate :    1.00x ( 0.00% pruned)"
+    row = dict(name="fc1.weight", shape=[1024, 120], total=122880, nonzero=8747)
+    rest = dict(name="rest", shape=[44686], total=167566 - 122880, nonzero=43681 - 8747)
+    lines = util.layer_table([row, rest]).splitlines()
+    assert lines[0] == "fc1.weight        | nonzeros =  8747 / 122880 ( 7.12%) | total_pruned = 114133 | shape = (1024, 120)"
+    assert lines[-1] == "alive: 43681, pruned : 123885, total: 167566, Compression rate :    3.84x ( 73.93% pruned)"
+
+
+def test_test_line_format():
+    assert util.test_line(0.0486, 9852, 10000) == "Test set: Average loss: 0.0486, Accuracy: 9852/10000 (98.52%)"
+
+
+# --- settings overrides ---------------------------------------------------------------------
+
+DEFAULTS = dict(model="lenet5", lr=0.1, epochs=3, pretrained=False, sensitivity={"*": 1.0})
+
+
+def test_overrides_parse_types():
+    cfg = util.parse_settings(DEFAULTS, ["--model=resnet18", "--lr=1", "--epochs=5", "--pretrained=True",
+                                         "--sensitivity=0.5"])
+    assert cfg == dict(model="resnet18", lr=1.0, epochs=5, pretrained=True, sensitivity={"*": 0.5})
+    assert type(cfg["lr"]) is float
+    cfg = util.parse_settings(DEFAULTS, ["--sensitivity={'fc1': 2, '*': 0.25}"])
+    assert cfg["sensitivity"] == {"fc1": 2.0, "*": 0.25}
+    assert DEFAULTS["model"] == "lenet5"  # defaults untouched
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--modle=x", "unknown setting 'modle'; valid settings: model, lr, epochs"),
+    ("--epochs=2.5", "setting epochs expects int"),
+    ("--pretrained=1", "setting pretrained expects bool"),
+    ("--lr=fast", "setting lr expects float"),
+    ("--sensitivity={'*': 'high'}", "expects float"),
+    ("epochs=2", "give settings as --key=value"),
+])
+def test_override_errors(arg, message):
+    with pytest.raises(util.UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        util.parse_settings(DEFAULTS, [arg])
+
+
+def test_settings_from_takes_lowercase_literals_only():
+    ns = {"lr": 0.1, "MODELS": {"a": 1}, "torch": torch, "_x": 1, "f": print, "bits": {"*": 5}}
+    assert util.settings_from(ns) == {"lr": 0.1, "bits": {"*": 5}}
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def test_load_data_split_is_fixed_and_disjoint(fake_mnist):
+    a = util.load_data("mnist", fake_mnist, 32, 100, 0.25, 0, torch.device("cpu"), seed=1)
+    b = util.load_data("mnist", fake_mnist, 32, 100, 0.25, 0, torch.device("cpu"), seed=2)
+    assert len(a[0].y) == 450 and len(a[1].y) == 150 and len(a[2].y) == 200
+    assert torch.equal(a[1].x, b[1].x)  # the validation split does not depend on the seed
+    xb, yb = next(iter(a[0]))
+    assert xb.shape == (32, 1, 28, 28) and xb.dtype == torch.float32 and yb.shape == (32,)
+    assert sum(len(y) for _, y in a[0]) == 450
+
+
+def test_cifar_image_folder_and_augmentation(fake_cifar):
+    train, val, test = util.load_data("cifar10", fake_cifar, 16, 50, 0.0, 0, torch.device("cpu"), 0)
+    assert train.x.shape == (100, 3, 32, 32) and len(test.y) == 50 and train.augment
+    xb, _ = next(iter(train))
+    assert xb.shape == (16, 3, 32, 32)
+    # a crop of a padded image: every output pixel is a source pixel or padding
+    b = util.Batches(torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4), torch.zeros(1, dtype=torch.long),
+                     1, (0.0,), (1 / 255,), augment=True)
+    out = next(iter(b))[0]
+    assert set(out.flatten().tolist()) <= set(range(16))
+
+
+def test_missing_data_is_a_user_error(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as dsu
+
+    def no_network(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(dsu, "download_url", no_network)
+    monkeypatch.setattr(dsu, "download_and_extract_archive", no_network)
+    with pytest.raises(util.UserError, match="mnist train set not found under .* --data_root"):
+        util.load_data("mnist", str(tmp_path), 32, 100, 0.1, 0, torch.device("cpu"), 0)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "MNIST")), reason="no ../shared/data")
+def test_real_mnist_loads():
+    train, val, test = util.load_data("mnist", SHARED_DATA, 128, 1000, 0.1, 0, torch.device("cpu"), 0)
+    assert (len(train.y), len(val.y), len(test.y)) == (54000, 6000, 10000)
+    assert train.x.dtype == torch.uint8 and set(test.y.unique().tolist()) == set(range(10))
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_and_stage_check(tmp_path):
+    net = build_model("lenet5")
+    prune.prune_by_std(net, 1.0)
+    path = str(tmp_path / "c.pt")
+    args = dict(name="lenet5", kwargs=dict(in_shape=[1, 28, 28], num_classes=10))
+    util.save_checkpoint(path, "pruned", net, args, {"lr": 0.1}, {"accuracy": {"pruned": 1.0}})
+    ckpt = util.load_checkpoint(path, "pruned", torch.device("cpu"), "run pruning.py")
+    again = build_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+    again.load_state_dict(ckpt["state_dict"])
+    for (n, a), b in zip(net.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert ckpt["settings"] == {"lr": 0.1} and os.listdir(tmp_path) == ["c.pt"]  # no temp left
+    with pytest.raises(util.UserError, match="is a 'pruned' checkpoint but this stage needs a 'quantized' one"):
+        util.load_checkpoint(path, "quantized", torch.device("cpu"), "run pruning.py")
+    with pytest.raises(util.UserError, match="no checkpoint at"):
+        util.load_checkpoint(str(tmp_path / "none.pt"), "pruned", torch.device("cpu"), "run pruning.py")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(util.UserError, match="not a readable checkpoint"):
+        util.load_checkpoint(str(tmp_path / "bad.pt"), "pruned", torch.device("cpu"), "run pruning.py")
+
+
+# --- pruning.py as a user runs it -----------------------------------------------------------
+
+def test_pruning_script_end_to_end(fake_mnist, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("pruning.py", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}",
+                   "--epochs=2", "--retrain_epochs=1", "--prune_iterations=2", "--lr=0.01", "--retrain_lr=0.001")
+    assert r.returncode == 0, r.stderr
+    for header in ("--- Before pruning ---", "--- After pruning (iteration 2) ---", "--- After Retraining ---"):
+        assert header in r.stdout
+    assert "Pruning with threshold : " in r.stdout and "Test set: Average loss: " in r.stdout
+    summary = json.loads((out / "lenet5_pruned.json").read_text())
+    assert set(summary["accuracy"]) == {"initial", "pruned", "retrained"}
+    assert summary["accuracy"]["initial"] > 50  # the synthetic classes are learnable
+    assert summary["params"]["total"] == 167_566
+    assert summary["params"]["nonzero"] == sum(l["nonzero"] for l in summary["layers"])
+    assert summary["params"]["nonzero"] < 0.5 * 167_566  # two iterations at sensitivity 1
+    assert {"model", "dataset", "settings", "seconds", "layers"} <= set(summary)
+    ckpt = util.load_checkpoint(str(out / "lenet5_pruned.pt"), "pruned", torch.device("cpu"), "")
+    assert ckpt["metrics"]["accuracy"] == summary["accuracy"]
+    assert os.path.isfile(out / "lenet5_initial.pt")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=vgg"], "unknown model 'vgg'"),
+    (["--dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["--sensitivty=1"], "unknown setting 'sensitivty'; valid settings: model, dataset"),
+    (["--epochs=ten"], "setting epochs expects int"),
+    (["--sensitivity=-0.5"], "sensitivity must be >= 0"),
+    (["--data_root=/nonexistent/dir"], "mnist train set not found under /nonexistent/dir"),
+])
+def test_pruning_script_bad_input(tmp_path, args, message):
+    r = run_script("pruning.py", f"--out_dir={tmp_path}", *args, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip()[7:]}"]  # one line
+    assert message in r.stderr
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "MNIST")), reason="no ../shared/data")
+def test_pruning_script_on_real_mnist_subset(tmp_path):
+    r = run_script("pruning.py", "--model=lenet_300_100", f"--data_root={SHARED_DATA}", f"--out_dir={tmp_path}",
+                   "--subset=6000", "--epochs=3", "--retrain_epochs=2", "--sensitivity=1.0")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "lenet_300_100_pruned.json").read_text())
+    assert summary["accuracy"]["initial"] > 88  # 5,400 real digits, 3 epochs
+    assert summary["accuracy"]["retrained"] > summary["accuracy"]["pruned"] - 1
+    assert summary["params"]["nonzero"] < 0.45 * summary["params"]["total"]

@@ -1,0 +1,354 @@
+"""Stage 2 of Deep Compression (Han, Mao & Dally 2016, section 3): trained quantization and
+weight sharing. Each layer's surviving weights are clustered by k-means into 2**bits shared
+values; the network then keeps a codebook of centroids per layer and a fixed index per weight,
+and the centroids are fine-tuned with the cluster assignment and the pruning mask fixed.
+
+    python quantization.py --model=lenet5 --data_root=../shared/data
+
+Reads {out_dir}/{model}_pruned.pt (written by pruning.py); writes {out_dir}/{model}_quantized.pt
+(the input of stage 3) and {out_dir}/{model}_quantized.json. The data set, batch sizes,
+validation split and subset are those stage 1 used, so the three test figures compare with its.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import util
+from models import MODELS, build_model
+from prune import MaskedConv2d, MaskedLinear, layer_kind, layer_value, masked_layers
+
+# -----------------------------------------------------------------------------
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18: reads {out_dir}/{model}_pruned.pt
+data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; the data set is stage 1's
+out_dir = "out"             # where stage 1 wrote its checkpoint; the quantized one goes there too
+bits = {"conv": 8, "*": 5}  # bits per layer, 2**bits shared values (section 3: 8 for conv, 5 for fc layers)
+init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
+finetune_epochs = 5         # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
+lr = 1e-4                   # fine-tuning learning rate (Adam, cosine schedule)
+seed = 0                    # torch seed (batch order) and k-means seed (random and kmeans++ inits)
+device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
+# -----------------------------------------------------------------------------
+SETTINGS = util.settings_from(globals())
+
+KMEANS_INITS = ("linear", "density", "random", "kmeans++")
+MAX_BITS = 16  # the paper uses 2 to 8 bits; past 16, sharing barely shrinks a 32-bit weight
+
+
+# --- k-means on scalars ---------------------------------------------------------------------
+
+def _boundaries(xs, c):
+    """Cluster j of sorted data xs (n,) for sorted centroids c (k,) is xs[b[j]:b[j+1]].
+
+    In 1-D the points nearest a centroid form the interval between the midpoints to its
+    neighbours, so one searchsorted of the k-1 midpoints assigns all n points (a point on a
+    midpoint goes right). Returns b: (k+1,) int64, b[0] = 0, b[k] = n."""
+    return np.concatenate([[0], np.searchsorted(xs, (c[1:] + c[:-1]) / 2), [len(xs)]])
+
+
+def _init_centroids(xs, k, init, rng):
+    """Initial centroids (k,) for sorted data xs (n,), section 3.2 (repeats are possible)."""
+    n = len(xs)
+    if init == "linear":  # evenly spaced between the smallest and largest weight
+        return np.linspace(xs[0], xs[-1], k)
+    if init == "density":  # evenly spaced on the CDF's y axis, read back on the x axis
+        return xs[np.linspace(0, n - 1, k).round().astype(np.int64)]
+    if init == "random":  # Forgy: k observations drawn at random
+        return xs[rng.choice(n, k, replace=False)]
+    # kmeans++ (Arthur & Vassilvitskii 2007): each next centroid drawn with probability ~ D(x)^2
+    c = [xs[rng.integers(n)]]
+    d2 = (xs - c[0]) ** 2
+    for _ in range(k - 1):
+        cum = np.cumsum(d2)
+        c.append(xs[min(np.searchsorted(cum, rng.random() * cum[-1]), n - 1)])
+        d2 = np.minimum(d2, (xs - c[-1]) ** 2)
+    return np.array(c)
+
+
+def _fill(xs, cs, cs2, c, k):
+    """Add centroids to the sorted centroids c until there are k. Each goes to the point
+    farthest from its centroid in the cluster with the largest squared error, so it takes
+    over part of the worst cluster (scikit-learn moves an empty cluster to a far point too).
+
+    xs: (n,) sorted data with more than k distinct values; cs, cs2: (n+1,) prefix sums of
+    xs and xs**2. Returns (k,) sorted and distinct, each the nearest centroid of some point."""
+    n = len(xs)
+    while len(c) < k:
+        b = _boundaries(xs, c)
+        lo, hi = b[:-1], b[1:]
+        s1 = cs[hi] - cs[lo]
+        sse = cs2[hi] - cs2[lo] - s1 * s1 / np.maximum(hi - lo, 1)
+        first, last = xs[np.minimum(lo, n - 1)], xs[np.maximum(hi - 1, 0)]
+        # An empty cluster or one of a single repeated value cannot be split; since there are
+        # more distinct values than clusters, some other cluster can.
+        j = np.argmax(np.where(last > first, sse, -1.0))
+        far = first[j] if c[j] - first[j] >= last[j] - c[j] else last[j]
+        c = np.sort(np.append(c, far))
+    return c
+
+
+def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
+    """Lloyd's k-means on scalars (section 3.1, eq. 1: minimise the within-cluster sum of
+    squares), exact and fast because weights are 1-D.
+
+    After one sort every cluster is a contiguous run of the sorted data, so assignment is one
+    searchsorted of the midpoints between neighbouring centroids and a cluster's sum is the
+    difference of two prefix sums: a Lloyd step costs O(k log n), not O(n k), and running to
+    convergence is cheap. An emptied cluster (linear init on pruned weights puts centroids in
+    the empty gap around zero) is re-seeded inside the worst cluster (see _fill), so no code
+    is wasted; clusters are dropped only when there are fewer than k distinct values. Stops
+    when the assignment repeats, or after max_iter steps.
+
+    values: (n,) float tensor on any device (clustered on the CPU); k: number of clusters.
+    init: 'linear' | 'density' | 'random' | 'kmeans++' (section 3.2); seed: for random inits.
+    Returns, on values' device, centroids (k',) float32 ascending, k' = min(k, distinct
+    values), and labels (n,) int64 in 0..k'-1: each point's nearest centroid, every cluster
+    used."""
+    if init not in KMEANS_INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(KMEANS_INITS)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, not {k}")
+    x = values.detach().reshape(-1).cpu().numpy()
+    # One sort in the input's precision (numpy's sort is ~3x torch's on the CPU); sums in
+    # float64 so that prefix-sum differences stay exact enough over millions of weights.
+    xs = np.sort(x).astype(np.float64)
+    x = x.astype(np.float64)
+    first_of_run = np.ones(len(xs), dtype=bool)
+    first_of_run[1:] = xs[1:] != xs[:-1]
+    c = xs[first_of_run]  # the distinct values, ascending
+    if len(c) > k:  # else every distinct value is its own cluster: the exact optimum
+        cs = np.concatenate([[0.0], np.cumsum(xs)])
+        cs2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
+        rng = np.random.default_rng(seed)
+        c = _fill(xs, cs, cs2, np.unique(_init_centroids(xs, k, init, rng)), k)
+        previous, exact = None, False
+        for _ in range(max_iter):
+            b = _boundaries(xs, c)
+            counts = np.diff(b)
+            if not counts.all():
+                c = _fill(xs, cs, cs2, c[counts > 0], k)
+                continue
+            if previous is not None and np.array_equal(b, previous):
+                if exact:
+                    break
+                # A prefix-sum difference loses values far below the running sum (a layer
+                # whose weights span more than ~1e15 in magnitude), so the assignment found
+                # with them is checked, and if need be refined, with sums taken per cluster.
+                exact = True
+            previous = b
+            sums = np.add.reduceat(xs, b[:-1]) if exact else cs[b[1:]] - cs[b[:-1]]
+            c = sums / counts
+        c = c[np.diff(_boundaries(xs, c)) > 0]  # stopped by max_iter: drop a cluster just emptied
+    labels = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="right")  # the rule of _boundaries
+    return (torch.from_numpy(c.astype(np.float32)).to(values.device),
+            torch.from_numpy(labels.astype(np.int64)).to(values.device))
+
+
+# --- layers with shared weights -------------------------------------------------------------
+
+def index_dtype(k):
+    """Smallest integer dtype for cluster indices 0..k-1: uint8 up to 256 clusters, else the
+    smallest signed one (int16, int32)."""
+    return next(d for d in (torch.uint8, torch.int16, torch.int32, torch.int64)
+                if k - 1 <= torch.iinfo(d).max)
+
+
+class _SharedWeight:
+    """A masked layer whose weight is shared (section 3.3): a `codebook` Parameter (k,) of
+    centroids and a fixed integer `index` buffer of the weight's shape replace the weight.
+
+    The weight is rebuilt at every use as codebook[index] * mask. The backward pass of the
+    lookup adds up the gradients of all weights of a cluster into its centroid, which is
+    eq. 3 of the paper; index and mask are buffers, so the assignment and the pruning stay
+    fixed. (The layer's forward multiplies by the mask once more, which changes nothing.)"""
+
+    @property
+    def weight(self):
+        # index_select is codebook[index]; its backward (index_add) ran 2-4x faster than
+        # plain indexing's on the CPU.
+        return self.codebook.index_select(0, self.index.reshape(-1).long()).view(self.index.shape) * self.mask
+
+
+class QuantizedLinear(_SharedWeight, MaskedLinear):
+    """MaskedLinear with weight (out, in) = codebook[index] * mask and no weight Parameter."""
+
+
+class QuantizedConv2d(_SharedWeight, MaskedConv2d):
+    """MaskedConv2d with weight (out, in/groups, kh, kw) = codebook[index] * mask."""
+
+
+QUANTIZED = {MaskedLinear: QuantizedLinear, MaskedConv2d: QuantizedConv2d}
+
+
+def to_quantized(layer, codebook, index):
+    """Turn a MaskedLinear / MaskedConv2d into its quantized class in place, so it keeps its
+    place in any nested model, its bias and its mask. Its weight Parameter is dropped for
+    `codebook` (k,) float (a Parameter) and `index` (the weight's shape, integer dtype,
+    0 where pruned; a buffer). Returns the layer."""
+    quantized_class = QUANTIZED[type(layer)]
+    del layer.weight
+    layer.__class__ = quantized_class
+    layer.codebook = nn.Parameter(codebook.float().to(layer.mask.device))
+    layer.register_buffer("index", index.to(layer.mask.device))
+    return layer
+
+
+def quantize_layer(layer, bits, init="linear", seed=0):
+    """Cluster the layer's surviving weights (mask == 1) into at most 2**bits shared values
+    (section 3.1) and make it a quantized layer. Pruned weights are never clustered: they get
+    index 0 and stay exactly 0 through the mask. Returns the codebook size."""
+    alive = layer.mask.bool()
+    centroids, labels = kmeans_1d(layer.weight.detach()[alive], 2 ** bits, init, seed)
+    if len(centroids) == 0:  # every weight pruned: one unused code keeps the codebook valid
+        centroids = centroids.new_zeros(1)
+    index = torch.zeros(alive.shape, dtype=index_dtype(len(centroids)), device=alive.device)
+    index[alive] = labels.to(index.dtype)
+    to_quantized(layer, centroids, index)
+    return len(centroids)
+
+
+def quantize_model(net, bits, init="linear", seed=0):
+    """Quantize every masked layer of `net` in place, at any depth. bits: an int or a per-layer
+    dict (prune.layer_value). Returns {layer name: {'bits', 'clusters' (codebook size)}}."""
+    out = {}
+    for name, m in tqdm(masked_layers(net), desc="k-means", leave=False):
+        b = layer_value(bits, name, layer_kind(m))
+        out[name] = dict(bits=b, clusters=quantize_layer(m, b, init, seed))
+    return out
+
+
+def build_quantized_model(model_args, quantized):
+    """The model of a quantized checkpoint, uninitialised, ready for load_state_dict.
+
+    model_args: the checkpoint's 'model' entry {'name', 'kwargs'}; quantized: its 'quantized'
+    entry {layer name: {'bits', 'clusters'}}."""
+    net = build_model(model_args["name"], **model_args["kwargs"])
+    layers = dict(masked_layers(net))
+    for name, q in quantized.items():
+        k = q["clusters"]
+        to_quantized(layers[name], torch.zeros(k), torch.zeros(layers[name].weight.shape, dtype=index_dtype(k)))
+    return net
+
+
+def load_quantized(path, device):
+    """-> (model on `device` with the checkpoint's weights, checkpoint dict) for a
+    {model}_quantized.pt file; a missing or wrong-stage file raises util.UserError."""
+    ckpt = util.load_checkpoint(path, "quantized", device, "run quantization.py first")
+    net = build_quantized_model(ckpt["model"], ckpt["quantized"]).to(device)
+    net.load_state_dict(ckpt["state_dict"])
+    return net, ckpt
+
+
+# --- the per-layer table --------------------------------------------------------------------
+
+def layer_rows(net, quantized, zeros):
+    """[{name, shape, total, nonzero, bits, clusters (used by surviving weights), distinct
+    (non-zero weight values), zeros_kept}] for the quantized layers of `net`, in model order.
+
+    zeros: {layer name: bool tensor, True where the pruned model's weight was 0}; zeros_kept
+    says whether the quantized weight is 0 at exactly those places."""
+    rows = []
+    for name, m in masked_layers(net):
+        w, alive = m.weight.detach(), m.mask.bool()
+        used = torch.bincount(m.index[alive].long().cpu(), minlength=len(m.codebook))
+        rows.append(dict(name=name, shape=list(w.shape), total=w.numel(), nonzero=int((w != 0).sum()),
+                         bits=quantized[name]["bits"], clusters=int(used.count_nonzero()),
+                         distinct=len(np.unique(w[w != 0].cpu().numpy())),
+                         zeros_kept=bool(torch.equal(w == 0, zeros[name]))))
+    return rows
+
+
+def quant_table(rows):
+    """The per-layer table of this stage, as one string."""
+    width = max([6] + [len(r["name"]) + 1 for r in rows])
+    lines = [f"{'layer':<{width}}| {'shape':<18}| {'non-zeros':^19} | bits | clusters | distinct | zeros as pruned"]
+    for r in rows:
+        lines.append(f"{r['name']:<{width}}| {str(tuple(r['shape'])):<18}| {r['nonzero']:8} / {r['total']:8} "
+                     f"| {r['bits']:4} | {r['clusters']:8} | {r['distinct']:8} | {'yes' if r['zeros_kept'] else 'NO'}")
+    return "\n".join(lines)
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+def check_settings(cfg):
+    """Reject bad settings before any work, each with one line that names the fix."""
+    util.require(cfg["model"] in MODELS, f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    util.require(cfg["init"] in KMEANS_INITS,
+                 f"unknown init {cfg['init']!r}; choose one of {', '.join(KMEANS_INITS)}")
+    util.require(all(1 <= v <= MAX_BITS for v in cfg["bits"].values()),
+                 f"bits must be in 1..{MAX_BITS}, got {cfg['bits']}")
+    util.require(cfg["finetune_epochs"] >= 0, f"finetune_epochs must be >= 0, got {cfg['finetune_epochs']}")
+    util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
+
+
+def resolve_bits(net, setting):
+    """{layer name: bits} for every masked layer; a layer the setting misses is a UserError."""
+    try:
+        return {name: layer_value(setting, name, layer_kind(m)) for name, m in masked_layers(net)}
+    except KeyError as e:
+        raise util.UserError(f"bits: {e.args[0]}") from None
+
+
+def main(cfg):
+    check_settings(cfg)
+    t_start = time.time()
+    dev = util.pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
+                              f" ({torch.get_num_threads()} threads)"))
+
+    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    pruned = util.load_checkpoint(stem + "_pruned.pt", "pruned", dev,
+                                  f"run pruning.py --model={cfg['model']} --out_dir={cfg['out_dir']} first")
+    net = build_model(pruned["model"]["name"], **pruned["model"]["kwargs"]).to(dev)
+    net.load_state_dict(pruned["state_dict"])
+    layer_bits = resolve_bits(net, cfg["bits"])
+    zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}
+
+    p = pruned["settings"]  # stage 1's data, so that the accuracies compare with its own
+    train, val, test = util.load_data(p["dataset"], cfg["data_root"], p["batch_size"], p["test_batch_size"],
+                                      p["val_split"], p["subset"], dev, cfg["seed"])
+    print(f"data: {p['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
+    accuracy = {}
+
+    def report(header, key):
+        loss, correct, total = util.evaluate(net, test)
+        accuracy[key] = 100 * correct / max(total, 1)
+        print(f"--- {header} ---")
+        print(util.test_line(loss, correct, total))
+
+    report("Pruned (stage 1)", "pruned")
+
+    # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
+    quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
+    report(f"After clustering ({cfg['init']} init)", "quantized")
+
+    # 2. Fine-tune the centroids (section 3.3). The parameters left are the codebooks, the
+    # biases and batch-norm's scales and shifts; the biases and batch-norm are trained too
+    # (batch-norm's running statistics follow the new weights): stage 3 stores them
+    # uncompressed, so tuning them costs no space and lets them absorb part of the
+    # quantization error. Indices and masks are buffers and do not move.
+    history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"],
+                       weight_decay=0.0, label="finetune")
+    report("After fine-tuning the centroids", "finetuned")
+
+    rows = layer_rows(net, quantized, zeros)
+    print(quant_table(rows))
+    print(f"Accuracy: pruned {accuracy['pruned']:.2f}% | after clustering {accuracy['quantized']:.2f}% | "
+          f"after fine-tuning {accuracy['finetuned']:.2f}% ({accuracy['finetuned'] - accuracy['pruned']:+.2f} points)")
+
+    settings = {**cfg, "pruning": p}
+    summary = dict(
+        model=cfg["model"], dataset=p["dataset"], stage="quantized", accuracy=accuracy, layers=rows,
+        history=dict(finetune=history), settings=settings, device=str(dev), seconds=round(time.time() - t_start, 1))
+    util.save_checkpoint(stem + "_quantized.pt", "quantized", net, pruned["model"], settings,
+                         {**summary, "pruning": pruned["metrics"]}, quantized=quantized)
+    util.write_json(stem + "_quantized.json", summary)
+    print(f"saved {stem}_quantized.pt and {stem}_quantized.json ({summary['seconds']} s)")
+
+
+if __name__ == "__main__":
+    util.run_stage(main, SETTINGS)

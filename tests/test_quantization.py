@@ -1,0 +1,318 @@
+"""Stage 2: k-means on scalars, layers with shared weights, and quantization.py run as a user
+runs it (after pruning.py), on LeNet and on ResNet-18's nested blocks."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pruning
+import quantization
+import util
+from conftest import run_script
+from models import build_model
+from prune import MaskedConv2d, MaskedLinear, masked_layers, prune_by_percentile
+from quantization import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, build_quantized_model,
+                          index_dtype, kmeans_1d, load_quantized, quantize_model, to_quantized)
+
+CPU = torch.device("cpu")
+
+
+def inertia(x, centroids, labels):
+    """Within-cluster sum of squares (the objective of section 3.1, eq. 1), in float64."""
+    return float(((x.double() - centroids.double()[labels]) ** 2).sum())
+
+
+# --- k-means on scalars ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", KMEANS_INITS)
+def test_kmeans_known_answer(init):
+    x = torch.tensor([5.1, 0.9, 10.0, 1.0, 4.9, 1.1, 5.0, 10.2])
+    c, labels = kmeans_1d(x, 3, init=init)
+    assert c.dtype == torch.float32 and labels.dtype == torch.int64
+    assert torch.allclose(c, torch.tensor([1.0, 5.0, 10.1]))
+    assert labels.tolist() == [1, 0, 2, 0, 1, 0, 1, 2]
+
+
+def test_kmeans_lloyd_from_linear_init_by_hand():
+    # linear init on [0, 10] with k=2: centroids 0 and 10, midpoint 5 -> {0, 1, 2, 4} | {6, 10}
+    # -> means 1.75 and 8, midpoint 4.875 -> same split: converged.
+    x = torch.tensor([0.0, 1.0, 2.0, 4.0, 6.0, 10.0])
+    c, labels = kmeans_1d(x, 2)
+    assert c.tolist() == [1.75, 8.0] and labels.tolist() == [0, 0, 0, 0, 1, 1]
+
+
+def test_kmeans_reseeds_empty_clusters_in_the_pruned_gap():
+    # Two tails as pruning leaves them: linear init puts 2 of the 4 centroids in the empty gap
+    # (-1/3, 1/3). They are re-seeded, not wasted: 4 non-empty clusters.
+    x = torch.tensor([-1.0, -0.95, -0.9, -0.8, 0.8, 0.85, 0.9, 1.0])
+    c, labels = kmeans_1d(x, 4, init="linear")
+    assert len(c) == 4 and torch.bincount(labels).min() > 0
+    assert (c.abs() > 0.5).all()  # no centroid left in the gap
+    two = kmeans_1d(x, 2)
+    assert inertia(x, c, labels) < 0.5 * inertia(x, *two)
+    # the same with many points: every one of 32 codes is used
+    tails = torch.cat([torch.linspace(-0.3, -0.05, 500), torch.linspace(0.05, 0.3, 500)])
+    c, labels = kmeans_1d(tails, 32, init="linear")
+    assert len(c) == 32 and len(labels.unique()) == 32 and not ((c > -0.05) & (c < 0.05)).any()
+
+
+def test_kmeans_drops_clusters_only_with_fewer_distinct_values():
+    c, labels = kmeans_1d(torch.tensor([2.0, 1.0, 2.0, 1.0, 1.0]), 8)
+    assert c.tolist() == [1.0, 2.0] and labels.tolist() == [1, 0, 1, 0, 0]
+    c, labels = kmeans_1d(torch.tensor([3.0]), 4)
+    assert c.tolist() == [3.0] and labels.tolist() == [0]
+    c, labels = kmeans_1d(torch.zeros(0), 4)
+    assert c.shape == (0,) and labels.shape == (0,)
+
+
+def test_kmeans_bad_arguments():
+    with pytest.raises(ValueError, match="unknown init 'uniform'"):
+        kmeans_1d(torch.ones(3), 2, init="uniform")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        kmeans_1d(torch.ones(3), 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1, 1, width=32), st.sampled_from([-0.5, 0.25, 0.5, 1e-30, -3e-31])),
+                min_size=1, max_size=60),
+       st.integers(1, 9), st.sampled_from(KMEANS_INITS), st.integers(0, 3))
+def test_kmeans_is_a_lloyd_fixed_point(values, k, init, seed):
+    x = torch.tensor(values, dtype=torch.float32)
+    c, labels = kmeans_1d(x, k, init=init, seed=seed)
+    assert len(c) == min(k, len(x.unique()))  # no empty cluster, none dropped needlessly
+    assert (c[1:] > c[:-1]).all()
+    assert torch.equal(labels.unique(), torch.arange(len(c)))
+    dist = (x.double()[:, None] - c.double()[None, :]).abs()
+    assert (dist.gather(1, labels[:, None]).squeeze(1) <= dist.min(1).values + 1e-6).all()  # nearest
+    for j in range(len(c)):  # each centroid is its cluster's mean
+        assert c[j].item() == pytest.approx(x[labels == j].double().mean().item(), abs=1e-6)
+
+
+def test_kmeans_on_pruned_like_data_beats_or_matches_a_plain_lloyd():
+    # Reference: textbook O(n k) Lloyd from the same linear init, empty clusters left empty.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20_000, generator=g) * 0.05
+    w = w[w.abs() > 0.05]
+    c_ref = torch.linspace(float(w.min()), float(w.max()), 16, dtype=torch.float64)
+    x = w.double()
+    lab = None
+    for _ in range(300):
+        previous, lab = lab, (x[:, None] - c_ref[None, :]).abs().argmin(1)
+        if previous is not None and torch.equal(lab, previous):
+            break
+        counts = torch.bincount(lab, minlength=16)
+        sums = torch.zeros(16, dtype=torch.float64).index_add_(0, lab, x)
+        c_ref = torch.where(counts > 0, sums / counts.clamp(min=1), c_ref)
+    c, labels = kmeans_1d(w, 16)
+    assert inertia(w, c, labels) <= inertia(w, c_ref, lab) * (1 + 1e-9)
+    assert len(lab.unique()) < 16 == len(c)  # the plain version wastes codes in the gap
+
+
+# --- layers with shared weights -------------------------------------------------------------
+
+def test_index_dtype():
+    assert index_dtype(1) == index_dtype(256) == torch.uint8
+    assert index_dtype(257) == index_dtype(32768) == torch.int16
+    assert index_dtype(32769) == index_dtype(65536) == torch.int32
+
+
+def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
+    layer = MaskedLinear(3, 2, bias=False)
+    layer.mask.copy_(torch.tensor([[1.0, 0, 1], [1, 1, 0]]))
+    to_quantized(layer, torch.tensor([-1.0, 0.5]), torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.uint8))
+    assert isinstance(layer, QuantizedLinear) and isinstance(layer, MaskedLinear)
+    assert layer.weight.tolist() == [[-1.0, 0.0, 0.5], [0.5, -1.0, 0.0]]
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    layer(x).sum().backward()
+    # dL/dW[i, j] = x[j]. Centroid 0 holds W[0,0] and W[1,1] (W[0,1], W[1,2] are pruned):
+    # 1 + 2 = 3. Centroid 1 holds W[0,2] and W[1,0]: 3 + 1 = 4 (eq. 3 of the paper).
+    assert layer.codebook.grad.tolist() == [3.0, 4.0]
+    assert [n for n, _ in layer.named_parameters()] == ["codebook"]
+
+
+def test_centroid_gradient_matches_dense_weight_gradients_summed_per_cluster():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(3, 4, 3)
+    conv.mask.copy_((torch.rand_like(conv.mask) > 0.5).float())
+    dense = MaskedConv2d(3, 4, 3)
+    index = torch.randint(0, 5, conv.weight.shape, dtype=torch.uint8) * conv.mask.to(torch.uint8)
+    codebook = torch.randn(5)
+    dense.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        dense.weight.copy_(codebook[index.long()] * conv.mask)
+    to_quantized(conv, codebook, index)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(conv(x), dense(x), atol=1e-6)
+    (conv(x) ** 2).sum().backward()
+    (dense(x) ** 2).sum().backward()
+    grad_w = dense.weight.grad * dense.mask
+    expected = torch.zeros(5).index_add_(0, index.flatten().long(), grad_w.flatten())
+    assert torch.allclose(conv.codebook.grad, expected, atol=1e-5)
+    assert torch.allclose(conv.bias.grad, dense.bias.grad)
+
+
+def check_quantized(net, bits, pruned_zeros):
+    """Every quantized layer: <= 2**bits distinct non-zero values, zeros exactly where the
+    pruned model had them, and the checkpoint layout stage 3 relies on."""
+    state = net.state_dict()
+    for name, m in masked_layers(net):
+        assert isinstance(m, (QuantizedLinear, QuantizedConv2d)), name
+        w = m.weight.detach()
+        assert len(w[w != 0].unique()) <= 2 ** bits[name], name
+        assert torch.equal(w == 0, pruned_zeros[name]), name
+        assert name + ".weight" not in state
+        assert state[name + ".codebook"].dtype == torch.float32 and state[name + ".codebook"].dim() == 1
+        assert state[name + ".index"].dtype == index_dtype(len(m.codebook))
+        assert state[name + ".index"].shape == w.shape == state[name + ".mask"].shape
+        assert (state[name + ".index"][m.mask == 0] == 0).all()
+        assert torch.equal(w, m.codebook.detach()[m.index.long()] * m.mask)
+
+
+def test_quantize_model_lenet5_caffe_and_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("lenet5_caffe")
+    prune_by_percentile(net, {"conv": 40.0, "fc": 90.0})
+    zeros = {n: m.weight.detach() == 0 for n, m in masked_layers(net)}
+    quantized = quantize_model(net, {"conv": 8, "*": 5})
+    assert quantized == {"conv1": dict(bits=8, clusters=256), "conv2": dict(bits=8, clusters=256),
+                         "fc1": dict(bits=5, clusters=32), "fc2": dict(bits=5, clusters=32)}
+    check_quantized(net, {n: q["bits"] for n, q in quantized.items()}, zeros)
+    assert sorted(net.state_dict()) == sorted(f"{n}.{k}" for n in quantized for k in ("bias", "codebook", "index", "mask"))
+
+    model_args = dict(name="lenet5_caffe", kwargs=dict(in_shape=[1, 28, 28], num_classes=10))
+    path = str(tmp_path / "q.pt")
+    util.save_checkpoint(path, "quantized", net, model_args, {}, {}, quantized=quantized)
+    again, ckpt = load_quantized(path, CPU)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(again(x), net(x))
+    fresh = build_quantized_model(model_args, quantized)
+    fresh.load_state_dict(ckpt["state_dict"])
+    assert torch.equal(fresh(x), net(x))
+
+
+def test_fine_tuning_moves_centroids_only(fake_mnist):
+    torch.manual_seed(0)
+    train, val, _ = util.load_data("mnist", fake_mnist, 64, 200, 0.1, 0, CPU, 0)
+    net = build_model("lenet_300_100")
+    prune_by_percentile(net, 90.0)
+    zeros = {n: m.weight.detach() == 0 for n, m in masked_layers(net)}
+    quantize_model(net, 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    util.fit(net, net.parameters(), train, val, 1, 1e-2, weight_decay=0.0)
+    after = net.state_dict()
+    for name, m in masked_layers(net):
+        assert torch.equal(after[name + ".index"], before[name + ".index"])
+        assert torch.equal(after[name + ".mask"], before[name + ".mask"])
+        assert not torch.equal(after[name + ".codebook"], before[name + ".codebook"])
+    check_quantized(net, {n: 3 for n in zeros}, zeros)
+
+
+# --- quantization.py as a user runs it ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage1(fake_mnist, tmp_path_factory):
+    """out_dir holding stage 1's lenet_300_100_pruned.pt, made by pruning.py in a subprocess."""
+    out = str(tmp_path_factory.mktemp("stage1"))
+    r = run_script("pruning.py", "--model=lenet_300_100", f"--data_root={fake_mnist}", f"--out_dir={out}",
+                   "--subset=400", "--epochs=2", "--retrain_epochs=1", "--lr=0.01", "--retrain_lr=0.001")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_stage1_to_stage2_smoke(fake_mnist, stage1):
+    r = run_script("quantization.py", f"--data_root={fake_mnist}", f"--out_dir={stage1}", "--finetune_epochs=1",
+                   "--lr=0.001")
+    assert r.returncode == 0, r.stderr
+    for line in ("--- Pruned (stage 1) ---", "--- After clustering (linear init) ---",
+                 "--- After fine-tuning the centroids ---", "Accuracy: pruned "):
+        assert line in r.stdout
+    assert r.stdout.count("Test set: Average loss: ") == 3
+    summary = json.loads(open(os.path.join(stage1, "lenet_300_100_quantized.json")).read())
+    assert set(summary["accuracy"]) == {"pruned", "quantized", "finetuned"}
+    assert [(l["name"], l["bits"], l["clusters"], l["distinct"]) for l in summary["layers"]] == \
+        [("fc1", 5, 32, 32), ("fc2", 5, 32, 32), ("fc3", 5, 32, 32)]
+    pruned = util.load_checkpoint(os.path.join(stage1, "lenet_300_100_pruned.pt"), "pruned", CPU, "")
+    assert summary["accuracy"]["pruned"] == pytest.approx(pruned["metrics"]["accuracy"]["retrained"])
+    assert summary["settings"]["pruning"] == pruned["settings"]
+
+    net, ckpt = load_quantized(os.path.join(stage1, "lenet_300_100_quantized.pt"), CPU)
+    assert ckpt["quantized"] == {n: dict(bits=5, clusters=32) for n in ("fc1", "fc2", "fc3")}
+    assert ckpt["settings"]["pruning"] == pruned["settings"] and ckpt["model"] == pruned["model"]
+    assert ckpt["metrics"]["pruning"]["accuracy"] == pruned["metrics"]["accuracy"]
+    zeros = {n[:-len(".weight")]: v == 0 for n, v in pruned["state_dict"].items() if n.endswith(".weight")}
+    check_quantized(net, {n: 5 for n in zeros}, zeros)
+    _, test = util.load_data("mnist", fake_mnist, 64, 1000, 0.1, 400, CPU, 0)[1:]
+    loss, correct, total = util.evaluate(net, test)
+    assert 100 * correct / total == pytest.approx(summary["accuracy"]["finetuned"])
+
+
+def write_bad_stage(out_dir):
+    """A {model}_pruned.pt that is really stage 1's 'initial' checkpoint."""
+    net = build_model("lenet_300_100")
+    args = dict(name="lenet_300_100", kwargs=dict(in_shape=[1, 28, 28], num_classes=10))
+    util.save_checkpoint(os.path.join(out_dir, "lenet_300_100_pruned.pt"), "initial", net, args, {}, {})
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "lenet_300_100_pruned.pt is a 'initial' checkpoint but this stage needs a 'pruned' one"),
+    (["--model=lenet5"], "no checkpoint at {out}/lenet5_pruned.pt: run pruning.py --model=lenet5"),
+    (["--bits=0"], "bits must be in 1..16"),
+    (["--bits={'conv': 8, '*': 17}"], "bits must be in 1..16"),
+    (["--init=uniform"], "unknown init 'uniform'; choose one of linear, density, random, kmeans++"),
+    (["--bits={'fc1': 4}"], "bits: no value for layer 'fc2' (add a '*' default)"),
+    (["--finetune_epochs=-1"], "finetune_epochs must be >= 0"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, stage1, capsys, args, message):
+    out = str(tmp_path)
+    if args and args[0].startswith("--bits={'fc1'"):  # needs a real stage-1 checkpoint
+        shutil.copy(os.path.join(stage1, "lenet_300_100_pruned.pt"), out)
+    else:
+        write_bad_stage(out)
+    for suffix in ("_quantized.pt", "_quantized.json"):  # an earlier result must survive
+        open(os.path.join(out, "lenet_300_100" + suffix), "w").write("earlier")
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit) as exit_info:
+        util.run_stage(quantization.main, quantization.SETTINGS, [f"--out_dir={out}", "--device=cpu", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(out=out) in err[0]
+    assert sorted(os.listdir(out)) == before
+    assert open(os.path.join(out, "lenet_300_100_quantized.json")).read() == "earlier"
+
+
+def test_bad_input_exit_code_from_the_command_line(tmp_path):
+    r = run_script("quantization.py", f"--out_dir={tmp_path}", "--bits=20", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: bits must be in 1..16, got {'*': 20}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_resnet18_quantizes_end_to_end(fake_mnist, tmp_path):
+    # Stage 1's checkpoint is made directly (training ResNet-18 on the CPU is slow); stage 2
+    # then runs whole: k-means on all 21 layers of the nested blocks, 2 fine-tuning batches.
+    torch.manual_seed(0)
+    kwargs = dict(in_shape=[1, 28, 28], num_classes=10, pretrained=False, cifar_stem=False)
+    net = build_model("resnet18", **kwargs)
+    prune_by_percentile(net, 60.0)
+    stage1 = util.parse_settings(pruning.SETTINGS, ["--model=resnet18", "--subset=16", "--batch_size=8",
+                                                    "--test_batch_size=16", "--val_split=0"])
+    util.save_checkpoint(str(tmp_path / "resnet18_pruned.pt"), "pruned", net, dict(name="resnet18", kwargs=kwargs),
+                         stage1, {"accuracy": {}})
+    quantization.main(util.parse_settings(quantization.SETTINGS, [
+        f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--model=resnet18", "--device=cpu",
+        "--finetune_epochs=1"]))
+
+    net, ckpt = load_quantized(str(tmp_path / "resnet18_quantized.pt"), CPU)
+    bits = {n: q["bits"] for n, q in ckpt["quantized"].items()}
+    assert len(bits) == 21 and bits["layer3.1.conv2"] == 8 and bits["layer2.0.downsample.0"] == 8 and bits["fc"] == 5
+    pruned = util.load_checkpoint(str(tmp_path / "resnet18_pruned.pt"), "pruned", CPU, "")
+    check_quantized(net, bits, {n: pruned["state_dict"][n + ".weight"] == 0 for n in bits})
+    # batch-norm is trained with the centroids: its statistics follow the quantized weights
+    assert not torch.equal(ckpt["state_dict"]["bn1.running_mean"], pruned["state_dict"]["bn1.running_mean"])
+    summary = json.loads((tmp_path / "resnet18_quantized.json").read_text())
+    assert all(l["distinct"] <= 2 ** l["bits"] and l["zeros_kept"] for l in summary["layers"])
+    assert len(summary["history"]["finetune"]) == 1
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -1,0 +1,657 @@
+"""Stage 3 of Deep Compression (Han, Mao & Dally 2016, sections 2 and 4): store the pruned,
+quantized network as one file (sparse positions as relative indices, cluster indices and
+positions both Huffman coded), decode that file into a fresh model, and check it bit for bit.
+
+    python huffman_encode.py --model=lenet_300_100              # after quantization.py
+    python huffman_encode.py --decode=out/lenet_300_100.dc
+
+Encode mode reads {out_dir}/{model}_quantized.pt, writes {out_dir}/{model}.dc,
+decodes it, checks every tensor against the checkpoint, tests both models and writes
+{out_dir}/{model}_compressed.json. Decode mode rebuilds a model from a .dc file alone (no
+checkpoint needed), tests it and saves it as {out_dir}/{model}_decoded.pt.
+
+File format, version 1 (integers little-endian; no pickle anywhere):
+
+    file     = MAGIC (8 bytes) | version u16 | section ... | end section
+    section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
+    'H'      = the header, UTF-8 JSON: {"model": {name, kwargs}, "quantized": {layer: {bits,
+               clusters}}, "data": {dataset, subset, test_batch_size}, "settings": {index_bits}};
+               always the first section
+    'R'      = a tensor stored raw: name | dtype u8 | ndim u8 | dims u32... | the raw bytes
+    'Q'      = a pruned, quantized layer L (it rebuilds L.codebook, L.index and L.mask):
+               name | index dtype u8 | mask dtype u8 | ndim u8 | dims u32... |
+               k u32 | codebook k x float32 | span bits b u8 | non-zeros u32 | entries u32 |
+               cluster stream (non-zeros symbols) | gap stream (entries symbols)
+    'E'      = the end marker: the number of sections before it, u32
+    name     = length u16 | UTF-8
+    stream   = alphabet n u32 | n code lengths, 5 bits each, MSB first | bits u64 | the bits
+               (canonical Huffman, see huffman.py)
+
+Sections follow the model's state-dict order: the quantized layer L takes the place of
+L.weight, and every other tensor (biases, batch-norm, unquantized layers) is an 'R'.
+Relative index (paper Fig. 2): a gap symbol s in 1..2**b-1 puts the next non-zero s places
+after the previous one (the first counts from position -1); the filler symbol 0 moves
+2**b-1 places and carries no weight, so it costs no cluster index. Positions are those of
+mask == 1, so a surviving weight whose centroid is 0.0 is kept.
+"""
+import functools
+import json
+import math
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+import torch
+
+import huffman
+import util
+from models import MODELS, build_model
+from prune import layer_value
+
+# -----------------------------------------------------------------------------
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18: reads {out_dir}/{model}_quantized.pt
+out_dir = "out"             # checkpoints, the compressed file and JSON summaries
+data_root = ""              # folder holding the data set; '' = the one stage 2 used ('data' with --decode)
+device = "auto"             # where the models are tested: auto (CUDA if available) | cpu | cuda:N
+index_bits = {"*": 0}       # per layer: relative-index span b (gaps up to 2**b-1, section 2); 0 = the b that
+                            # makes the layer's file section smallest; the paper: --index_bits="{'conv': 8, 'fc': 5}"
+decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
+# -----------------------------------------------------------------------------
+SETTINGS = util.settings_from(globals())
+
+MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
+VERSION = 1
+MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
+MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,  # code = position in this list
+          torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+INDEX_DTYPES = {torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+MASK_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+FRAME = struct.calcsize("<IB") + 4  # section length, kind, CRC
+
+
+class FormatError(util.UserError):
+    """A file that is not a valid compressed model (bad magic or version, truncated, corrupt)."""
+
+
+# --- layout: which sections a model's file holds --------------------------------------------
+
+def architecture(model_args, quantized):
+    """The sections a file for this model holds, from the model alone (built on the meta
+    device, so nothing is allocated): ([(kind, name, shape, clusters)] in state-dict order,
+    the names of the parameters, as opposed to buffers such as masks and batch-norm
+    statistics). kind 'Q': quantized layer `name` with `clusters` centroids at the place of
+    name.weight (it carries name.codebook, name.index and name.mask); 'R': the raw tensor
+    `name` (clusters None). Raises ValueError when the model cannot be built or lacks the
+    quantized layers."""
+    if not all(isinstance(q, dict) and type(q.get("clusters")) is int and 1 <= q["clusters"] <= huffman.MAX_ALPHABET
+               for q in quantized.values()):
+        raise ValueError(f"each quantized layer needs 1..{huffman.MAX_ALPHABET} clusters")
+    try:
+        args = offline(model_args)
+        with torch.device("meta"):
+            net = build_model(args["name"], **args["kwargs"])
+    except Exception as e:
+        raise ValueError(f"cannot build the model {model_args!r} ({type(e).__name__}: {e})") from None
+    state = net.state_dict()
+    missing = [n for n in quantized if f"{n}.weight" not in state or f"{n}.mask" not in state]
+    if missing:
+        raise ValueError(f"quantized layers {missing} are not masked layers of {model_args['name']}")
+    sections = []
+    for key, t in state.items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in quantized and leaf == "weight":
+            sections.append(("Q", layer, tuple(t.shape), quantized[layer]["clusters"]))
+        elif not (layer in quantized and leaf == "mask"):
+            sections.append(("R", key, tuple(t.shape), None))
+    if any(math.prod(shape) > MAX_ELEMENTS for _, _, shape, _ in sections):
+        raise ValueError(f"a tensor of more than {MAX_ELEMENTS} elements")
+    return sections, {n for n, _ in net.named_parameters()}
+
+
+def offline(model_args):
+    """model_args {'name', 'kwargs'} that never ask to download pretrained weights: a file
+    carries every weight it needs."""
+    kwargs = dict(model_args["kwargs"])
+    kwargs.update({"pretrained": False} if "pretrained" in kwargs else {})
+    return dict(name=model_args["name"], kwargs=kwargs)
+
+
+def state_keys(sections):
+    """The state-dict keys these sections rebuild, in order."""
+    return [k for kind, name, _, _ in sections
+            for k in ([f"{name}.codebook", f"{name}.index", f"{name}.mask"] if kind == "Q" else [name])]
+
+
+# --- relative indices (section 2, Fig. 2) ----------------------------------------------------
+
+def gap_stream(positions, b):
+    """Relative-index symbols of sorted flat positions (N,) int64 with span bits b:
+    -> (entries,) int32 with entries = N + fillers. Symbol s >= 1: the next non-zero is s
+    places after the previous one; 0: a filler moving 2**b - 1 places with no weight."""
+    gaps = np.diff(positions, prepend=-1)
+    span = (1 << b) - 1
+    fill = (gaps - 1) // span
+    out = np.zeros(len(positions) + int(fill.sum()), np.int32)
+    out[np.cumsum(fill + 1) - 1] = gaps - fill * span
+    return out
+
+
+def positions_from_gaps(symbols, b, nnz, numel):
+    """Inverse of gap_stream, checked: (entries,) symbols -> (nnz,) int64 positions, all below
+    numel. Raises ValueError if the stream does not describe exactly nnz such positions."""
+    weight = symbols != 0
+    if int(weight.sum()) != nnz or (len(symbols) and not weight[-1]):
+        raise ValueError(f"index stream does not hold {nnz} non-zeros ending on a non-zero")
+    steps = np.where(weight, symbols, (1 << b) - 1).astype(np.int64)
+    positions = (np.cumsum(steps) - 1)[weight]
+    if nnz and positions[-1] >= numel:
+        raise ValueError(f"index stream runs past the tensor's {numel} elements")
+    return positions
+
+
+def gap_histogram(positions):
+    """The distinct gaps (G,) between sorted positions (N,), the first from -1, and how
+    often each occurs (G,): all that the symbol counts of every span depend on."""
+    return np.unique(np.diff(positions, prepend=-1), return_counts=True)
+
+
+def span_counts(histogram, b):
+    """Symbol counts (2**b,) of gap_stream(positions, b) from gap_histogram(positions),
+    without building the stream."""
+    gaps, mult = histogram
+    span = (1 << b) - 1
+    fill = (gaps - 1) // span
+    last = (gaps - fill * span).astype(np.int64)
+    counts = np.zeros(1 << b, np.int64)
+    np.add.at(counts, last, mult)
+    counts[0] = int((fill * mult).sum())
+    return counts
+
+
+def best_span(positions):
+    """The span bits b (1..MAX_INDEX_BITS) whose Huffman-coded gap stream, code table
+    included, is smallest; ties go to the smaller b. A longer span means fewer fillers but a
+    larger alphabet, and past the largest gap nothing changes."""
+    if len(positions) == 0:
+        return 1
+    histogram = gap_histogram(positions)
+    best = None
+    for b in range(1, MAX_INDEX_BITS + 1):
+        counts = span_counts(histogram, b)
+        size = _stream_size(counts, huffman.code_lengths(counts))
+        if best is None or size < best[0]:
+            best = (size, b)
+        if (1 << b) - 1 >= histogram[0][-1]:
+            break
+    return best[1]
+
+
+# --- Huffman streams in the file --------------------------------------------------------------
+
+def _pack_lengths(lengths):
+    """(n,) code lengths (< 32) -> 5 bits each, MSB first, zero-padded to whole bytes."""
+    bits = (lengths.astype(np.uint8)[:, None] >> np.arange(4, -1, -1, dtype=np.uint8)) & 1
+    return np.packbits(bits.ravel()).tobytes()
+
+
+def _unpack_lengths(raw, n):
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8))[:5 * n].reshape(n, 5)
+    return (bits @ np.array([16, 8, 4, 2, 1])).astype(np.uint8)
+
+
+def _trimmed(lengths):
+    """The length table up to its last used symbol (the rest are implied zeros)."""
+    used = np.flatnonzero(lengths)
+    return lengths[:used[-1] + 1] if len(used) else lengths[:0]
+
+
+def _stream_size(counts, lengths):
+    """Bytes of a stream with these symbol counts in the file, code table included."""
+    n = len(_trimmed(lengths))
+    return 4 + (5 * n + 7) // 8 + 8 + (huffman.encoded_bits(counts, lengths) + 7) // 8
+
+
+def _write_stream(symbols, alphabet):
+    """Huffman-code symbols (N,) in [0, alphabet) with a code fitted to them -> (bytes, bits)."""
+    lengths = _trimmed(huffman.code_lengths(np.bincount(symbols, minlength=alphabet)))
+    data, nbits = huffman.encode(symbols, lengths)
+    return struct.pack("<I", len(lengths)) + _pack_lengths(lengths) + struct.pack("<Q", nbits) + data.tobytes(), nbits
+
+
+def _read_stream(r, count, alphabet):
+    """Read one stream of `count` symbols (count already bounded by the caller) whose symbols
+    must lie in [0, alphabet). -> (count,) int32."""
+    n = r.unpack("<I")[0]
+    if n > alphabet:
+        raise ValueError(f"code of {n} symbols where at most {alphabet} exist")
+    lengths = _unpack_lengths(r.take((5 * n + 7) // 8), n)
+    nbits = r.unpack("<Q")[0]
+    return huffman.decode(r.take((nbits + 7) // 8), nbits, count, lengths)
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+class _Reader:
+    """Reads a payload front to back; every read is checked against the bytes left."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = memoryview(buf), 0
+
+    def take(self, n):
+        if n > len(self.buf) - self.pos:
+            raise ValueError(f"needs {n} bytes where {len(self.buf) - self.pos} are left")
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    def unpack(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def name(self):
+        try:
+            return bytes(self.take(self.unpack("<H")[0])).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("a tensor name that is not UTF-8") from None
+
+    def dtype(self, allowed):
+        code = self.unpack("<B")[0]
+        if code >= len(DTYPES) or DTYPES[code] not in allowed:
+            raise ValueError(f"unsupported dtype code {code}")
+        return DTYPES[code]
+
+    def shape(self, expected):
+        shape = self.unpack(f"<{self.unpack('<B')[0]}I")
+        if shape != expected:
+            raise ValueError(f"shape {shape} where the model has {expected}")
+        return shape
+
+    def done(self):
+        if self.pos != len(self.buf):
+            raise ValueError(f"{len(self.buf) - self.pos} stray bytes at the end")
+
+
+def _section(kind, payload):
+    head = struct.pack("<IB", len(payload), ord(kind))
+    return head + payload + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
+
+
+def _name(name):
+    raw = name.encode("utf-8")
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _dims(shape):
+    return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
+
+
+def _raw_payload(name, t):
+    """The payload of a tensor stored raw: its name, dtype, shape and bytes."""
+    if t.dtype not in DTYPES:
+        raise util.UserError(f"{name}: dtype {t.dtype} cannot be stored (supported: {DTYPES})")
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return _name(name) + struct.pack("<B", DTYPES.index(t.dtype)) + _dims(t.shape) + data
+
+
+def _read_raw(r, name, shape):
+    """Decode the raw tensor `name` of shape `shape` -> {name: tensor}."""
+    if r.name() != name:
+        raise ValueError(f"holds another tensor where {name} belongs")
+    dtype = r.dtype(DTYPES)
+    r.shape(shape)
+    size = math.prod(shape) * dtype.itemsize
+    data = np.frombuffer(r.take(size), np.uint8).copy()
+    r.done()
+    return {name: torch.from_numpy(data).view(dtype).reshape(shape)}
+
+
+def _quantized_payload(name, codebook, index, mask, b):
+    """Encode layer `name`: codebook (k,) float32, index and mask of the weight's shape.
+    b: span bits, 0 = best_span. -> (payload bytes, report row)."""
+    k = codebook.numel()
+    util.require(codebook.dtype == torch.float32 and codebook.dim() == 1 and 1 <= k <= huffman.MAX_ALPHABET,
+                 f"{name}.codebook must be float32 of 1..{huffman.MAX_ALPHABET} centroids")
+    util.require(index.dtype in INDEX_DTYPES and mask.dtype in MASK_DTYPES,
+                 f"{name}: index must be an integer tensor and mask a float tensor "
+                 f"(got {index.dtype}, {mask.dtype})")
+    flat_mask = mask.detach().cpu().reshape(-1).numpy()
+    flat_index = index.detach().cpu().reshape(-1).numpy()
+    positions = np.flatnonzero(flat_mask == 1)
+    util.require(len(positions) + np.count_nonzero(flat_mask == 0) == len(flat_mask),
+                 f"{name}.mask holds values other than 0 and 1")
+    clusters = flat_index[positions]
+    util.require(np.count_nonzero(clusters) == np.count_nonzero(flat_index),
+                 f"{name}.index is not 0 at pruned positions")
+    util.require(not len(clusters) or (clusters.min() >= 0 and clusters.max() < k),
+                 f"{name}.index holds values outside 0..{k - 1}")
+    clusters = clusters.astype(np.int32)
+    b = b or best_span(positions)
+    util.require(1 <= b <= MAX_INDEX_BITS, f"{name}: index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, not {b}")
+    gaps = gap_stream(positions, b)
+    cluster_bytes, cluster_bits = _write_stream(clusters, k)
+    gap_bytes, gap_bits = _write_stream(gaps, 1 << b)
+    payload = (_name(name) + struct.pack("<BB", DTYPES.index(index.dtype), DTYPES.index(mask.dtype))
+               + _dims(mask.shape) + struct.pack("<I", k) + codebook.detach().cpu().numpy().astype("<f4").tobytes()
+               + struct.pack("<BII", b, len(clusters), len(gaps)) + cluster_bytes + gap_bytes)
+    nnz = max(len(clusters), 1)
+    row = dict(name=name, kind="quantized", shape=list(mask.shape), params=mask.numel(), nonzero=len(clusters),
+               clusters=k, weight_bits=max(1, math.ceil(math.log2(k))), weight_bits_huffman=cluster_bits / nnz,
+               index_bits=b, fillers=len(gaps) - len(clusters), index_bits_raw=b * len(gaps) / nnz,
+               index_bits_huffman=gap_bits / nnz, codebook_bytes=4 * k, weight_bytes=len(cluster_bytes),
+               index_bytes=len(gap_bytes), bytes=len(payload) + FRAME)
+    return payload, row
+
+
+def _read_quantized(r, name, shape, clusters):
+    """Decode layer `name` (weight shape `shape`, `clusters` centroids) -> its codebook,
+    index and mask, each checked against the model before anything is allocated."""
+    if r.name() != name:
+        raise ValueError(f"holds another layer where {name} belongs")
+    index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
+    numel = math.prod(r.shape(shape))
+    k = r.unpack("<I")[0]
+    if k != clusters:
+        raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
+    codebook = torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
+    b, nnz, entries = r.unpack("<BII")
+    if not 1 <= b <= MAX_INDEX_BITS:
+        raise ValueError(f"span of {b} bits")
+    if nnz > numel or entries > nnz + (numel - nnz) // ((1 << b) - 1):  # fillers move 2**b-1 each
+        raise ValueError(f"{nnz} non-zeros in {entries} entries do not fit {numel} elements")
+    cluster_ids = _read_stream(r, nnz, k)
+    positions = positions_from_gaps(_read_stream(r, entries, 1 << b), b, nnz, numel)
+    r.done()
+    # numpy: np.zeros takes pages the kernel zeroes on first touch, faster for sparse layers
+    index = np.zeros(numel, INDEX_DTYPES[index_dtype])
+    index[positions] = cluster_ids
+    mask = np.zeros(numel, MASK_DTYPES[mask_dtype])
+    mask[positions] = 1
+    return {f"{name}.codebook": codebook, f"{name}.index": torch.from_numpy(index).reshape(shape),
+            f"{name}.mask": torch.from_numpy(mask).reshape(shape)}
+
+
+# --- whole files ---------------------------------------------------------------------------------
+
+def encode_model(state_dict, model_args, quantized, index_bits=0, info=None):
+    """Encode a quantized state dict (the contract of quantization.py: L.codebook, L.index,
+    L.mask for each quantized layer L, everything else plain) into the bytes of one file.
+
+    model_args: {'name', 'kwargs'} for models.build_model. quantized: {layer: {'bits',
+    'clusters'}}. index_bits: span bits, an int or a per-layer dict ('conv' / 'fc' / '*' /
+    names, see prune.layer_value); 0 = best_span. info: more JSON-able header fields.
+    Returns (bytes, report) with report = {'layers': [row per section], 'header_bytes',
+    'dense_bytes'}; the rows' bytes plus header_bytes make the file's size."""
+    try:
+        sections, params = architecture(model_args, quantized)
+    except ValueError as e:
+        raise util.UserError(str(e)) from None
+    want, have = set(state_keys(sections)), set(state_dict)
+    util.require(want == have, f"state dict does not match {model_args['name']} with quantized layers "
+                 f"{list(quantized)}: missing {sorted(want - have)}, unexpected {sorted(have - want)}")
+    header = json.dumps(dict(model=model_args, quantized=quantized, **(info or {})), separators=(",", ":"))
+    parts = [MAGIC, struct.pack("<H", VERSION), _section("H", header.encode("utf-8"))]
+    rows = []
+    for kind, name, shape, clusters in sections:
+        if kind == "Q":
+            t = {leaf: state_dict[f"{name}.{leaf}"] for leaf in ("codebook", "index", "mask")}
+            util.require(tuple(t["index"].shape) == shape and tuple(t["mask"].shape) == shape,
+                         f"{name}: index and mask must have the weight's shape {shape}")
+            util.require(t["codebook"].numel() == clusters,
+                         f"{name}: {t['codebook'].numel()} centroids but 'quantized' says {clusters}")
+            try:
+                b = layer_value(index_bits, name, "conv" if len(shape) == 4 else "fc")
+            except KeyError as e:
+                raise util.UserError(f"index_bits: {e.args[0]}") from None
+            payload, row = _quantized_payload(name, t["codebook"], t["index"], t["mask"], b)
+            row["dense_bytes"] = 4 * math.prod(shape)
+        else:
+            t = state_dict[name]
+            util.require(tuple(t.shape) == shape, f"{name}: shape {tuple(t.shape)} where the model has {shape}")
+            payload = _raw_payload(name, t)
+            row = dict(name=name, kind="raw", shape=list(shape), params=t.numel(), dtype=str(t.dtype).split(".")[-1],
+                       bytes=len(payload) + FRAME, dense_bytes=4 * t.numel() if name in params else 0)
+        parts.append(_section(kind, payload))
+        rows.append(row)
+    parts.append(_section("E", struct.pack("<I", len(sections) + 1)))
+    blob = b"".join(parts)
+    for row in rows:
+        row["ratio"] = row["dense_bytes"] / row["bytes"]
+    return blob, dict(layers=rows, header_bytes=len(blob) - sum(r["bytes"] for r in rows),
+                      dense_bytes=sum(r["dense_bytes"] for r in rows))
+
+
+def decode_bytes(blob):
+    """Decode a whole file held in memory -> (state dict in the sections' order, header dict).
+
+    The input is treated as hostile: every length and count is checked against the bytes
+    left and the tensor shapes of the model the header names before anything is allocated,
+    and every section's CRC is checked before it is parsed. Raises FormatError."""
+    blob = memoryview(blob)
+    if bytes(blob[:len(MAGIC)]) != MAGIC[:len(blob)]:
+        raise FormatError("not a compressed model file (wrong magic bytes)")
+    if len(blob) < len(MAGIC) + 2:
+        raise FormatError(f"file of {len(blob)} bytes ends inside its magic bytes and version: truncated")
+    version = struct.unpack_from("<H", blob, len(MAGIC))[0]
+    if version != VERSION:
+        raise FormatError(f"file format version {version}, but this reader knows version {VERSION} only")
+    pos, index = len(MAGIC) + 2, 0
+
+    def next_section(what):
+        nonlocal pos, index
+        if len(blob) - pos < FRAME:
+            raise FormatError(f"file ends where section {index} ({what}) should start: truncated")
+        length, kind = struct.unpack_from("<IB", blob, pos)
+        if length > len(blob) - pos - FRAME:
+            raise FormatError(f"section {index} ({what}) claims {length} bytes, the file has "
+                              f"{len(blob) - pos - FRAME} left: truncated or corrupt")
+        payload = blob[pos + 5:pos + 5 + length]
+        crc = struct.unpack_from("<I", blob, pos + 5 + length)[0]
+        if zlib.crc32(payload, zlib.crc32(blob[pos:pos + 5])) != crc:
+            raise FormatError(f"section {index} ({what}) fails its CRC check: the file is corrupt")
+        pos, index = pos + FRAME + length, index + 1
+        return chr(kind), payload
+
+    def parse(what, want, fn):
+        got, payload = next_section(what)
+        try:
+            if got != want:
+                raise ValueError(f"a section of kind {got!r} where {want!r} belongs")
+            return fn(_Reader(payload))
+        except ValueError as e:
+            raise FormatError(f"section {index - 1} ({what}): {e}") from None
+
+    header = parse("header", "H", _header)
+    try:
+        sections, _ = architecture(header["model"], header["quantized"])
+    except ValueError as e:
+        raise FormatError(f"section 0 (header): {e}") from None
+    state = {}
+    for kind, name, shape, clusters in sections:
+        read = (functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters) if kind == "Q"
+                else functools.partial(_read_raw, name=name, shape=shape))
+        state.update(parse(name, kind, read))
+    end = parse("end marker", "E", _end)
+    if end != index - 1 or pos != len(blob):
+        raise FormatError(f"end marker counts {end} sections where {index - 1} precede it, "
+                          f"{len(blob) - pos} bytes follow it")
+    return state, header
+
+
+def _end(r):
+    count = r.unpack("<I")[0]
+    r.done()
+    return count
+
+
+def _header(r):
+    try:
+        header = json.loads(bytes(r.take(len(r.buf))).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError("header is not UTF-8 JSON") from None
+    ok = (isinstance(header, dict) and isinstance(header.get("model"), dict)
+          and isinstance(header["model"].get("name"), str) and isinstance(header["model"].get("kwargs"), dict)
+          and isinstance(header.get("quantized"), dict))
+    if not ok:
+        raise ValueError("header lacks the model's name, kwargs and quantized layers")
+    return header
+
+
+def decode_file(path):
+    """Decode a compressed model file -> (state dict, header). One call, no checkpoint needed:
+    load the state dict into quantization.build_quantized_model(header['model'],
+    header['quantized']). Raises FormatError (a util.UserError) naming the fault."""
+    util.require(os.path.isfile(path), f"no compressed file at {path}")
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        return decode_bytes(blob)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+def load_compressed(path, device="cpu"):
+    """Rebuild the model from a compressed file alone -> (nn.Module on `device`, header)."""
+    from quantization import build_quantized_model  # the format above needs no stage-2 code
+
+    state, header = decode_file(path)
+    net = build_quantized_model(offline(header["model"]), header["quantized"])
+    net.load_state_dict(state)
+    return net.to(device), header
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+def check_settings(cfg):
+    """Reject bad settings before any work, each with one line that names the fix."""
+    util.require(cfg["decode"] or cfg["model"] in MODELS,
+                 f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    util.require(all(0 <= v <= MAX_INDEX_BITS for v in cfg["index_bits"].values()),
+                 f"index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, got {cfg['index_bits']}")
+
+
+def bit_equal(a, b):
+    """Same dtype, shape and bytes (so -0.0 differs from 0.0 and a NaN equals itself)."""
+    as_bytes = lambda t: t.detach().cpu().reshape(-1).view(torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+
+
+def byte_table(report, size):
+    """Where every byte of the file went, as one string: a row per quantized layer, the raw
+    tensors, the header, and the total line."""
+    q = [r for r in report["layers"] if r["kind"] == "quantized"]
+    raw = [r for r in report["layers"] if r["kind"] == "raw"]
+    w = max([6] + [len(r["name"]) + 1 for r in q])
+    lines = [f"{'layer':<{w}}| {'non-zeros':^19} | weight bits  | span | index bits   | codebook | weights  "
+             f"| indices  |  total   | ratio",
+             f"{'':<{w}}| {'':19} | raw -> Huff. | bits | raw -> Huff. |    bytes |    bytes |    bytes "
+             f"|    bytes | to dense"]
+    for r in q:
+        lines.append(
+            f"{r['name']:<{w}}| {r['nonzero']:8} / {r['params']:8} | {r['weight_bits']:3d} -> "
+            f"{r['weight_bits_huffman']:5.2f} | {r['index_bits']:4d} | {r['index_bits_raw']:4.2f} -> "
+            f"{r['index_bits_huffman']:4.2f} | {r['codebook_bytes']:8} | {r['weight_bytes']:8} | "
+            f"{r['index_bytes']:8} | {r['bytes']:8} | {r['ratio']:6.1f}x")
+    lines += [
+        "(bits per non-zero; index bits count the fillers; weights and indices include their code tables; "
+        "the rest of a total is name, shape, counts and section framing with CRC)",
+        f"raw tensors (biases, batch-norm, unquantized): {len(raw)} tensors, {sum(r['bytes'] for r in raw)} bytes; "
+        f"header, format version and end marker: {report['header_bytes']} bytes",
+        f"dense float32: {report['dense_bytes']} bytes -> compressed file: {size} bytes "
+        f"({report['dense_bytes'] / size:.1f} x)"]
+    return "\n".join(lines)
+
+
+def _test_set(data, data_root, device):
+    """The test Batches the earlier stages used. data: {'dataset', 'subset', 'test_batch_size'}."""
+    return util.load_data(data["dataset"], data_root, data["test_batch_size"], data["test_batch_size"],
+                          0.0, data["subset"], device, 0)[2]
+
+
+def _test(net, test, device):
+    """Print the test line of `net`; returns its accuracy in percent."""
+    loss, correct, total = util.evaluate(net.to(device), test)
+    print(util.test_line(loss, correct, total))
+    return 100 * correct / max(total, 1)
+
+
+def encode_main(cfg, dev):
+    from quantization import build_quantized_model, load_quantized  # only the stage needs stage 2's code
+
+    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    quantized_net, ckpt = load_quantized(stem + "_quantized.pt", "cpu")
+    p = ckpt["settings"]["pruning"]
+    # The header keeps what rebuilds and tests the model elsewhere, and no local paths.
+    data = dict(dataset=p["dataset"], subset=p["subset"], test_batch_size=p["test_batch_size"])
+
+    t0 = time.time()
+    blob, report = encode_model(ckpt["state_dict"], ckpt["model"], ckpt["quantized"], cfg["index_bits"],
+                                info=dict(data=data, settings=dict(index_bits=cfg["index_bits"])))
+    path = stem + ".dc"
+    util._atomic_write(path, lambda tmp: _write_bytes(tmp, blob))
+    encode_seconds = time.time() - t0
+
+    # Decode the file on disk, not the bytes in memory: what a user ships is what is checked.
+    t0 = time.time()
+    state, _ = decode_file(path)
+    decode_seconds = time.time() - t0
+    differ = sorted(set(state) ^ set(ckpt["state_dict"])) or \
+        [k for k, v in ckpt["state_dict"].items() if not bit_equal(v, state[k])]
+    if differ:
+        raise RuntimeError(f"decoded tensors differ from {stem}_quantized.pt: {differ}")
+    print(f"decoded {path}: all {len(state)} tensors equal the quantized checkpoint's bit for bit")
+
+    decoded_net = build_quantized_model(ckpt["model"], ckpt["quantized"])
+    decoded_net.load_state_dict(state)
+    test = _test_set(data, cfg["data_root"] or ckpt["settings"]["data_root"], dev)
+    print("--- quantized checkpoint ---")
+    accuracy = dict(quantized=_test(quantized_net, test, dev))
+    print("--- decoded from the compressed file ---")
+    accuracy["decoded"] = _test(decoded_net, test, dev)
+
+    size = os.path.getsize(path)
+    print(byte_table(report, size))
+    print(f"accuracy: quantized {accuracy['quantized']:.2f}% -> decoded {accuracy['decoded']:.2f}% "
+          f"({'equal' if accuracy['quantized'] == accuracy['decoded'] else 'DIFFERENT'}); "
+          f"encode {encode_seconds:.2f} s, decode {decode_seconds:.2f} s")
+    summary = dict(model=cfg["model"], dataset=data["dataset"], stage="compressed", compressed_file=path,
+                   format_version=VERSION, dense_bytes=report["dense_bytes"], compressed_bytes=size,
+                   ratio=report["dense_bytes"] / size, header_bytes=report["header_bytes"], accuracy=accuracy,
+                   bit_exact=True, layers=report["layers"], encode_seconds=round(encode_seconds, 3),
+                   decode_seconds=round(decode_seconds, 3), settings=cfg, device=str(dev))
+    util.write_json(stem + "_compressed.json", summary)
+    print(f"saved {path} and {stem}_compressed.json")
+
+
+def _write_bytes(path, blob):
+    with open(path, "wb") as f:
+        f.write(blob)
+
+
+def decode_main(cfg, dev):
+    """Rebuild the model from the file alone, test it, and save it as a quantized checkpoint."""
+    t0 = time.time()
+    net, header = load_compressed(cfg["decode"], dev)
+    print(f"decoded {cfg['decode']} ({os.path.getsize(cfg['decode'])} bytes, {header['model']['name']}) "
+          f"in {time.time() - t0:.2f} s")
+    data = header.get("data")
+    util.require(isinstance(data, dict) and data.get("dataset") in util.DATASETS
+                 and all(type(data.get(k)) is int for k in ("subset", "test_batch_size")),
+                 f"{cfg['decode']} names no test set; its model decodes but cannot be tested here")
+    accuracy = _test(net, _test_set(data, cfg["data_root"] or "data", dev), dev)
+    path = os.path.join(cfg["out_dir"], header["model"]["name"] + "_decoded.pt")
+    util.save_checkpoint(path, "quantized", net, header["model"], header.get("settings", {}),
+                         dict(accuracy=dict(decoded=accuracy), source=cfg["decode"]), quantized=header["quantized"])
+    print(f"saved {path} (a quantized checkpoint: load it with quantization.load_quantized)")
+
+
+def main(cfg):
+    check_settings(cfg)
+    dev = util.pick_device(cfg["device"])
+    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
+                              f" ({torch.get_num_threads()} threads)"))
+    (decode_main if cfg["decode"] else encode_main)(cfg, dev)
+
+
+if __name__ == "__main__":
+    util.run_stage(main, SETTINGS)

@@ -1,0 +1,332 @@
+"""Stage 3 (huffman_encode.py): relative indices, the compressed file's round trip, its
+defences against truncated, corrupt and hostile files, and the stages 1 -> 2 -> 3 run as a
+user runs them."""
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import huffman_encode as he
+import util
+from conftest import run_script
+from models import build_model
+from prune import masked_layers
+
+MNIST = {"in_shape": [1, 28, 28], "num_classes": 10}
+SMALL = {"in_shape": [1, 8, 8], "num_classes": 10}  # lenet_300_100 with a 64-input fc1: a small file
+
+
+def quantized_state(name, kwargs, density=0.1, clusters=32, seed=0, layers=None):
+    """A state dict in stage 2's contract, made by hand: for each masked layer L (or those in
+    `layers`), L.codebook (k,) float32 holding one 0.0 centroid, L.index (uint8, int16 above
+    256 clusters; 0 where pruned), L.mask; no L.weight. -> (state dict, model args, quantized)."""
+    g = torch.Generator().manual_seed(seed)
+    net = build_model(name, **kwargs)
+    state, quantized = net.state_dict(), {}
+    for layer, _ in masked_layers(net):
+        if layers is not None and layer not in layers:
+            continue
+        k = clusters if isinstance(clusters, int) else clusters.get(layer, 32)
+        shape = state.pop(f"{layer}.weight").shape
+        mask = (torch.rand(shape, generator=g) < density).float()
+        dtype = torch.uint8 if k <= 256 else torch.int16
+        state[f"{layer}.codebook"] = torch.cat([torch.zeros(1), torch.randn(k - 1, generator=g)])
+        state[f"{layer}.index"] = torch.randint(0, k, shape, generator=g, dtype=dtype) * mask.to(dtype)
+        state[f"{layer}.mask"] = mask
+        quantized[layer] = dict(bits=max(1, (k - 1).bit_length()), clusters=k)
+    return state, dict(name=name, kwargs=kwargs), quantized
+
+
+def assert_bit_equal(a, b):
+    assert list(a) and set(a) == set(b)
+    for key in a:
+        assert he.bit_equal(a[key], b[key]), key
+
+
+def round_trip(state, model_args, quantized, index_bits=0):
+    blob, report = he.encode_model(state, model_args, quantized, index_bits)
+    decoded, header = he.decode_bytes(blob)
+    assert_bit_equal(state, decoded)
+    assert header["model"] == model_args and header["quantized"] == quantized
+    assert sum(r["bytes"] for r in report["layers"]) + report["header_bytes"] == len(blob)
+    return blob, report
+
+
+# --- relative indices (paper Fig. 2) ---------------------------------------------------------
+
+def test_gaps_with_fillers_known_answer():
+    # span 2**3 - 1 = 7: gap 20 = 7 + 7 + 6 -> two fillers, then 6
+    assert he.gap_stream(np.array([0, 1, 21]), 3).tolist() == [1, 1, 0, 0, 6]
+    # the first non-zero counts from position -1: position 100 = gap 101 = 33 fillers x 3 + 2
+    first_far = he.gap_stream(np.array([100]), 2)
+    assert first_far.tolist() == [0] * 33 + [2]
+    assert he.positions_from_gaps(first_far, 2, 1, 101).tolist() == [100]
+    # a gap of exactly the span needs no filler; one more needs one
+    assert he.gap_stream(np.array([6, 14]), 3).tolist() == [7, 0, 1]
+    assert he.gap_stream(np.array([], np.int64), 5).tolist() == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sets(st.integers(0, 5000), max_size=200), st.integers(1, he.MAX_INDEX_BITS))
+def test_gap_stream_round_trip(positions, b):
+    positions = np.array(sorted(positions), np.int64)
+    stream = he.gap_stream(positions, b)
+    np.testing.assert_array_equal(he.positions_from_gaps(stream, b, len(positions), 5001), positions)
+    counts = he.span_counts(he.gap_histogram(positions), b)
+    np.testing.assert_array_equal(counts, np.bincount(stream, minlength=1 << b))
+
+
+def test_bad_gap_streams_are_rejected():
+    with pytest.raises(ValueError, match="non-zeros"):  # a trailing filler
+        he.positions_from_gaps(np.array([1, 0]), 3, 1, 100)
+    with pytest.raises(ValueError, match="non-zeros"):  # fewer non-zeros than claimed
+        he.positions_from_gaps(np.array([1, 2]), 3, 3, 100)
+    with pytest.raises(ValueError, match="runs past"):
+        he.positions_from_gaps(np.array([0, 0, 5]), 3, 1, 15)
+
+
+def test_best_span_is_the_smallest_stream():
+    rng = np.random.default_rng(0)
+    for density in (0.02, 0.3, 0.9):
+        positions = np.flatnonzero(rng.random(20000) < density)
+        sizes = {b: he._stream_size(c, he.huffman.code_lengths(c))
+                 for b in range(1, 13) for c in [he.span_counts(he.gap_histogram(positions), b)]}
+        assert sizes[he.best_span(positions)] == min(sizes.values())
+
+
+# --- whole files ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("index_bits", [0, {"conv": 8, "fc": 5}, 1])
+def test_lenet_300_100_round_trip(index_bits):
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.08)
+    state["fc1.mask"][:, :100] = 0  # the first non-zero far from position 0, long gaps (fillers)
+    state["fc1.index"][:, :100] = 0
+    state["fc2.mask"][3, :] = 1  # survivors whose centroid is 0.0 must survive decoding
+    state["fc2.index"][3, :] = 0
+    _, report = round_trip(state, args, quantized, index_bits)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["fc1"]["fillers"] > 0 and rows["fc2"]["nonzero"] == int(state["fc2.mask"].sum())
+    if index_bits == {"conv": 8, "fc": 5}:
+        assert rows["fc1"]["index_bits"] == 5 and rows["fc1"]["index_bits_raw"] > 5  # fillers cost
+    assert report["dense_bytes"] == 4 * 266610
+
+
+def test_auto_span_beats_every_fixed_span():
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.05, seed=1)
+    sizes = {b: {r["name"]: r["bytes"] for r in he.encode_model(state, args, quantized, b)[1]["layers"]}
+             for b in (0, 1, 2, 3, 4, 5, 6, 8, 12)}
+    for layer in quantized:
+        assert sizes[0][layer] == min(s[layer] for s in sizes.values())
+
+
+def test_lenet5_caffe_edge_layers_round_trip():
+    """An all-pruned layer, a one-centroid codebook, int16 indices (> 256 clusters), a fully
+    dense layer, and a masked layer left unquantized (stored raw with its mask)."""
+    state, args, quantized = quantized_state("lenet5_caffe", MNIST, clusters={"conv2": 1, "fc1": 300},
+                                             layers=["conv1", "conv2", "fc1"])
+    state["conv1.mask"].zero_()
+    state["conv1.index"].zero_()
+    state["conv2.mask"].fill_(1)
+    assert state["fc1.index"].dtype == torch.int16 and "fc2.weight" in state
+    _, report = round_trip(state, args, quantized)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["conv1"]["nonzero"] == 0 and rows["conv2"]["index_bytes"] < 20  # one symbol: no bits
+    assert rows["fc2.weight"]["kind"] == "raw" and rows["fc2.mask"]["dense_bytes"] == 0
+
+
+def test_resnet18_round_trip_with_batch_norm():
+    state, args, quantized = quantized_state(
+        "resnet18", {"in_shape": [3, 32, 32], "num_classes": 10, "pretrained": False, "cifar_stem": True},
+        density=0.03)
+    state["bn1.num_batches_tracked"] = torch.tensor(7)
+    state["layer1.0.bn1.running_var"] = torch.rand(64) + 0.5
+    blob, report = round_trip(state, args, quantized)
+    assert len(quantized) == 21 and report["dense_bytes"] == 4 * 11173962
+    assert report["dense_bytes"] / len(blob) > 30
+
+
+def test_loads_into_stage_2_model(tmp_path):
+    quantization = pytest.importorskip("quantization")
+    net = build_model("lenet5_caffe", **MNIST)
+    with torch.no_grad():
+        for _, m in masked_layers(net):
+            m.mask.copy_((torch.rand_like(m.mask) < 0.2).float())
+            m.weight.mul_(m.mask)
+    quantized = quantization.quantize_model(net, {"conv": 4, "fc": 3})
+    args = dict(name="lenet5_caffe", kwargs=MNIST)
+    blob, _ = he.encode_model(net.state_dict(), args, quantized)
+    path = tmp_path / "m.dc"
+    path.write_bytes(blob)
+    decoded, header = he.load_compressed(str(path))
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(net.eval()(x), decoded.eval()(x)) and header["model"] == args
+
+
+def test_contract_violations_are_user_errors():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL)
+    bad = dict(state)
+    bad["fc1.index"] = state["fc1.index"].clone()
+    bad["fc1.index"][state["fc1.mask"] == 0] = 1
+    with pytest.raises(util.UserError, match="not 0 at pruned"):
+        he.encode_model(bad, args, quantized)
+    bad = dict(state, **{"fc2.mask": state["fc2.mask"] * 0.5})
+    with pytest.raises(util.UserError, match="other than 0 and 1"):
+        he.encode_model(bad, args, quantized)
+    bad = {k: v for k, v in state.items() if k != "fc3.bias"}
+    with pytest.raises(util.UserError, match="missing.*fc3.bias"):
+        he.encode_model(bad, args, quantized)
+    with pytest.raises(util.UserError, match="centroids"):
+        he.encode_model(state, args, {**quantized, "fc1": dict(bits=6, clusters=64)})
+
+
+# --- truncated, corrupt and hostile files: one clear error each ----------------------------------
+
+@pytest.fixture(scope="module")
+def small_file():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
+    return he.encode_model(state, args, quantized)[0]
+
+
+def sections(blob):
+    """[(offset, kind, payload)] of a file's sections."""
+    out, pos = [], len(he.MAGIC) + 2
+    while pos < len(blob):
+        length, kind = struct.unpack_from("<IB", blob, pos)
+        out.append((pos, chr(kind), bytes(blob[pos + 5:pos + 5 + length])))
+        pos += he.FRAME + length
+    return out
+
+
+def rebuild(blob, replace):
+    """The file with section i's payload replaced by replace[i] and every CRC made valid, as
+    a hostile writer would do."""
+    parts = [he._section(kind, replace.get(i, payload)) for i, (_, kind, payload) in enumerate(sections(blob))]
+    return he.MAGIC + struct.pack("<H", he.VERSION) + b"".join(parts)
+
+
+def fails(blob, match):
+    with pytest.raises(he.FormatError, match=match) as e:
+        he.decode_bytes(blob)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_intact_file_decodes(small_file):
+    assert [k for _, k, _ in sections(small_file)] == ["H", "Q", "R", "Q", "R", "Q", "R", "E"]
+    he.decode_bytes(small_file)
+
+
+def test_wrong_magic_and_version(small_file):
+    fails(b"PK\x03\x04" + small_file[4:], "magic")
+    fails(small_file[:8] + struct.pack("<H", 2) + small_file[10:], "version 2")
+    fails(b"", "truncated")
+
+
+def test_every_truncation_is_reported(small_file):
+    cuts = sorted({off for off, _, _ in sections(small_file)} | {off + 7 for off, _, _ in sections(small_file)}
+                  | set(range(0, len(small_file), 97)) | {9, len(small_file) - 1})
+    for cut in cuts:
+        fails(small_file[:cut], "truncated")
+    fails(small_file + b"\x00", "follow")
+
+
+@pytest.mark.parametrize("where", ["length", "kind", "payload", "crc"])
+def test_a_flipped_bit_in_each_section_is_caught(small_file, where):
+    for i, (off, _, payload) in enumerate(sections(small_file)):
+        at = {"length": off + 1, "kind": off + 4, "payload": off + 5 + len(payload) // 2,
+              "crc": off + 5 + len(payload) + 2}[where]
+        flipped = bytearray(small_file)
+        flipped[at] ^= 0x10
+        message = fails(bytes(flipped), f"section {i}|truncated")
+        assert "CRC" in message or "truncated" in message or "end marker" in message
+
+
+def quant_fields(payload):
+    """Offset of the span byte in a 'Q' payload, and the offset where the streams begin."""
+    pos = 2 + struct.unpack_from("<H", payload)[0] + 2
+    pos += 1 + 4 * payload[pos]
+    pos += 4 + 4 * struct.unpack_from("<I", payload, pos)[0]
+    return pos, pos + 9
+
+
+def patch(payload, offset, fmt, *values):
+    return payload[:offset] + struct.pack(fmt, *values) + payload[offset + struct.calcsize(fmt):]
+
+
+def test_hostile_counts_are_rejected_before_allocating(small_file):
+    secs = sections(small_file)
+    q = secs[1][2]
+    span_at, streams_at = quant_fields(q)
+    name_end = 2 + len("fc1") + 2
+    hostile = {
+        "non-zeros": patch(q, span_at + 1, "<I", 2**32 - 1),
+        "entries": patch(q, span_at + 5, "<I", 2**32 - 1),
+        "span of": patch(q, span_at, "<B", 40),
+        "shape": patch(q, name_end, "<B2I", 2, 2**20, 2**20),
+        "centroids": patch(q, name_end + 9, "<I", 2**32 - 1),
+        "code of": patch(q, streams_at, "<I", 2**31),
+        "needs": patch(q, streams_at + 4 + (5 * struct.unpack_from("<I", q, streams_at)[0] + 7) // 8, "<Q", 2**63),
+        "dtype": patch(q, name_end - 2, "<B", 200),
+        "another layer": patch(q, 2, "3s", b"fc2"),
+    }
+    for match, payload in hostile.items():
+        fails(rebuild(small_file, {1: payload}), match)
+    raw = secs[2][2]
+    fails(rebuild(small_file, {2: raw[:-4]}), "needs")
+    fails(rebuild(small_file, {2: raw + b"\x00"}), "stray")
+    header = json.loads(secs[0][2])
+    huge = dict(header, model=dict(name="lenet_300_100", kwargs={"in_shape": [1, 2**20, 2**20]}))
+    fails(rebuild(small_file, {0: json.dumps(huge).encode()}), "elements")
+    unknown = dict(header, model=dict(name="gpt", kwargs={}))
+    fails(rebuild(small_file, {0: json.dumps(unknown).encode()}), "cannot build")
+    fails(rebuild(small_file, {0: b"\xff{"}), "JSON")
+    fails(rebuild(small_file, {len(secs) - 1: struct.pack("<I", 3)}), "end marker")
+    bad_code = bytearray(q)
+    bad_code[streams_at + 4] = 0xFF  # first code lengths 31, 31, ...: over the 24-bit limit
+    fails(rebuild(small_file, {1: bytes(bad_code)}), "exceeds|Kraft")
+
+
+def test_decode_file_names_the_path(tmp_path, small_file):
+    path = tmp_path / "cut.dc"
+    path.write_bytes(small_file[:-3])
+    with pytest.raises(util.UserError, match="cut.dc: .*truncated"):
+        he.decode_file(str(path))
+
+
+# --- the stages as a user runs them --------------------------------------------------------------
+
+def test_stages_1_2_3_and_decode(tmp_path, fake_mnist, capsys):
+    out = str(tmp_path / "out")
+    common = [f"--data_root={fake_mnist}", f"--out_dir={out}", "--device=cpu"]
+    r = run_script("pruning.py", "--epochs=1", "--retrain_epochs=1", "--sensitivity=1.5", *common)
+    assert r.returncode == 0, r.stderr
+    r = run_script("quantization.py", "--finetune_epochs=1", *common)
+    assert r.returncode == 0, r.stderr
+    r = run_script("huffman_encode.py", *common)
+    assert r.returncode == 0, r.stderr
+    assert "equal the quantized checkpoint's bit for bit" in r.stdout
+    summary = json.load(open(os.path.join(out, "lenet_300_100_compressed.json")))
+    path = summary["compressed_file"]
+    assert summary["compressed_bytes"] == os.path.getsize(path) and summary["bit_exact"]
+    assert summary["accuracy"]["decoded"] == summary["accuracy"]["quantized"]
+    size = os.path.getsize(path)
+    assert f"dense float32: {summary['dense_bytes']} bytes -> compressed file: {size} bytes" in r.stdout
+    assert {"ratio", "layers", "encode_seconds", "decode_seconds"} <= set(summary)
+
+    # Decoding the file alone (in this process: the subprocesses above cover the entry point).
+    decode = [f"--decode={path}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}"]
+    util.run_stage(he.main, he.SETTINGS, decode)
+    assert f"({summary['accuracy']['decoded']:.2f}%)" in capsys.readouterr().out
+    assert util.load_checkpoint(str(tmp_path / "lenet_300_100_decoded.pt"), "quantized", "cpu", "")
+
+    blob = bytearray(open(path, "rb").read())
+    blob[len(blob) // 2] ^= 1
+    open(path, "wb").write(blob)
+    with pytest.raises(SystemExit) as e:  # a flipped bit: one line on stderr, exit code 2
+        util.run_stage(he.main, he.SETTINGS, decode)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "CRC" in err and len(err.strip().splitlines()) == 1

@@ -588,7 +588,7 @@ def encode_main(cfg, dev):
     blob, report = encode_model(ckpt["state_dict"], ckpt["model"], ckpt["quantized"], cfg["index_bits"],
                                 info=dict(data=data, settings=dict(index_bits=cfg["index_bits"])))
     path = stem + ".dc"
-    util._atomic_write(path, lambda tmp: _write_bytes(tmp, blob))
+    util.write_bytes(path, blob)
     encode_seconds = time.time() - t0
 
     # Decode the file on disk, not the bytes in memory: what a user ships is what is checked.
@@ -621,11 +621,6 @@ def encode_main(cfg, dev):
                    decode_seconds=round(decode_seconds, 3), settings=cfg, device=str(dev))
     util.write_json(stem + "_compressed.json", summary)
     print(f"saved {path} and {stem}_compressed.json")
-
-
-def _write_bytes(path, blob):
-    with open(path, "wb") as f:
-        f.write(blob)
 
 
 def decode_main(cfg, dev):

@@ -30,12 +30,12 @@ epochs = 20                 # dense training epochs
 lr = 1e-3                   # dense training learning rate
 retrain_epochs = 20         # retraining epochs after each pruning step
 retrain_lr = 1e-4           # Han 2015 retrains at 1/10 of the training rate
-weight_decay = 0.0          # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
+weight_decay = 5e-5         # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
 optimizer = "adam"          # adam | sgd (momentum 0.9, Nesterov)
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
 prune_method = "std"        # std (threshold = sensitivity x std) | percentile (per layer) | global
 prune_layers = "all"        # all (convs and fcs, as the paper) | fc | conv
-sensitivity = {"*": 1.0}    # std: threshold = sensitivity x std of the layer's surviving weights
+sensitivity = {"*": 1.7}    # std: threshold = sensitivity x std of the layer's surviving weights
 percent = {"*": 90.0}       # percentile / global: percent of surviving weights pruned per iteration
 prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
 seed = 0                    # torch seed (weights, batch order)

@@ -25,7 +25,7 @@ def require(condition, message):
 
 # --- settings -------------------------------------------------------------------------------
 
-SETTING_TYPES = (bool, int, float, str, dict, type(None))
+SETTING_TYPES = (bool, int, float, str, list, dict, type(None))
 
 
 def settings_from(namespace):
@@ -303,6 +303,10 @@ def _atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_bytes(path, blob):
+    _atomic_write(path, lambda tmp: open(tmp, "wb").write(blob))
 
 
 def write_json(path, obj):

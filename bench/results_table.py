@@ -1,0 +1,83 @@
+"""Regenerate README.md's results table from the JSON summaries the three stages wrote.
+
+    python bench/results_table.py --runs="['out']"
+
+For each folder in `runs` and each model with all three summaries there
+({model}_pruned.json, {model}_quantized.json, {model}_compressed.json), one row: test error
+dense -> pruned -> quantized -> decoded from the file, weights alive, dense float32 bytes,
+bytes of the compressed file on disk, ratio, epochs, wall time of the three stages, hardware.
+Writes bench/results/results.json and the table between the README's result markers.
+"""
+import glob
+import json
+import os
+import platform
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import util  # noqa: E402
+
+# -----------------------------------------------------------------------------
+runs = ["out"]                          # folders holding the stages' JSON summaries
+readme = "README.md"                    # whose table between the markers is replaced ('' = leave it)
+out = "bench/results/results.json"      # where the rows are written
+hardware = ""                           # what the runs ran on ('' = this machine's CPU and core count)
+# -----------------------------------------------------------------------------
+SETTINGS = util.settings_from(globals())
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def this_machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def row(folder, model):
+    """One result row from a run folder's three summaries."""
+    load = lambda stage: json.load(open(os.path.join(folder, f"{model}_{stage}.json")))
+    p, q, c = load("pruned"), load("quantized"), load("compressed")
+    s = p["settings"]
+    epochs = s["epochs"] + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
+    return dict(model=model, folder=folder, params=p["params"]["total"],
+                error=dict(dense=100 - p["accuracy"]["initial"], pruned=100 - p["accuracy"]["retrained"],
+                           quantized=100 - q["accuracy"]["finetuned"], decoded=100 - c["accuracy"]["decoded"]),
+                alive=100 * p["params"]["nonzero"] / p["params"]["total"],
+                dense_bytes=c["dense_bytes"], compressed_bytes=c["compressed_bytes"], ratio=c["ratio"],
+                epochs=epochs, minutes=(p["seconds"] + q["seconds"] + c["encode_seconds"] + c["decode_seconds"]) / 60,
+                device=p.get("device", "cpu"))
+
+
+def table(rows, hardware):
+    lines = ["| model | parameters | test error: dense -> pruned -> quantized -> decoded | weights alive "
+             "| dense bytes | compressed bytes | ratio | epochs | time | hardware |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        e = r["error"]
+        lines.append(f"| {r['model']} | {r['params']:,} | {e['dense']:.2f}% -> {e['pruned']:.2f}% -> "
+                     f"{e['quantized']:.2f}% -> **{e['decoded']:.2f}%** | {r['alive']:.2f}% | {r['dense_bytes']:,} "
+                     f"| {r['compressed_bytes']:,} | **{r['ratio']:.1f}x** | {r['epochs']} | {r['minutes']:.1f} min "
+                     f"| {hardware} ({r['device']}) |")
+    return "\n".join(lines)
+
+
+def main(cfg):
+    rows = []
+    for folder in cfg["runs"]:
+        for path in sorted(glob.glob(os.path.join(folder, "*_compressed.json"))):
+            rows.append(row(folder, os.path.basename(path)[:-len("_compressed.json")]))
+    util.require(rows, f"no *_compressed.json in {cfg['runs']}: run the three stages first")
+    text = table(rows, cfg["hardware"] or this_machine())
+    print(text)
+    util.write_json(cfg["out"], dict(rows=rows, hardware=cfg["hardware"] or this_machine()))
+    if cfg["readme"]:
+        doc = open(cfg["readme"]).read()
+        util.require(BEGIN in doc and END in doc, f"{cfg['readme']} has no {BEGIN} ... {END} block")
+        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
+        util.write_bytes(cfg["readme"], doc.encode())
+        print(f"updated {cfg['readme']}")
+
+
+if __name__ == "__main__":
+    util.run_stage(main, SETTINGS)

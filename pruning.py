@@ -35,7 +35,7 @@ optimizer = "adam"          # adam | sgd (momentum 0.9, Nesterov)
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
 prune_method = "std"        # std (threshold = sensitivity x std) | percentile (per layer) | global
 prune_layers = "all"        # all (convs and fcs, as the paper) | fc | conv
-sensitivity = {"*": 1.7}    # std: threshold = sensitivity x std of the layer's surviving weights
+sensitivity = {"*": 1.9}    # std: threshold = sensitivity x std of the layer's surviving weights
 percent = {"*": 90.0}       # percentile / global: percent of surviving weights pruned per iteration
 prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
 seed = 0                    # torch seed (weights, batch order)

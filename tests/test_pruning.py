@@ -245,7 +245,8 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
 def test_pruning_script_end_to_end(fake_mnist, tmp_path):
     out = tmp_path / "out"
     r = run_script("pruning.py", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}",
-                   "--epochs=2", "--retrain_epochs=1", "--prune_iterations=2", "--lr=0.01", "--retrain_lr=0.001")
+                   "--epochs=2", "--retrain_epochs=1", "--prune_iterations=2", "--lr=0.01", "--retrain_lr=0.001",
+                   "--sensitivity=1.0")
     assert r.returncode == 0, r.stderr
     for header in ("--- Before pruning ---", "--- After pruning (iteration 2) ---", "--- After Retraining ---"):
         assert header in r.stdout

@@ -218,7 +218,8 @@ def stage1(fake_mnist, tmp_path_factory):
     """out_dir holding stage 1's lenet_300_100_pruned.pt, made by pruning.py in a subprocess."""
     out = str(tmp_path_factory.mktemp("stage1"))
     r = run_script("pruning.py", "--model=lenet_300_100", f"--data_root={fake_mnist}", f"--out_dir={out}",
-                   "--subset=400", "--epochs=2", "--retrain_epochs=1", "--lr=0.01", "--retrain_lr=0.001")
+                   "--subset=400", "--epochs=2", "--retrain_epochs=1", "--lr=0.01", "--retrain_lr=0.001",
+                   "--sensitivity=1.0")
     assert r.returncode == 0, r.stderr
     return out
 

@@ -643,8 +643,7 @@ def decode_main(cfg, dev):
 def main(cfg):
     check_settings(cfg)
     dev = util.pick_device(cfg["device"])
-    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
-                              f" ({torch.get_num_threads()} threads)"))
+    print(f"device: {util.describe_device(dev)}")
     (decode_main if cfg["decode"] else encode_main)(cfg, dev)
 
 

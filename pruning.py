@@ -78,8 +78,7 @@ def main(cfg):
     t_start = time.time()
     dev = util.pick_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
-                              f" ({torch.get_num_threads()} threads)"))
+    print(f"device: {util.describe_device(dev)}")
 
     train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"],
                                       cfg["test_batch_size"], cfg["val_split"], cfg["subset"], dev, cfg["seed"])

@@ -297,8 +297,7 @@ def main(cfg):
     t_start = time.time()
     dev = util.pick_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
-                              f" ({torch.get_num_threads()} threads)"))
+    print(f"device: {util.describe_device(dev)}")
 
     stem = os.path.join(cfg["out_dir"], cfg["model"])
     pruned = util.load_checkpoint(stem + "_pruned.pt", "pruned", dev,

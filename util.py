@@ -96,6 +96,21 @@ def pick_device(setting):
     return device
 
 
+def describe_device(dev):
+    """'cuda:0 (NVIDIA H100 ...)' or 'cpu (2 threads)': the line each stage prints first."""
+    return f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+
+
+def best_time(fn, reps):
+    """For benchmarks: (best wall time in seconds over `reps` calls of fn(), the last result)."""
+    best, result = float("inf"), None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
 # --- data -----------------------------------------------------------------------------------
 
 DATASETS = {  # in_shape, classes, normalisation mean / std per channel

@@ -34,16 +34,6 @@ out = "bench/results/huffman.json"  # where the figures are written
 SETTINGS = util.settings_from(globals())
 
 
-def best_time(fn, reps):
-    """(best wall time in seconds over `reps` calls, the last result)."""
-    best, result = float("inf"), None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
 def compiled_encode(stream, n):
     lengths = huffman.code_lengths(np.bincount(stream, minlength=n))
     data, nbits = huffman.encode(stream, lengths)
@@ -85,16 +75,16 @@ def main(cfg):
     data, nbits, lengths = compiled_encode(stream, n)
     huffman.decode(data, nbits, len(stream), lengths)
     first_call = time.perf_counter() - t0  # numba compile, or loading its on-disk cache
-    t_enc, (data, nbits, lengths) = best_time(lambda: compiled_encode(stream, n), cfg["repeats"])
-    t_dec, decoded = best_time(lambda: huffman.decode(data, nbits, len(stream), lengths), cfg["repeats"])
+    t_enc, (data, nbits, lengths) = util.best_time(lambda: compiled_encode(stream, n), cfg["repeats"])
+    t_dec, decoded = util.best_time(lambda: huffman.decode(data, nbits, len(stream), lengths), cfg["repeats"])
     assert np.array_equal(decoded, stream), "compiled decoder lost the stream"
 
     codes = huffman.canonical_codes(lengths)
     table = {s: format(int(codes[s]), f"0{lengths[s]}b") for s in range(n) if lengths[s]}
     inverse = {code: s for s, code in table.items()}
     as_list = stream.tolist()
-    b_enc, (py_data, py_bits) = best_time(lambda: python_encode(as_list, table), cfg["baseline_repeats"])
-    b_dec, py_decoded = best_time(lambda: python_decode(py_data, py_bits, inverse), cfg["baseline_repeats"])
+    b_enc, (py_data, py_bits) = util.best_time(lambda: python_encode(as_list, table), cfg["baseline_repeats"])
+    b_dec, py_decoded = util.best_time(lambda: python_decode(py_data, py_bits, inverse), cfg["baseline_repeats"])
     assert py_bits == nbits and py_data == data.tobytes(), "the two encoders disagree"
     assert py_decoded == as_list, "plain Python decoder lost the stream"
 

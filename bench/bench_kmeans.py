@@ -16,7 +16,6 @@ Other processes on the machine slow every entry; the load average is recorded wi
 """
 import os
 import sys
-import time
 
 import numpy as np
 import sklearn
@@ -50,16 +49,6 @@ def pruned_weights(n, std, threshold, seed):
     return keep[:n]
 
 
-def best_time(fn, reps):
-    """(best wall time in seconds over `reps` calls, the last result)."""
-    best, result = float("inf"), None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
 def inertia(x, centroids, labels):
     """Within-cluster sum of squares in float64. x: (n,), centroids: (k,), labels: (n,)."""
     return float(((x.astype(np.float64) - np.asarray(centroids, dtype=np.float64)[labels]) ** 2).sum())
@@ -80,11 +69,11 @@ def main(cfg):
     load_before = os.getloadavg()
 
     kmeans_1d(tensor, cfg["k"])  # warm-up (first-call allocations)
-    t_ours, (c, labels) = best_time(lambda: kmeans_1d(tensor, cfg["k"], init="linear"), cfg["repeats"])
+    t_ours, (c, labels) = util.best_time(lambda: kmeans_1d(tensor, cfg["k"], init="linear"), cfg["repeats"])
     c, labels = c.numpy(), labels.numpy()
     rows = {"kmeans_1d": dict(seconds=t_ours, inertia=inertia(x, c, labels), clusters=len(np.unique(labels)))}
     for name, tol in (("sklearn", 1e-4), ("sklearn_tol0", 0.0)):
-        t, (sc, slabels, n_iter) = best_time(lambda: sklearn_kmeans(x, init, tol), cfg["baseline_repeats"])
+        t, (sc, slabels, n_iter) = util.best_time(lambda: sklearn_kmeans(x, init, tol), cfg["baseline_repeats"])
         rows[name] = dict(seconds=t, inertia=inertia(x, sc, slabels), clusters=len(np.unique(slabels)),
                           iterations=int(n_iter), tol=tol)
 

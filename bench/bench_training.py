@@ -10,7 +10,6 @@ Prints the table and writes bench/results/training.json.
 """
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -54,19 +53,13 @@ def dataloader(root, batch_size, workers):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)
 
 
-def time_epoch(net, batches, reps):
-    """Best wall time of `reps` training epochs (Adam, cross-entropy), in seconds."""
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for xb, yb in batches:
-            loss = nn.functional.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def train_epoch(net, batches, opt):
+    """One training epoch (cross-entropy), as util.fit runs it minus the bookkeeping."""
+    for xb, yb in batches:
+        loss = nn.functional.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def main(cfg):
@@ -81,7 +74,8 @@ def main(cfg):
     }
     seconds = {}
     for name, (net, batches) in runs.items():
-        seconds[name] = time_epoch(net, batches, cfg["epochs"])
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        seconds[name] = util.best_time(lambda: train_epoch(net, batches, opt), cfg["epochs"])[0]
         print(f"{name:38} {seconds[name]:7.2f} s / epoch", flush=True)
     names = list(runs)
     result = dict(model=cfg["model"], images=len(train.y), batch_size=cfg["batch_size"],

@@ -5,6 +5,11 @@ A masked layer keeps a `mask` buffer of the weight's shape and computes with `we
 so a pruned connection contributes nothing and, by the chain rule, receives a zero gradient.
 Pruning also zeroes the stored weight, so with any optimizer whose update is zero for a zero
 weight with zero gradient (SGD with momentum and weight decay, Adam, AdamW) it stays exactly 0.
+
+Dynamic network surgery (Guo, Yao & Chen 2016, "Dynamic Network Surgery for Efficient DNNs")
+instead keeps the pruned weights and lets them train (`splice`): the forward pass still uses
+weight * mask, but the gradient reaches every weight, and the mask is recomputed from the
+magnitudes as training goes, so a connection pruned by mistake can grow back.
 """
 import fnmatch
 
@@ -13,26 +18,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def masked_weight(layer):
+    """The weight a masked layer computes with: weight * mask. With layer.splice set (dynamic
+    network surgery) the value is the same but the gradient is the identity (a straight-through
+    estimator, Guo et al. 2016 eq. 4), so pruned weights keep learning and may return."""
+    w = layer.weight
+    if layer.splice:
+        return w + (w * (layer.mask - 1)).detach()  # exactly w where mask is 1 and 0 where it is 0
+    return w * layer.mask
+
+
 class MaskedLinear(nn.Linear):
     """nn.Linear whose weight (out, in) is multiplied by a 0/1 `mask` buffer of the same shape."""
+    splice = False  # True while dynamic network surgery retrains the layer
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.register_buffer("mask", torch.ones_like(self.weight))
 
     def forward(self, x):  # x: (N, *, in) -> (N, *, out)
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, masked_weight(self), self.bias)
 
 
 class MaskedConv2d(nn.Conv2d):
     """nn.Conv2d whose weight (out, in/groups, kh, kw) is multiplied by a 0/1 `mask` buffer."""
+    splice = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("mask", torch.ones_like(self.weight))
 
     def forward(self, x):  # x: (N, C, H, W)
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
+        return self._conv_forward(x, masked_weight(self), self.bias)
 
 
 MASKED = (MaskedLinear, MaskedConv2d)
@@ -163,4 +180,40 @@ def prune_global(model, q, which="all"):
     return {name: t for name, _ in layers}
 
 
-PRUNE_METHODS = {"std": prune_by_std, "percentile": prune_by_percentile, "global": prune_global}
+def prune_dns(model, sensitivity, which="all"):
+    """Start dynamic network surgery (Guo et al. 2016): per layer, threshold t = std(survivors)
+    x sensitivity as for prune_by_std, and mask = |w| >= t, but the weights are kept and the
+    layers splice (see masked_weight) until finish_surgery. Returns {layer name: t}."""
+    out = {}
+    for name, m in masked_layers(model, which):
+        out[name] = std_threshold(m.weight.detach(), m.mask, layer_value(sensitivity, name, layer_kind(m)))
+        with torch.no_grad():
+            m.mask.mul_((m.weight.abs() >= out[name]).to(m.mask.dtype))
+        m.splice = True
+    return out
+
+
+def surgery_step(model, thresholds, band=0.1):
+    """One mask update of dynamic network surgery (Guo et al. 2016 eq. 3, with their
+    hysteresis): a weight whose magnitude falls below (1 - band) t is pruned, one that rises
+    above (1 + band) t is spliced back, one in between keeps its state. The band stops weights
+    near the threshold from flickering in and out. thresholds: {layer name: t}."""
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name, t in thresholds.items():
+            m = layers[name]
+            a = m.weight.abs()
+            m.mask.copy_(torch.where(a < (1 - band) * t, 0.0, torch.where(a > (1 + band) * t, 1.0, m.mask)))
+
+
+def finish_surgery(model):
+    """End dynamic network surgery: zero the weights the masks prune (the outputs do not
+    change) and stop splicing, so from here on pruned weights stay exactly 0."""
+    for _, m in masked_layers(model):
+        with torch.no_grad():
+            m.weight.mul_(m.mask)
+        m.splice = False
+
+
+PRUNE_METHODS = {"std": prune_by_std, "percentile": prune_by_percentile, "global": prune_global,
+                 "dns": prune_dns}

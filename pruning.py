@@ -6,6 +6,7 @@ train a network, prune its small-magnitude connections, retrain the survivors.
 Writes {out_dir}/{model}_initial.pt (dense, trained), {out_dir}/{model}_pruned.pt (pruned and
 retrained, the input of quantization.py) and {out_dir}/{model}_pruned.json.
 """
+import functools
 import os
 import time
 
@@ -13,7 +14,7 @@ import torch
 
 import util
 from models import MODELS, build_model
-from prune import PRUNE_METHODS, masked_layers
+from prune import PRUNE_METHODS, finish_surgery, masked_layers, surgery_step
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18
@@ -26,6 +27,7 @@ batch_size = 128            # training minibatch
 test_batch_size = 1000      # evaluation minibatch
 val_split = 0.1             # fraction of the training set held out for per-epoch validation
 subset = 0                  # use only this many train and test images (0 = all); for quick runs
+init_from = ""              # a {model}_initial.pt to prune instead of training anew ('' = train; epochs unused)
 epochs = 20                 # dense training epochs
 lr = 1e-3                   # dense training learning rate
 retrain_epochs = 20         # retraining epochs after each pruning step
@@ -34,10 +36,12 @@ weight_decay = 5e-5         # L2 penalty (Han 2015 section 3.1: L2 + retraining 
 optimizer = "adam"          # adam | sgd (momentum 0.9, Nesterov)
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
 prune_method = "std"        # std (threshold = sensitivity x std) | percentile (per layer) | global
+                            # | dns (std threshold, masks re-evaluated every step: pruned weights can return)
 prune_layers = "all"        # all (convs and fcs, as the paper) | fc | conv
 sensitivity = {"*": 1.9}    # std: threshold = sensitivity x std of the layer's surviving weights
 percent = {"*": 90.0}       # percentile / global: percent of surviving weights pruned per iteration
 prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
+dns_band = 0.1              # dns: weights within +-band x threshold keep their mask state (Guo et al. 2016)
 seed = 0                    # torch seed (weights, batch order)
 device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -63,11 +67,14 @@ def check_settings(cfg):
         util.require(cfg[key] >= (1 if "batch" in key else 0), f"{key} must be positive, got {cfg[key]}")
     util.require(cfg["model"] == "resnet18" or not (cfg["pretrained"] or cfg["cifar_stem"]),
                  "pretrained and cifar_stem apply to resnet18 only")
+    util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
+    util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
+                 f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
 
 
 def prune(net, cfg):
     """One pruning step with the configured rule. Returns {layer name: threshold}."""
-    amount = cfg["sensitivity"] if cfg["prune_method"] == "std" else cfg["percent"]
+    amount = cfg["sensitivity"] if cfg["prune_method"] in ("std", "dns") else cfg["percent"]
     if cfg["prune_method"] == "global":
         amount = amount["*"]
     return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"])
@@ -105,19 +112,37 @@ def main(cfg):
         print(f"--- {header} ---")
         print(util.layer_table(util.layer_stats(net)))
 
-    # 1. Train the dense network (Han 2015 section 3, step 1: learn which connections matter).
-    history["train"] = util.fit(net, net.parameters(), train, val, cfg["epochs"], cfg["lr"], label="train", **train_kw)
+    # 1. Train the dense network (Han 2015 section 3, step 1: learn which connections matter),
+    # or take one trained before: sensitivity scans and pruning recipes then share it.
+    if cfg["init_from"]:
+        initial = util.load_checkpoint(cfg["init_from"], "initial", dev,
+                                       "give init_from a {model}_initial.pt written by pruning.py")
+        util.require(initial["model"] == model_args,
+                     f"{cfg['init_from']} holds {initial['model']}, not the {model_args} these settings build")
+        net.load_state_dict(initial["state_dict"])
+        print(f"dense network from {cfg['init_from']}")
+    else:
+        history["train"] = util.fit(net, net.parameters(), train, val, cfg["epochs"], cfg["lr"], label="train",
+                                    **train_kw)
     report("Before pruning", "initial")
-    util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg, {"accuracy": dict(accuracy)})
+    if not cfg["init_from"]:
+        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg, {"accuracy": dict(accuracy)})
 
     # 2-3. Prune the small weights, then retrain the survivors with the masks fixed; iterating
     # with the threshold recomputed on the survivors prunes further each cycle (section 3.3).
+    # Dynamic network surgery instead re-evaluates the masks after every step of retraining.
     for it in range(1, cfg["prune_iterations"] + 1):
-        for name, t in prune(net, cfg).items():
+        thresholds = prune(net, cfg)
+        for name, t in thresholds.items():
             print(f"Pruning with threshold : {t} for layer {name}")
         report("After pruning" + (f" (iteration {it})" if cfg["prune_iterations"] > 1 else ""), "pruned")
+        surgery = None
+        if cfg["prune_method"] == "dns":
+            surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"])
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
-                                           cfg["retrain_lr"], label=f"retrain{it}", **train_kw)
+                                           cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw)
+        if surgery:
+            finish_surgery(net)
         report("After Retraining", "retrained")
 
     stats = util.layer_stats(net)

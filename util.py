@@ -249,10 +249,12 @@ def make_optimizer(name, params, lr, weight_decay):
 
 
 def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", schedule="cosine",
-        label="train"):
+        label="train", after_step=None):
     """Train `params` of `model` for `epochs`, printing one summary line per epoch.
 
-    schedule: 'cosine' (to 0 over the run) or 'constant'. Returns the history
+    schedule: 'cosine' (to 0 over the run) or 'constant'. after_step: called with no
+    arguments after every optimizer step (dynamic network surgery updates its masks there).
+    Returns the history
     [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
     require(schedule in ("cosine", "constant"), f"unknown lr schedule {schedule!r}; use cosine or constant")
     opt = make_optimizer(optimizer, params, lr, weight_decay)
@@ -271,6 +273,8 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
             loss.backward()
             opt.step()
             sched.step()
+            if after_step is not None:
+                after_step()
             loss_sum += loss.item() * len(yb)
             correct += (out.argmax(1) == yb).sum().item()
             seen += len(yb)
@@ -286,8 +290,12 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
 # --- the per-layer table of the original run ------------------------------------------------
 
 def layer_stats(model):
-    """[{name, shape, total, nonzero}] for every parameter, in state-dict order."""
-    return [dict(name=n, shape=list(p.shape), total=p.numel(), nonzero=int((p != 0).sum()))
+    """[{name, shape, total, nonzero}] for every parameter, in state-dict order. A masked
+    layer's weight counts as weight * mask (during dynamic network surgery the pruned
+    weights are kept but do not compute)."""
+    masks = {f"{n}.weight": m.mask for n, m in model.named_modules() if isinstance(getattr(m, "mask", None), torch.Tensor)}
+    return [dict(name=n, shape=list(p.shape), total=p.numel(),
+                 nonzero=int((p * masks[n] != 0).sum() if n in masks else (p != 0).sum()))
             for n, p in model.named_parameters()]
 
 

@@ -64,6 +64,47 @@ def test_per_layer_percentile_and_layer_value_precedence():
     assert prune.layer_value(0.5, "anything", "fc") == 0.5
 
 
+def test_surgery_step_known_answer_with_hysteresis():
+    layer = MaskedLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.05, 0.105, 0.095, -0.2]]))
+        layer.mask.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    model = nn.Sequential(layer)
+    prune.surgery_step(model, {"0": 0.1}, band=0.1)
+    # below 0.09: pruned; inside 0.09..0.11: unchanged; above 0.11 (in magnitude): spliced back
+    assert layer.mask.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    assert layer.weight.tolist()[0] == pytest.approx([0.05, 0.105, 0.095, -0.2])  # surgery keeps weights
+
+
+def test_dns_splices_gradients_and_finishes_with_exact_zeros():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(6, 3))
+    layer = model[0]
+    thresholds = prune.prune_dns(model, 1.0)
+    pruned = layer.mask == 0
+    assert pruned.any() and layer.splice and (layer.weight[pruned] != 0).all()  # kept, not zeroed
+    x = torch.randn(5, 6)
+    expected = x @ (layer.weight * layer.mask).T + layer.bias
+    out = model(x)
+    assert torch.equal(out, expected)  # computes with weight * mask exactly
+    out.sum().backward()
+    assert (layer.weight.grad[pruned] != 0).all()  # straight-through: pruned weights still learn
+    layer.weight.grad = None
+    prune.finish_surgery(model)
+    assert not layer.splice and (layer.weight[pruned] == 0).all()
+    model(x).sum().backward()
+    assert (layer.weight.grad[pruned] == 0).all()  # after surgery they stay pruned
+    assert set(thresholds) == {"0"} and thresholds["0"] > 0
+
+
+def test_layer_stats_count_the_mask():
+    layer = MaskedLinear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.mask.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert util.layer_stats(nn.Sequential(layer))[0]["nonzero"] == 1
+
+
 def test_prune_layers_fc_leaves_convs_dense():
     net = build_model("lenet5")
     prune.prune_by_std(net, 1.0, "fc")
@@ -263,12 +304,39 @@ def test_pruning_script_end_to_end(fake_mnist, tmp_path):
     assert os.path.isfile(out / "lenet5_initial.pt")
 
 
+def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
+    dense = tmp_path / "dense"
+    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400", "--epochs=2",
+                   "--retrain_epochs=1", "--lr=0.01")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "dns"
+    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
+                   f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns", "--sensitivity=1.0",
+                   "--retrain_epochs=2", "--retrain_lr=0.01", "--optimizer=sgd")
+    assert r.returncode == 0, r.stderr
+    assert "dense network from" in r.stdout and not (out / "lenet_300_100_initial.pt").exists()
+    first = json.loads((dense / "lenet_300_100_pruned.json").read_text())
+    summary = json.loads((out / "lenet_300_100_pruned.json").read_text())
+    assert summary["accuracy"]["initial"] == first["accuracy"]["initial"]  # the same dense network
+    assert "train" not in summary["history"]
+    ckpt = util.load_checkpoint(str(out / "lenet_300_100_pruned.pt"), "pruned", torch.device("cpu"), "")
+    state = ckpt["state_dict"]
+    for layer in ("fc1", "fc2", "fc3"):
+        w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
+        assert torch.equal(w != 0, m == 1) and 0 < m.mean() < 0.6  # surgery ended: zeros exactly where pruned
+    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={out}", "--model=lenet5",
+                   f"--init_from={dense}/lenet_300_100_initial.pt", timeout=120)
+    assert r.returncode == 2 and "not the" in r.stderr and "lenet5" in r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model=vgg"], "unknown model 'vgg'"),
     (["--dataset=imagenet"], "unknown dataset 'imagenet'"),
     (["--sensitivty=1"], "unknown setting 'sensitivty'; valid settings: model, dataset"),
     (["--epochs=ten"], "setting epochs expects int"),
     (["--sensitivity=-0.5"], "sensitivity must be >= 0"),
+    (["--prune_method=dns", "--dns_band=1.5"], "dns_band must be in [0, 1)"),
+    (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     (["--data_root=/nonexistent/dir"], "mnist train set not found under /nonexistent/dir"),
 ])
 def test_pruning_script_bad_input(tmp_path, args, message):

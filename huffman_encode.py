@@ -10,7 +10,8 @@ decodes it, checks every tensor against the checkpoint, tests both models and wr
 {out_dir}/{model}_compressed.json. Decode mode rebuilds a model from a .dc file alone (no
 checkpoint needed), tests it and saves it as {out_dir}/{model}_decoded.pt.
 
-File format, version 1 (integers little-endian; no pickle anywhere):
+File format, version 2 (integers little-endian; no pickle anywhere; version 1 is version 2
+without 'T' sections, and is read too):
 
     file     = MAGIC (8 bytes) | version u16 | section ... | end section
     section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
@@ -18,6 +19,10 @@ File format, version 1 (integers little-endian; no pickle anywhere):
                clusters}}, "data": {dataset, subset, test_batch_size}, "settings": {index_bits}};
                always the first section
     'R'      = a tensor stored raw: name | dtype u8 | ndim u8 | dims u32... | the raw bytes
+    'T'      = a tensor stored as a table of its distinct values (bit patterns) and a Huffman-coded
+               index into it per element, when that is smaller than 'R' (biases shared by
+               quantization.py's bias_bits): name | dtype u8 | ndim u8 | dims u32... |
+               k u32 | k values, raw | index stream (numel symbols)
     'Q'      = a pruned, quantized layer L (it rebuilds L.codebook, L.index and L.mask):
                name | index dtype u8 | mask dtype u8 | ndim u8 | dims u32... |
                k u32 | codebook k x float32 | span bits b u8 | non-zeros u32 | entries u32 |
@@ -28,7 +33,7 @@ File format, version 1 (integers little-endian; no pickle anywhere):
                (canonical Huffman, see huffman.py)
 
 Sections follow the model's state-dict order: the quantized layer L takes the place of
-L.weight, and every other tensor (biases, batch-norm, unquantized layers) is an 'R'.
+L.weight, and every other tensor (biases, batch-norm, unquantized layers) is an 'R' or a 'T'.
 Relative index (paper Fig. 2): a gap symbol s in 1..2**b-1 puts the next non-zero s places
 after the previous one (the first counts from position -1); the filler symbol 0 moves
 2**b-1 places and carries no weight, so it costs no cluster index. Positions are those of
@@ -62,7 +67,8 @@ decode = ""                 # path of a .dc file: rebuild and test the model fro
 SETTINGS = util.settings_from(globals())
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 1
+VERSION = 2
+READS = (1, 2)                # the versions this reader decodes
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,  # code = position in this list
@@ -237,8 +243,8 @@ def _read_stream(r, count, alphabet):
 class _Reader:
     """Reads a payload front to back; every read is checked against the bytes left."""
 
-    def __init__(self, buf):
-        self.buf, self.pos = memoryview(buf), 0
+    def __init__(self, buf, kind=""):
+        self.buf, self.pos, self.kind = memoryview(buf), 0, kind
 
     def take(self, n):
         if n > len(self.buf) - self.pos:
@@ -292,6 +298,40 @@ def _raw_payload(name, t):
         raise util.UserError(f"{name}: dtype {t.dtype} cannot be stored (supported: {DTYPES})")
     data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return _name(name) + struct.pack("<B", DTYPES.index(t.dtype)) + _dims(t.shape) + data
+
+
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # bit patterns by item size
+
+
+def _tabled_payload(name, t):
+    """The payload of tensor `name` as a table of its distinct bit patterns (so -0.0, 0.0 and
+    NaNs stay what they are) and a Huffman-coded index per element, or None when the tensor
+    has more distinct values than a code can hold."""
+    if t.dtype not in DTYPES or t.numel() == 0:
+        return None
+    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().view(UINT[t.dtype.itemsize])
+    table, ids = np.unique(flat, return_inverse=True)
+    if len(table) > huffman.MAX_ALPHABET:
+        return None
+    stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
+    return (_name(name) + struct.pack("<B", DTYPES.index(t.dtype)) + _dims(t.shape)
+            + struct.pack("<I", len(table)) + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
+
+
+def _read_tabled(r, name, shape):
+    """Decode the tabled tensor `name` of shape `shape` -> {name: tensor}."""
+    if r.name() != name:
+        raise ValueError(f"holds another tensor where {name} belongs")
+    dtype = r.dtype(DTYPES)
+    numel = math.prod(r.shape(shape))
+    k = r.unpack("<I")[0]
+    if not 1 <= k <= min(numel, huffman.MAX_ALPHABET):
+        raise ValueError(f"a table of {k} values for {numel} elements")
+    table = np.frombuffer(r.take(k * dtype.itemsize), np.dtype(UINT[dtype.itemsize]).newbyteorder("<"))
+    ids = _read_stream(r, numel, k)
+    r.done()
+    values = table[ids].astype(UINT[dtype.itemsize])
+    return {name: torch.from_numpy(values.view(np.uint8).copy()).view(dtype).reshape(shape)}
 
 
 def _read_raw(r, name, shape):
@@ -408,9 +448,12 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None):
         else:
             t = state_dict[name]
             util.require(tuple(t.shape) == shape, f"{name}: shape {tuple(t.shape)} where the model has {shape}")
-            payload = _raw_payload(name, t)
-            row = dict(name=name, kind="raw", shape=list(shape), params=t.numel(), dtype=str(t.dtype).split(".")[-1],
-                       bytes=len(payload) + FRAME, dense_bytes=4 * t.numel() if name in params else 0)
+            payload, tabled = _raw_payload(name, t), _tabled_payload(name, t)
+            if tabled is not None and len(tabled) < len(payload):
+                kind, payload = "T", tabled
+            row = dict(name=name, kind="raw" if kind == "R" else "tabled", shape=list(shape), params=t.numel(),
+                       dtype=str(t.dtype).split(".")[-1], bytes=len(payload) + FRAME,
+                       dense_bytes=4 * t.numel() if name in params else 0)
         parts.append(_section(kind, payload))
         rows.append(row)
     parts.append(_section("E", struct.pack("<I", len(sections) + 1)))
@@ -433,8 +476,8 @@ def decode_bytes(blob):
     if len(blob) < len(MAGIC) + 2:
         raise FormatError(f"file of {len(blob)} bytes ends inside its magic bytes and version: truncated")
     version = struct.unpack_from("<H", blob, len(MAGIC))[0]
-    if version != VERSION:
-        raise FormatError(f"file format version {version}, but this reader knows version {VERSION} only")
+    if version not in READS:
+        raise FormatError(f"file format version {version}, but this reader knows versions {READS} only")
     pos, index = len(MAGIC) + 2, 0
 
     def next_section(what):
@@ -455,9 +498,9 @@ def decode_bytes(blob):
     def parse(what, want, fn):
         got, payload = next_section(what)
         try:
-            if got != want:
-                raise ValueError(f"a section of kind {got!r} where {want!r} belongs")
-            return fn(_Reader(payload))
+            if got not in want or (got == "T" and version < 2):
+                raise ValueError(f"a section of kind {got!r} where {' or '.join(map(repr, want))} belongs")
+            return fn(_Reader(payload, got))
         except ValueError as e:
             raise FormatError(f"section {index - 1} ({what}): {e}") from None
 
@@ -468,9 +511,12 @@ def decode_bytes(blob):
         raise FormatError(f"section 0 (header): {e}") from None
     state = {}
     for kind, name, shape, clusters in sections:
-        read = (functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters) if kind == "Q"
-                else functools.partial(_read_raw, name=name, shape=shape))
-        state.update(parse(name, kind, read))
+        if kind == "Q":
+            state.update(parse(name, "Q", functools.partial(_read_quantized, name=name, shape=shape,
+                                                            clusters=clusters)))
+        else:
+            state.update(parse(name, ("R", "T"), lambda r, name=name, shape=shape: (
+                _read_tabled if r.kind == "T" else _read_raw)(r, name, shape)))
     end = parse("end marker", "E", _end)
     if end != index - 1 or pos != len(blob):
         raise FormatError(f"end marker counts {end} sections where {index - 1} precede it, "
@@ -540,7 +586,7 @@ def byte_table(report, size):
     """Where every byte of the file went, as one string: a row per quantized layer, the raw
     tensors, the header, and the total line."""
     q = [r for r in report["layers"] if r["kind"] == "quantized"]
-    raw = [r for r in report["layers"] if r["kind"] == "raw"]
+    raw = [r for r in report["layers"] if r["kind"] != "quantized"]
     w = max([6] + [len(r["name"]) + 1 for r in q])
     lines = [f"{'layer':<{w}}| {'non-zeros':^19} | weight bits  | span | index bits   | codebook | weights  "
              f"| indices  |  total   | ratio",
@@ -555,7 +601,8 @@ def byte_table(report, size):
     lines += [
         "(bits per non-zero; index bits count the fillers; weights and indices include their code tables; "
         "the rest of a total is name, shape, counts and section framing with CRC)",
-        f"raw tensors (biases, batch-norm, unquantized): {len(raw)} tensors, {sum(r['bytes'] for r in raw)} bytes; "
+        f"other tensors (biases, batch-norm, unquantized): {len(raw)} tensors "
+        f"({sum(r['kind'] == 'tabled' for r in raw)} as value tables), {sum(r['bytes'] for r in raw)} bytes; "
         f"header, format version and end marker: {report['header_bytes']} bytes",
         f"dense float32: {report['dense_bytes']} bytes -> compressed file: {size} bytes "
         f"({report['dense_bytes'] / size:.1f} x)"]
@@ -585,7 +632,9 @@ def encode_main(cfg, dev):
     data = dict(dataset=p["dataset"], subset=p["subset"], test_batch_size=p["test_batch_size"])
 
     t0 = time.time()
-    blob, report = encode_model(ckpt["state_dict"], ckpt["model"], ckpt["quantized"], cfg["index_bits"],
+    # The decoder needs each layer's codebook size only; stage 2's other notes stay in its JSON.
+    quantized = {name: dict(bits=q["bits"], clusters=q["clusters"]) for name, q in ckpt["quantized"].items()}
+    blob, report = encode_model(ckpt["state_dict"], ckpt["model"], quantized, cfg["index_bits"],
                                 info=dict(data=data, settings=dict(index_bits=cfg["index_bits"])))
     path = stem + ".dc"
     util.write_bytes(path, blob)
@@ -601,7 +650,7 @@ def encode_main(cfg, dev):
         raise RuntimeError(f"decoded tensors differ from {stem}_quantized.pt: {differ}")
     print(f"decoded {path}: all {len(state)} tensors equal the quantized checkpoint's bit for bit")
 
-    decoded_net = build_quantized_model(ckpt["model"], ckpt["quantized"])
+    decoded_net = build_quantized_model(ckpt["model"], quantized)
     decoded_net.load_state_dict(state)
     test = _test_set(data, cfg["data_root"] or ckpt["settings"]["data_root"], dev)
     print("--- quantized checkpoint ---")

@@ -222,7 +222,8 @@ def test_intact_file_decodes(small_file):
 
 def test_wrong_magic_and_version(small_file):
     fails(b"PK\x03\x04" + small_file[4:], "magic")
-    fails(small_file[:8] + struct.pack("<H", 2) + small_file[10:], "version 2")
+    fails(small_file[:8] + struct.pack("<H", 3) + small_file[10:], "version 3")
+    fails(small_file[:8] + struct.pack("<H", 0) + small_file[10:], "version 0")
     fails(b"", "truncated")
 
 
@@ -290,6 +291,41 @@ def test_hostile_counts_are_rejected_before_allocating(small_file):
     fails(rebuild(small_file, {1: bytes(bad_code)}), "exceeds|Kraft")
 
 
+def shared_biases(state):
+    """The state with each bias replaced by a few shared values (as quantization.py's bias_bits
+    makes them), -0.0 and a NaN among them: bit patterns a table must keep apart."""
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".bias")]:
+        values = torch.tensor([0.0, -0.0, 0.25, -1.5, float("nan")])
+        state[key] = values[torch.arange(state[key].numel()) % 5]
+    return state
+
+
+def test_tabled_tensors_round_trip_and_pay():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL)
+    plain, plain_report = round_trip(state, args, quantized)
+    shared = shared_biases(state)
+    blob, report = round_trip(shared, args, quantized)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["fc1.bias"]["kind"] == "tabled" and rows["fc3.bias"]["kind"] == "raw"  # 10 values: raw is smaller
+    assert [k for _, k, _ in sections(blob)] == ["H", "Q", "T", "Q", "T", "Q", "R", "E"]
+    before = {r["name"]: r["bytes"] for r in plain_report["layers"]}
+    assert rows["fc1.bias"]["bytes"] < before["fc1.bias"] / 4  # 300 floats -> 5 codes of at most 3 bits
+    # A version-1 file cannot hold a table.
+    fails(blob[:8] + struct.pack("<H", 1) + blob[10:], "section 2 .*kind 'T'")
+
+
+def test_hostile_table_is_rejected():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL)
+    blob, _ = he.encode_model(shared_biases(state), args, quantized)
+    t = sections(blob)[2][2]
+    k_at = 2 + len("fc1.bias") + 1 + 1 + 4
+    assert struct.unpack_from("<I", t, k_at)[0] == 5
+    fails(rebuild(blob, {2: patch(t, k_at, "<I", 301)}), "table of 301 values")
+    fails(rebuild(blob, {2: patch(t, k_at, "<I", 0)}), "table of 0 values")
+    fails(rebuild(blob, {2: t[:-1]}), "needs")
+
+
 def test_decode_file_names_the_path(tmp_path, small_file):
     path = tmp_path / "cut.dc"
     path.write_bytes(small_file[:-3])
@@ -304,12 +340,13 @@ def test_stages_1_2_3_and_decode(tmp_path, fake_mnist, capsys):
     common = [f"--data_root={fake_mnist}", f"--out_dir={out}", "--device=cpu"]
     r = run_script("pruning.py", "--epochs=1", "--retrain_epochs=1", "--sensitivity=1.5", *common)
     assert r.returncode == 0, r.stderr
-    r = run_script("quantization.py", "--finetune_epochs=1", *common)
+    r = run_script("quantization.py", "--finetune_epochs=1", "--bias_bits=3", *common)
     assert r.returncode == 0, r.stderr
     r = run_script("huffman_encode.py", *common)
     assert r.returncode == 0, r.stderr
     assert "equal the quantized checkpoint's bit for bit" in r.stdout
     summary = json.load(open(os.path.join(out, "lenet_300_100_compressed.json")))
+    assert {r["name"] for r in summary["layers"] if r["kind"] == "tabled"} == {"fc1.bias", "fc2.bias"}
     path = summary["compressed_file"]
     assert summary["compressed_bytes"] == os.path.getsize(path) and summary["bit_exact"]
     assert summary["accuracy"]["decoded"] == summary["accuracy"]["quantized"]

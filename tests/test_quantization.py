@@ -251,6 +251,28 @@ def test_stage1_to_stage2_smoke(fake_mnist, stage1):
     assert 100 * correct / total == pytest.approx(summary["accuracy"]["finetuned"])
 
 
+def test_shared_biases_have_at_most_2_to_the_bias_bits_values(fake_mnist, stage1, tmp_path):
+    shutil.copy(os.path.join(stage1, "lenet_300_100_pruned.pt"), tmp_path)
+    r = run_script("quantization.py", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--finetune_epochs=0",
+                   "--bias_bits={'*': 2, 'fc3': 0}")
+    assert r.returncode == 0, r.stderr
+    assert "--- After sharing the biases ---" in r.stdout and "biases shared" in r.stdout
+    net, ckpt = load_quantized(str(tmp_path / "lenet_300_100_quantized.pt"), CPU)
+    pruned = util.load_checkpoint(str(tmp_path / "lenet_300_100_pruned.pt"), "pruned", CPU, "")["state_dict"]
+    for name in ("fc1", "fc2"):
+        distinct = torch.unique(net.state_dict()[f"{name}.bias"])
+        assert len(distinct) <= 4 and ckpt["quantized"][name]["bias_bits"] == 2
+        assert ckpt["quantized"][name]["bias_values"] == len(distinct)
+        # each shared value is the mean of the biases it replaced (a k-means centroid)
+        old, new = pruned[f"{name}.bias"], net.state_dict()[f"{name}.bias"]
+        for v in distinct:
+            assert v.item() == pytest.approx(old[new == v].mean().item(), abs=1e-6)
+    assert torch.equal(net.fc3.bias, pruned["fc3.bias"]) and "bias_bits" not in ckpt["quantized"]["fc3"]
+    summary = json.load(open(tmp_path / "lenet_300_100_quantized.json"))
+    _, test = util.load_data("mnist", fake_mnist, 64, 1000, 0.1, 400, CPU, 0)[1:]
+    assert 100 * util.evaluate(net, test)[1] / len(test.y) == pytest.approx(summary["accuracy"]["bias_shared"])
+
+
 def write_bad_stage(out_dir):
     """A {model}_pruned.pt that is really stage 1's 'initial' checkpoint."""
     net = build_model("lenet_300_100")
@@ -266,6 +288,7 @@ def write_bad_stage(out_dir):
     (["--init=uniform"], "unknown init 'uniform'; choose one of linear, density, random, kmeans++"),
     (["--bits={'fc1': 4}"], "bits: no value for layer 'fc2' (add a '*' default)"),
     (["--finetune_epochs=-1"], "finetune_epochs must be >= 0"),
+    (["--bias_bits=17"], "bias_bits must be 0 (float32 biases) or 1..16"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, stage1, capsys, args, message):
     out = str(tmp_path)

@@ -39,10 +39,13 @@ def row(folder, model):
     load = lambda stage: json.load(open(os.path.join(folder, f"{model}_{stage}.json")))
     p, q, c = load("pruned"), load("quantized"), load("compressed")
     s = p["settings"]
-    epochs = s["epochs"] + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
+    # A run that pruned a dense checkpoint trained elsewhere (init_from) did no dense epochs.
+    epochs = (0 if s.get("init_from") else s["epochs"]) + s["prune_iterations"] * s["retrain_epochs"] \
+        + q["settings"]["finetune_epochs"]
+    quantized = q["accuracy"].get("bias_shared", q["accuracy"]["finetuned"])
     return dict(model=model, folder=folder, params=p["params"]["total"],
                 error=dict(dense=100 - p["accuracy"]["initial"], pruned=100 - p["accuracy"]["retrained"],
-                           quantized=100 - q["accuracy"]["finetuned"], decoded=100 - c["accuracy"]["decoded"]),
+                           quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
                 alive=100 * p["params"]["nonzero"] / p["params"]["total"],
                 dense_bytes=c["dense_bytes"], compressed_bytes=c["compressed_bytes"], ratio=c["ratio"],
                 epochs=epochs, minutes=(p["seconds"] + q["seconds"] + c["encode_seconds"] + c["decode_seconds"]) / 60,
@@ -50,16 +53,29 @@ def row(folder, model):
 
 
 def table(rows, hardware):
+    """The README's results table. A row with 'seeds' > 1 holds means over seeds, and the
+    decoded error and the ratio carry their standard deviation."""
     lines = ["| model | parameters | test error: dense -> pruned -> quantized -> decoded | weights alive "
              "| dense bytes | compressed bytes | ratio | epochs | time | hardware |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        e = r["error"]
-        lines.append(f"| {r['model']} | {r['params']:,} | {e['dense']:.2f}% -> {e['pruned']:.2f}% -> "
-                     f"{e['quantized']:.2f}% -> **{e['decoded']:.2f}%** | {r['alive']:.2f}% | {r['dense_bytes']:,} "
-                     f"| {r['compressed_bytes']:,} | **{r['ratio']:.1f}x** | {r['epochs']} | {r['minutes']:.1f} min "
+        e, many = r["error"], r.get("seeds", 1) > 1
+        decoded = f"**{e['decoded']:.2f}% ± {r['error_sd']:.2f}**" if many else f"**{e['decoded']:.2f}%**"
+        ratio = f"**{r['ratio']:.1f}x ± {r['ratio_sd']:.1f}**" if many else f"**{r['ratio']:.1f}x**"
+        model = f"{r['model']} ({r['seeds']} seeds)" if many else r["model"]
+        lines.append(f"| {model} | {r['params']:,} | {e['dense']:.2f}% -> {e['pruned']:.2f}% -> "
+                     f"{e['quantized']:.2f}% -> {decoded} | {r['alive']:.2f}% | {r['dense_bytes']:,} "
+                     f"| {r['compressed_bytes']:,} | {ratio} | {r['epochs']} | {r['minutes']:.1f} min "
                      f"| {hardware} ({r['device']}) |")
     return "\n".join(lines)
+
+
+def replace_block(readme, text):
+    """Put `text` between the README's result markers."""
+    doc = open(readme).read()
+    util.require(BEGIN in doc and END in doc, f"{readme} has no {BEGIN} ... {END} block")
+    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
+    util.write_bytes(readme, doc.encode())
 
 
 def main(cfg):
@@ -72,10 +88,7 @@ def main(cfg):
     print(text)
     util.write_json(cfg["out"], dict(rows=rows, hardware=cfg["hardware"] or this_machine()))
     if cfg["readme"]:
-        doc = open(cfg["readme"]).read()
-        util.require(BEGIN in doc and END in doc, f"{cfg['readme']} has no {BEGIN} ... {END} block")
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
-        util.write_bytes(cfg["readme"], doc.encode())
+        replace_block(cfg["readme"], text)
         print(f"updated {cfg['readme']}")
 
 

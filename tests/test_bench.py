@@ -1,0 +1,74 @@
+"""The research scripts under bench/: the sensitivity scan, the one-command pipeline with its
+results table, and the figures."""
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import util
+from conftest import ROOT
+from models import build_model
+from prune import to_masked
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import pipeline  # noqa: E402
+import plots  # noqa: E402
+import sensitivity  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_sensitivity_scan_curves(fake_mnist):
+    torch.manual_seed(0)
+    train, val, _ = util.load_data("mnist", fake_mnist, 64, 1000, 0.1, 400, CPU, 0)
+    net = to_masked(build_model("lenet_300_100"))
+    util.fit(net, net.parameters(), train, val, 1, 1e-2, weight_decay=0.0)
+    before = copy.deepcopy(net.state_dict())
+    curves, base = sensitivity.sensitivity_scan(net, val, [0.0, 0.5, 1.0, 4.0])
+    assert list(curves) == ["fc1", "fc2", "fc3"]
+    for rows in curves.values():
+        assert rows[0]["alive"] == 1.0 and rows[0]["accuracy"] == base  # s = 0 prunes nothing
+        alive = [r["alive"] for r in rows]
+        assert alive == sorted(alive, reverse=True) and alive[-1] < 0.01  # 4 std: almost all pruned
+    assert curves["fc1"][-1]["accuracy"] < base  # and that costs accuracy
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the net is left as it was
+
+
+def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatch):
+    tiny = dict(pruning=dict(model="lenet_300_100", subset=400, epochs=1, retrain_epochs=1, lr=0.01,
+                             sensitivity={"*": 1.0}),
+                quantization=dict(model="lenet_300_100", bits={"*": 3}, bias_bits={"*": 2}, finetune_epochs=1),
+                huffman_encode=dict(model="lenet_300_100"))
+    monkeypatch.setattr(pipeline, "RECIPES", {"lenet_300_100": tiny})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{pipeline.BEGIN}\nold table\n{pipeline.END}\nrest\n")
+    out = tmp_path / "results.json"
+    util.run_stage(pipeline.main, pipeline.SETTINGS, [
+        "--models=['lenet_300_100']", "--seeds=2", "--jobs=2", f"--data_root={fake_mnist}",
+        f"--out_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--out={out}", "--hardware=test machine"])
+    results = json.loads(out.read_text())
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    for r in results["runs"]:
+        assert r["compressed_bytes"] == os.path.getsize(os.path.join(r["folder"], "lenet_300_100.dc"))
+        assert r["ratio"] == pytest.approx(r["dense_bytes"] / r["compressed_bytes"])
+        assert set(r["stage_seconds"]) == {"pruning", "quantization", "huffman_encode"}
+    row = results["rows"][0]
+    assert row["seeds"] == 2 and row["epochs"] == 1 + 1 + 1
+    assert row["error"]["decoded"] == pytest.approx(sum(r["error"]["decoded"] for r in results["runs"]) / 2)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old table" not in text
+    assert "| lenet_300_100 (2 seeds) | 266,610 |" in text and "test machine" in text
+
+    seed0 = results["runs"][0]["folder"]
+    util.run_stage(plots.main, plots.SETTINGS, [f"--run={seed0}", f"--out={tmp_path / 'plots'}"])
+    for name in ("lenet_300_100_weights.png", "lenet_300_100_bytes.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_rejects_an_unknown_model(capsys):
+    with pytest.raises(SystemExit):
+        util.run_stage(pipeline.main, pipeline.SETTINGS, ["--models=['vgg']"])
+    assert "no recipe for ['vgg']; choose from lenet_300_100" in capsys.readouterr().err

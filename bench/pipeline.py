@@ -2,10 +2,10 @@
 from the recipes below, for one or more seeds; then write bench/results/results.json and
 regenerate the README's results table from the stages' JSON summaries.
 
-    python bench/pipeline.py --data_root=../shared/data                     # every model, seed 0
-    python bench/pipeline.py --models="['lenet_300_100']" --seeds=3 --jobs=2
+    python bench/pipeline.py --data_root=../shared/data                     # every recipe, seed 0
+    python bench/pipeline.py --recipes="['lenet_300_100']" --seeds=3 --jobs=2
 
-Each run goes to {out_dir}/{model}/seed{N}/ with the three stages' checkpoints, JSON and logs
+Each run goes to {out_dir}/{recipe}/seed{N}/ with the three stages' checkpoints, JSON and logs
 (stage.log). The recipes are the settings that made the README's rows; each prints as the
 three shell commands it runs, so a row can be reproduced by hand too.
 """
@@ -24,10 +24,10 @@ import util  # noqa: E402
 from results_table import BEGIN, END, replace_block, row, table, this_machine  # noqa: E402
 
 # -----------------------------------------------------------------------------
-models = ["lenet_300_100", "lenet5_caffe", "lenet5"]  # which recipes to run (keys of RECIPES)
+recipes = ["lenet_300_100", "lenet5_caffe", "lenet5"]  # which recipes to run (keys of RECIPES)
 seeds = 1                   # runs per model, with seeds 0..seeds-1 (training and k-means)
 data_root = "data"          # folder holding MNIST/raw (downloaded into if absent)
-out_dir = "out/bench"       # runs go to {out_dir}/{model}/seed{N}
+out_dir = "out/bench"       # runs go to {out_dir}/{recipe}/seed{N}
 jobs = 1                    # pipelines run at once; each gets cores / jobs torch threads
 readme = "README.md"        # whose table between the result markers is replaced ('' = leave it)
 out = "bench/results/results.json"  # the rows, per seed and per model
@@ -43,31 +43,32 @@ RECIPES = {
     "lenet_300_100": dict(
         pruning=dict(model="lenet_300_100", **SGD, retrain_lr=0.005, prune_iterations=3,
                      sensitivity={"*": 0.8, "fc3": 0.5}),
-        quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}),
+        quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10,
+                          lr=3e-4),
         huffman_encode=dict(model="lenet_300_100")),
     "lenet5_caffe": dict(
-        pruning=dict(model="lenet5_caffe", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=3,
-                     sensitivity={"conv1": 0.3, "conv2": 0.8, "fc1": 1.0, "fc2": 0.6}),
-        quantization=dict(model="lenet5_caffe", bits={"conv": 6, "*": 4}, bias_bits={"*": 5}),
+        pruning=dict(model="lenet5_caffe", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=2,
+                     sensitivity={"conv1": 0.3, "conv2": 0.8, "fc1": 1.05, "fc2": 0.6}),
+        quantization=dict(model="lenet5_caffe", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
         huffman_encode=dict(model="lenet5_caffe")),
     "lenet5": dict(
-        pruning=dict(model="lenet5", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=3,
-                     sensitivity={"conv1": 0.3, "conv2": 0.8, "fc1": 1.0, "fc2": 0.6}),
-        quantization=dict(model="lenet5", bits={"conv": 6, "*": 4}, bias_bits={"*": 5}),
+        pruning=dict(model="lenet5", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=2,
+                     sensitivity={"conv1": 0.3, "conv": 0.8, "fc1": 1.05, "fc2": 0.6}),
+        quantization=dict(model="lenet5", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
         huffman_encode=dict(model="lenet5")),
 }
 STAGES = ("pruning", "quantization", "huffman_encode")
 
 
-def commands(model, seed, cfg):
-    """The three stage commands (argv lists, run from the repository root) of one run."""
-    folder = os.path.join(cfg["out_dir"], model, f"seed{seed}")
+def commands(recipe, seed, cfg):
+    """The three stage commands (argv lists) of one run of a recipe, and its folder."""
+    folder = os.path.join(cfg["out_dir"], recipe, f"seed{seed}")
     common = dict(out_dir=folder)
     per_stage = dict(pruning=dict(data_root=cfg["data_root"], seed=seed),
                      quantization=dict(data_root=cfg["data_root"], seed=seed), huffman_encode={})
     argv = []
     for stage in STAGES:
-        settings = {**RECIPES[model][stage], **per_stage[stage], **common}
+        settings = {**RECIPES[recipe][stage], **per_stage[stage], **common}
         script = os.path.relpath(os.path.join(ROOT, f"{stage}.py"))
         argv.append([sys.executable, script] + [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}"
                                                        for k, v in settings.items()])
@@ -80,10 +81,11 @@ def shell(argv):
     return " ".join(["python"] + [quote(a) for a in argv[1:]])
 
 
-def run_one(model, seed, cfg, threads):
-    """Run one model's pipeline for one seed; the stages' output goes to stage.log. Returns
+def run_one(recipe, seed, cfg, threads):
+    """Run one recipe's pipeline for one seed; the stages' output goes to stage.log. Returns
     the result row, with each stage's wall time."""
-    folder, argv = commands(model, seed, cfg)
+    folder, argv = commands(recipe, seed, cfg)
+    model = RECIPES[recipe]["pruning"]["model"]
     os.makedirs(folder, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     seconds = {}
@@ -95,24 +97,24 @@ def run_one(model, seed, cfg, threads):
             done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             seconds[stage] = round(time.time() - t0, 1)
             if done.returncode:
-                raise util.UserError(f"{model} seed {seed}: {stage}.py failed (exit {done.returncode}); "
+                raise util.UserError(f"{recipe} seed {seed}: {stage}.py failed (exit {done.returncode}); "
                                      f"see {os.path.join(folder, 'stage.log')}")
     r = row(folder, model)
-    print(f"{model} seed {seed}: error {r['error']['decoded']:.2f}% at {r['ratio']:.1f}x "
+    print(f"{recipe} seed {seed}: error {r['error']['decoded']:.2f}% at {r['ratio']:.1f}x "
           f"({r['compressed_bytes']:,} bytes), {sum(seconds.values()) / 60:.1f} min", flush=True)
-    return {**r, "seed": seed, "stage_seconds": seconds, "minutes": sum(seconds.values()) / 60}
+    return {**r, "recipe": recipe, "seed": seed, "stage_seconds": seconds, "minutes": sum(seconds.values()) / 60}
 
 
 def summarise(runs):
-    """One row per model from its seeds' rows: means, with the spread of the decoded error
+    """One row per recipe from its seeds' rows: means, with the spread of the decoded error
     and the ratio over seeds (sample standard deviation; 0 for one seed)."""
     out = []
-    for model in dict.fromkeys(r["model"] for r in runs):
-        rs = [r for r in runs if r["model"] == model]
+    for recipe in dict.fromkeys(r["recipe"] for r in runs):
+        rs = [r for r in runs if r["recipe"] == recipe]
         mean = lambda f: statistics.fmean(f(r) for r in rs)  # noqa: E731
         sd = lambda f: statistics.stdev(f(r) for r in rs) if len(rs) > 1 else 0.0  # noqa: E731
         out.append(dict(
-            model=model, seeds=len(rs), params=rs[0]["params"], device=rs[0]["device"],
+            model=rs[0]["model"], recipe=recipe, seeds=len(rs), params=rs[0]["params"], device=rs[0]["device"],
             error={k: mean(lambda r: r["error"][k]) for k in rs[0]["error"]},
             error_sd=sd(lambda r: r["error"]["decoded"]), alive=mean(lambda r: r["alive"]),
             dense_bytes=rs[0]["dense_bytes"], compressed_bytes=round(mean(lambda r: r["compressed_bytes"])),
@@ -122,13 +124,13 @@ def summarise(runs):
 
 
 def main(cfg):
-    unknown = [m for m in cfg["models"] if m not in RECIPES]
-    util.require(not unknown, f"no recipe for {unknown}; choose from {', '.join(RECIPES)}")
+    unknown = [m for m in cfg["recipes"] if m not in RECIPES]
+    util.require(not unknown, f"no recipe {unknown}; choose from {', '.join(RECIPES)}")
     util.require(cfg["seeds"] >= 1 and cfg["jobs"] >= 1, "seeds and jobs must be at least 1")
-    todo = [(m, s) for m in cfg["models"] for s in range(cfg["seeds"])]
-    for model, seed in todo:
-        print(f"# {model}, seed {seed}")
-        for cmd in commands(model, seed, cfg)[1]:
+    todo = [(m, s) for m in cfg["recipes"] for s in range(cfg["seeds"])]
+    for recipe, seed in todo:
+        print(f"# {recipe}, seed {seed}")
+        for cmd in commands(recipe, seed, cfg)[1]:
             print(shell(cmd))
     if cfg["dry_run"]:
         return
@@ -140,7 +142,7 @@ def main(cfg):
     text = table(rows, hw)
     print(text)
     util.write_json(cfg["out"], dict(rows=rows, runs=runs, hardware=hw, jobs=cfg["jobs"], threads=threads,
-                                     recipes={m: RECIPES[m] for m in cfg["models"]}))
+                                     recipes={m: RECIPES[m] for m in cfg["recipes"]}))
     if cfg["readme"]:
         replace_block(cfg["readme"], text)
     print(f"wrote {cfg['out']}" + (f" and the table in {cfg['readme']}" if cfg["readme"] else ""))

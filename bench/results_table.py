@@ -62,7 +62,8 @@ def table(rows, hardware):
         e, many = r["error"], r.get("seeds", 1) > 1
         decoded = f"**{e['decoded']:.2f}% ± {r['error_sd']:.2f}**" if many else f"**{e['decoded']:.2f}%**"
         ratio = f"**{r['ratio']:.1f}x ± {r['ratio_sd']:.1f}**" if many else f"**{r['ratio']:.1f}x**"
-        model = f"{r['model']} ({r['seeds']} seeds)" if many else r["model"]
+        name = r.get("recipe", r["model"])
+        model = f"{name} ({r['seeds']} seeds)" if many else name
         lines.append(f"| {model} | {r['params']:,} | {e['dense']:.2f}% -> {e['pruned']:.2f}% -> "
                      f"{e['quantized']:.2f}% -> {decoded} | {r['alive']:.2f}% | {r['dense_bytes']:,} "
                      f"| {r['compressed_bytes']:,} | {ratio} | {r['epochs']} | {r['minutes']:.1f} min "

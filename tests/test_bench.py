@@ -47,7 +47,7 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
     readme.write_text(f"intro\n{pipeline.BEGIN}\nold table\n{pipeline.END}\nrest\n")
     out = tmp_path / "results.json"
     util.run_stage(pipeline.main, pipeline.SETTINGS, [
-        "--models=['lenet_300_100']", "--seeds=2", "--jobs=2", f"--data_root={fake_mnist}",
+        "--recipes=['lenet_300_100']", "--seeds=2", "--jobs=2", f"--data_root={fake_mnist}",
         f"--out_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--out={out}", "--hardware=test machine"])
     results = json.loads(out.read_text())
     assert [r["seed"] for r in results["runs"]] == [0, 1]
@@ -70,5 +70,5 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
 
 def test_pipeline_rejects_an_unknown_model(capsys):
     with pytest.raises(SystemExit):
-        util.run_stage(pipeline.main, pipeline.SETTINGS, ["--models=['vgg']"])
-    assert "no recipe for ['vgg']; choose from lenet_300_100" in capsys.readouterr().err
+        util.run_stage(pipeline.main, pipeline.SETTINGS, ["--recipes=['vgg']"])
+    assert "no recipe ['vgg']; choose from lenet_300_100" in capsys.readouterr().err

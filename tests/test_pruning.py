@@ -304,6 +304,13 @@ def test_pruning_script_end_to_end(fake_mnist, tmp_path):
     assert os.path.isfile(out / "lenet5_initial.pt")
 
 
+def test_a_layer_without_a_sensitivity_is_one_line(fake_mnist, tmp_path):
+    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--subset=100",
+                   "--sensitivity={'fc1': 1.0}", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: sensitivity: no value for layer 'fc2' (add a '*' default)"
+    assert os.listdir(tmp_path) == []
+
+
 def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
     dense = tmp_path / "dense"
     r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400", "--epochs=2",

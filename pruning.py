@@ -26,6 +26,8 @@ cifar_stem = False          # resnet18: 3x3 stride-1 first conv, no max-pool (32
 batch_size = 128            # training minibatch
 test_batch_size = 1000      # evaluation minibatch
 val_split = 0.1             # fraction of the training set held out for per-epoch validation
+augment = "auto"            # training images: none | shift (up to 2 px) | crop_flip | auto (cifar10 crop_flip,
+                            # mnist none); stage 2 fine-tunes with the same
 subset = 0                  # use only this many train and test images (0 = all); for quick runs
 init_from = ""              # a {model}_initial.pt to prune instead of training anew ('' = train; epochs unused)
 epochs = 20                 # dense training epochs
@@ -67,6 +69,8 @@ def check_settings(cfg):
         util.require(cfg[key] >= (1 if "batch" in key else 0), f"{key} must be positive, got {cfg[key]}")
     util.require(cfg["model"] == "resnet18" or not (cfg["pretrained"] or cfg["cifar_stem"]),
                  "pretrained and cifar_stem apply to resnet18 only")
+    util.require(cfg["augment"] in ("auto",) + util.AUGMENTS,
+                 f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(util.AUGMENTS)}")
     util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
@@ -87,8 +91,8 @@ def main(cfg):
     torch.manual_seed(cfg["seed"])
     print(f"device: {util.describe_device(dev)}")
 
-    train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"],
-                                      cfg["test_batch_size"], cfg["val_split"], cfg["subset"], dev, cfg["seed"])
+    train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"], cfg["test_batch_size"],
+                                      cfg["val_split"], cfg["subset"], dev, cfg["seed"], cfg["augment"])
     print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
 
     # The last layer is fitted to the data set's classes when the model is built.

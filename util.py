@@ -120,14 +120,20 @@ DATASETS = {  # in_shape, classes, normalisation mean / std per channel
 SPLIT_SEED = 0  # the validation split and subsets are fixed, whatever the training seed
 
 
+AUGMENTS = ("none", "shift", "crop_flip")
+
+
 class Batches:
     """Minibatches from in-memory tensors, with no per-sample Python work.
 
     x: (N, C, H, W) uint8 images, y: (N,) int64 labels, both on the target device.
-    Yields (float (B, C, H, W) normalised images, (B,) labels). augment: random crop with
-    4-pixel zero padding and horizontal flip (the usual CIFAR augmentation), batched."""
+    Yields (float (B, C, H, W) normalised images, (B,) labels). augment, batched and done on
+    the pixels before normalising (so padding is black, as torchvision's RandomCrop pads):
+    'none'; 'shift' (random crop with 2-pixel padding: a digit moved by up to 2 pixels);
+    'crop_flip' (4-pixel padding and a horizontal flip, the usual CIFAR augmentation)."""
 
-    def __init__(self, x, y, batch_size, mean, std, shuffle=False, augment=False, seed=0):
+    def __init__(self, x, y, batch_size, mean, std, shuffle=False, augment="none", seed=0):
+        require(augment in AUGMENTS, f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment = shuffle, augment
         shape = (1, -1, 1, 1)
@@ -140,12 +146,15 @@ class Batches:
 
     def _augment(self, xb):
         n, _, h, w = xb.shape
-        padded = F.pad(xb, (4, 4, 4, 4))
-        dy, dx = (torch.randint(0, 9, (2, n, 1), generator=self.gen)).to(xb.device)
+        pad = 2 if self.augment == "shift" else 4
+        padded = F.pad(xb, (pad,) * 4)
+        dy, dx = (torch.randint(0, 2 * pad + 1, (2, n, 1), generator=self.gen)).to(xb.device)
         rows = (torch.arange(h, device=xb.device) + dy)[:, None, :, None]
         cols = (torch.arange(w, device=xb.device) + dx)[:, None, None, :]
         xb = padded[torch.arange(n, device=xb.device)[:, None, None, None],
                     torch.arange(xb.shape[1], device=xb.device)[None, :, None, None], rows, cols]
+        if self.augment == "shift":
+            return xb
         flip = (torch.rand(n, generator=self.gen) < 0.5).to(xb.device).view(-1, 1, 1, 1)
         return torch.where(flip, xb.flip(3), xb)
 
@@ -154,10 +163,10 @@ class Batches:
         order = torch.randperm(n, generator=self.gen).to(self.x.device) if self.shuffle else None
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
-            xb = (self.x[idx].float() - self.mean) / self.std
-            if self.augment:
+            xb = self.x[idx].float()
+            if self.augment != "none":
                 xb = self._augment(xb)
-            yield xb, self.y[idx]
+            yield (xb - self.mean) / self.std, self.y[idx]
 
 
 def _read_image_folder(root):
@@ -195,11 +204,12 @@ def _load_split(dataset, root, train):
                         f"--data_root at a folder that has it") from None
 
 
-def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset, device, seed):
+def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset, device, seed, augment="auto"):
     """Train, validation and test Batches on `device`.
 
     val_split: fraction of the training set held out (fixed split). subset: use only this many
-    training and test images (0 = all), for quick runs."""
+    training and test images (0 = all), for quick runs. augment: of the training batches, see
+    Batches; 'auto' = 'crop_flip' for CIFAR-10, 'none' for MNIST."""
     require(dataset in DATASETS, f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     require(0 <= val_split < 1, f"val_split must be in [0, 1), not {val_split}")
     require(subset >= 0, f"subset must be >= 0 (0 = all), not {subset}")
@@ -215,7 +225,9 @@ def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset
     n_val = int(len(order) * val_split)
     tr, va = order[n_val:], order[:n_val]
     mk = lambda xs, ys, bs, **kw: Batches(xs.to(device), ys.to(device), bs, mean, std, **kw)
-    train = mk(x[tr], y[tr], batch_size, shuffle=True, augment=dataset == "cifar10", seed=seed)
+    if augment == "auto":
+        augment = "crop_flip" if dataset == "cifar10" else "none"
+    train = mk(x[tr], y[tr], batch_size, shuffle=True, augment=augment, seed=seed)
     return train, mk(x[va], y[va], test_batch_size), mk(xt, yt, test_batch_size)
 
 

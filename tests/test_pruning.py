@@ -230,14 +230,31 @@ def test_load_data_split_is_fixed_and_disjoint(fake_mnist):
 
 def test_cifar_image_folder_and_augmentation(fake_cifar):
     train, val, test = util.load_data("cifar10", fake_cifar, 16, 50, 0.0, 0, torch.device("cpu"), 0)
-    assert train.x.shape == (100, 3, 32, 32) and len(test.y) == 50 and train.augment
+    assert train.x.shape == (100, 3, 32, 32) and len(test.y) == 50 and train.augment == "crop_flip"
     xb, _ = next(iter(train))
     assert xb.shape == (16, 3, 32, 32)
-    # a crop of a padded image: every output pixel is a source pixel or padding
-    b = util.Batches(torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4), torch.zeros(1, dtype=torch.long),
-                     1, (0.0,), (1 / 255,), augment=True)
+    # a crop of a padded image: every output pixel is a source pixel or padding (black)
+    b = util.Batches(torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4), torch.zeros(1, dtype=torch.long),
+                     1, (0.0,), (1 / 255,), augment="crop_flip")
     out = next(iter(b))[0]
-    assert set(out.flatten().tolist()) <= set(range(16))
+    assert set(out.flatten().tolist()) <= set(range(17))
+
+
+def test_mnist_shift_augmentation_moves_by_at_most_2_pixels(fake_mnist):
+    train = util.load_data("mnist", fake_mnist, 600, 100, 0.0, 0, torch.device("cpu"), 0, augment="shift")[0]
+    plain = util.load_data("mnist", fake_mnist, 600, 100, 0.0, 0, torch.device("cpu"), 0)[0]
+    assert plain.augment == "none" and train.augment == "shift"
+    torch.manual_seed(0)
+    image = (torch.rand(50, 1, 28, 28) * 255).to(torch.uint8)
+    b = util.Batches(image, torch.zeros(50, dtype=torch.long), 50, (0.0,), (1 / 255,), augment="shift", seed=3)
+    out = next(iter(b))[0]
+    for moved, source in zip(out, image.float()):
+        # some shift (dy, dx) in -2..2 maps the source onto the output, with black coming in
+        padded = torch.nn.functional.pad(source, (2, 2, 2, 2))
+        assert any(torch.equal(moved, padded[:, 2 + dy:30 + dy, 2 + dx:30 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    with pytest.raises(util.UserError, match="unknown augment 'rotate'"):
+        util.Batches(image, torch.zeros(50, dtype=torch.long), 50, (0.0,), (1.0,), augment="rotate")
 
 
 def test_missing_data_is_a_user_error(tmp_path, monkeypatch):

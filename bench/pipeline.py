@@ -10,6 +10,7 @@ Each run goes to {out_dir}/{recipe}/seed{N}/ with the three stages' checkpoints,
 three shell commands it runs, so a row can be reproduced by hand too.
 """
 import concurrent.futures
+import json
 import os
 import statistics
 import subprocess
@@ -21,14 +22,16 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import util  # noqa: E402
-from results_table import BEGIN, END, replace_block, row, table, this_machine  # noqa: E402
+from results_table import replace_block, row, table, this_machine  # noqa: E402
 
 # -----------------------------------------------------------------------------
-recipes = ["lenet_300_100", "lenet5_caffe", "lenet5"]  # which recipes to run (keys of RECIPES)
+recipes = ["lenet5_caffe", "lenet5_caffe_iterative", "lenet_300_100", "lenet_300_100_iterative", "lenet5"]
+                            # which recipes to run (keys of RECIPES), longest first for jobs > 1
 seeds = 1                   # runs per model, with seeds 0..seeds-1 (training and k-means)
 data_root = "data"          # folder holding MNIST/raw (downloaded into if absent)
 out_dir = "out/bench"       # runs go to {out_dir}/{recipe}/seed{N}
-jobs = 1                    # pipelines run at once; each gets cores / jobs torch threads
+jobs = 1                    # pipelines run at once
+threads = 0                 # torch threads per pipeline (0 = cores / jobs)
 readme = "README.md"        # whose table between the result markers is replaced ('' = leave it)
 out = "bench/results/results.json"  # the rows, per seed and per model
 hardware = ""               # what the runs ran on ('' = this machine's CPU and core count)
@@ -36,24 +39,39 @@ dry_run = False             # print the commands only
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
-# The settings of each stage per model, on top of the scripts' defaults. Why these values:
-# README "Results" and the closing notes of issues 4-5 (sensitivity scans in bench/results).
+# The settings of each stage per recipe, on top of the scripts' defaults. Two kinds:
+# '<model>': ours, past the paper: 2-pixel shift augmentation, dynamic network surgery (one
+#   prune -> splice cycle from the dense network), 3-5 bit layers, shared biases;
+# '<model>_iterative': the paper's method (Han 2015 iterative pruning, no augmentation) with
+#   our bits and shared biases.
+# Sensitivities come from the scans in bench/results/sensitivity_*.json (README "Levers").
 SGD = dict(optimizer="sgd", lr=0.05, weight_decay=5e-4)
+DNS = dict(augment="shift", prune_method="dns", retrain_lr=0.01)
 RECIPES = {
     "lenet_300_100": dict(
+        pruning=dict(model="lenet_300_100", **SGD, **DNS, retrain_epochs=30, sensitivity={"*": 2.4, "fc3": 1.2}),
+        quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10,
+                          lr=3e-4),
+        huffman_encode=dict(model="lenet_300_100")),
+    "lenet_300_100_iterative": dict(
         pruning=dict(model="lenet_300_100", **SGD, retrain_lr=0.005, prune_iterations=3,
                      sensitivity={"*": 0.8, "fc3": 0.5}),
         quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10,
                           lr=3e-4),
         huffman_encode=dict(model="lenet_300_100")),
     "lenet5_caffe": dict(
+        pruning=dict(model="lenet5_caffe", **SGD, **DNS, retrain_epochs=25,
+                     sensitivity={"conv1": 1.0, "conv2": 2.0, "fc1": 2.9, "fc2": 1.9}),
+        quantization=dict(model="lenet5_caffe", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
+        huffman_encode=dict(model="lenet5_caffe")),
+    "lenet5_caffe_iterative": dict(
         pruning=dict(model="lenet5_caffe", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=2,
                      sensitivity={"conv1": 0.3, "conv2": 0.8, "fc1": 1.05, "fc2": 0.6}),
         quantization=dict(model="lenet5_caffe", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
         huffman_encode=dict(model="lenet5_caffe")),
     "lenet5": dict(
-        pruning=dict(model="lenet5", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=2,
-                     sensitivity={"conv1": 0.3, "conv": 0.8, "fc1": 1.05, "fc2": 0.6}),
+        pruning=dict(model="lenet5", **SGD, **DNS, retrain_epochs=25,
+                     sensitivity={"conv1": 1.0, "conv": 2.0, "fc1": 2.9, "fc2": 1.9}),
         quantization=dict(model="lenet5", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
         huffman_encode=dict(model="lenet5")),
 }
@@ -134,15 +152,22 @@ def main(cfg):
             print(shell(cmd))
     if cfg["dry_run"]:
         return
-    threads = max(1, (os.cpu_count() or 1) // cfg["jobs"])
+    threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // cfg["jobs"])
     with concurrent.futures.ThreadPoolExecutor(cfg["jobs"]) as pool:
         runs = list(pool.map(lambda job: run_one(*job, cfg, threads), todo))
+    # Runs of recipes not run this time stay in the results (and the table), so one recipe can
+    # be rerun alone; the rows follow the order of RECIPES.
+    if os.path.isfile(cfg["out"]):
+        kept = [r for r in json.load(open(cfg["out"])).get("runs", []) if r.get("recipe") not in cfg["recipes"]]
+        runs = sorted(kept + runs, key=lambda r: (list(RECIPES).index(r["recipe"]) if r["recipe"] in RECIPES
+                                                  else len(RECIPES), r["seed"]))
     rows = summarise(runs)
     hw = cfg["hardware"] or this_machine()
     text = table(rows, hw)
     print(text)
     util.write_json(cfg["out"], dict(rows=rows, runs=runs, hardware=hw, jobs=cfg["jobs"], threads=threads,
-                                     recipes={m: RECIPES[m] for m in cfg["recipes"]}))
+                                     recipes={r: RECIPES[r] for r in dict.fromkeys(x["recipe"] for x in runs)
+                                              if r in RECIPES}))
     if cfg["readme"]:
         replace_block(cfg["readme"], text)
     print(f"wrote {cfg['out']}" + (f" and the table in {cfg['readme']}" if cfg["readme"] else ""))

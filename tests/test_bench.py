@@ -16,6 +16,7 @@ from prune import to_masked
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import pipeline  # noqa: E402
 import plots  # noqa: E402
+import results_table  # noqa: E402
 import sensitivity  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -44,7 +45,7 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
                 huffman_encode=dict(model="lenet_300_100"))
     monkeypatch.setattr(pipeline, "RECIPES", {"lenet_300_100": tiny})
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{pipeline.BEGIN}\nold table\n{pipeline.END}\nrest\n")
+    readme.write_text(f"intro\n{results_table.BEGIN}\nold table\n{results_table.END}\nrest\n")
     out = tmp_path / "results.json"
     util.run_stage(pipeline.main, pipeline.SETTINGS, [
         "--recipes=['lenet_300_100']", "--seeds=2", "--jobs=2", f"--data_root={fake_mnist}",
@@ -61,6 +62,15 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old table" not in text
     assert "| lenet_300_100 (2 seeds) | 266,610 |" in text and "test machine" in text
+
+    # Another recipe run later joins the table; the first one's runs stay.
+    monkeypatch.setattr(pipeline, "RECIPES", {"lenet_300_100": tiny, "other": tiny})
+    util.run_stage(pipeline.main, pipeline.SETTINGS, [
+        "--recipes=['other']", f"--data_root={fake_mnist}", f"--out_dir={tmp_path / 'runs'}",
+        f"--readme={readme}", f"--out={out}", "--hardware=test machine"])
+    both = json.loads(out.read_text())
+    assert [(r["recipe"], r["seed"]) for r in both["runs"]] == [("lenet_300_100", 0), ("lenet_300_100", 1), ("other", 0)]
+    assert "| lenet_300_100 (2 seeds) |" in readme.read_text() and "| other | 266,610 |" in readme.read_text()
 
     seed0 = results["runs"][0]["folder"]
     util.run_stage(plots.main, plots.SETTINGS, [f"--run={seed0}", f"--out={tmp_path / 'plots'}"])

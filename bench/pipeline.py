@@ -49,7 +49,7 @@ SGD = dict(optimizer="sgd", lr=0.05, weight_decay=5e-4)
 DNS = dict(augment="shift", prune_method="dns", retrain_lr=0.01)
 RECIPES = {
     "lenet_300_100": dict(
-        pruning=dict(model="lenet_300_100", **SGD, **DNS, retrain_epochs=30, sensitivity={"*": 2.4, "fc3": 1.2}),
+        pruning=dict(model="lenet_300_100", **SGD, **DNS, retrain_epochs=30, sensitivity={"*": 2.8, "fc3": 1.4}),
         quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10,
                           lr=3e-4),
         huffman_encode=dict(model="lenet_300_100")),

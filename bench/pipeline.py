@@ -36,6 +36,8 @@ readme = "README.md"        # whose table between the result markers is replaced
 out = "bench/results/results.json"  # the rows, per seed and per model
 hardware = ""               # what the runs ran on ('' = this machine's CPU and core count)
 dry_run = False             # print the commands only
+reuse = False               # keep a run whose folder already holds the three summaries, made with the recipe's
+                            # settings and seed, instead of running it again (resume; add seeds to a table)
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -99,11 +101,35 @@ def shell(argv):
     return " ".join(["python"] + [quote(a) for a in argv[1:]])
 
 
+SUMMARIES = dict(pruning="pruned", quantization="quantized", huffman_encode="compressed")
+
+
+def finished(folder, recipe, seed):
+    """Whether `folder` holds the three stages' JSON summaries and they were made with this
+    recipe's settings and this seed."""
+    model = RECIPES[recipe]["pruning"]["model"]
+    for stage, suffix in SUMMARIES.items():
+        try:
+            got = json.load(open(os.path.join(folder, f"{model}_{suffix}.json")))["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        want = {**RECIPES[recipe][stage], **({} if stage == "huffman_encode" else {"seed": seed})}
+        if any(got.get(k) != v for k, v in want.items()):
+            return False
+    return True
+
+
 def run_one(recipe, seed, cfg, threads):
     """Run one recipe's pipeline for one seed; the stages' output goes to stage.log. Returns
-    the result row, with each stage's wall time."""
+    the result row, with each stage's wall time (None for a reused run, whose minutes are
+    the stages' own timings from their summaries)."""
     folder, argv = commands(recipe, seed, cfg)
     model = RECIPES[recipe]["pruning"]["model"]
+    if cfg["reuse"] and finished(folder, recipe, seed):
+        r = row(folder, model)
+        print(f"{recipe} seed {seed}: reused {folder}: error {r['error']['decoded']:.2f}% at {r['ratio']:.1f}x",
+              flush=True)
+        return {**r, "recipe": recipe, "seed": seed, "stage_seconds": None, "reused": True}
     os.makedirs(folder, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     seconds = {}

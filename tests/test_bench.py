@@ -71,6 +71,20 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
         [("lenet_300_100", 0), ("lenet_300_100", 1), ("older", 0)]
     assert "| older | 431,080 | 0.70% -> 0.80% -> 0.75% -> **0.75%** |" in text
 
+    # Run again with reuse: nothing is retrained, a third seed would be; a changed recipe is not reused.
+    log = os.path.join(results["runs"][0]["folder"], "stage.log")
+    stamp = os.path.getmtime(log)
+    util.run_stage(pipeline.main, pipeline.SETTINGS, [
+        "--recipes=['lenet_300_100']", "--seeds=2", "--reuse=True", f"--out_dir={tmp_path / 'runs'}",
+        "--readme=", f"--out={out}"])
+    again = json.loads(out.read_text())
+    assert [r.get("reused") for r in again["runs"][:2]] == [True, True] and os.path.getmtime(log) == stamp
+    assert [r["ratio"] for r in again["runs"]] == [r["ratio"] for r in results["runs"]]
+    assert pipeline.finished(results["runs"][1]["folder"], "lenet_300_100", 1)
+    assert not pipeline.finished(results["runs"][1]["folder"], "lenet_300_100", 0)
+    tiny["quantization"]["bits"] = {"*": 4}
+    assert not pipeline.finished(results["runs"][1]["folder"], "lenet_300_100", 1)
+
     seed0 = results["runs"][0]["folder"]
     util.run_stage(plots.main, plots.SETTINGS, [f"--run={seed0}", f"--out={tmp_path / 'plots'}"])
     for name in ("lenet_300_100_weights.png", "lenet_300_100_bytes.png"):

@@ -63,7 +63,7 @@ RECIPES = {
         huffman_encode=dict(model="lenet_300_100")),
     "lenet5_caffe": dict(
         pruning=dict(model="lenet5_caffe", **SGD, **DNS, retrain_epochs=25,
-                     sensitivity={"conv1": 1.0, "conv2": 2.0, "fc1": 2.9, "fc2": 1.9}),
+                     sensitivity={"conv1": 1.2, "conv2": 2.4, "fc1": 3.6, "fc2": 2.3}),
         quantization=dict(model="lenet5_caffe", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
         huffman_encode=dict(model="lenet5_caffe")),
     "lenet5_caffe_iterative": dict(

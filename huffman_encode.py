@@ -243,8 +243,8 @@ def _read_stream(r, count, alphabet):
 class _Reader:
     """Reads a payload front to back; every read is checked against the bytes left."""
 
-    def __init__(self, buf, kind=""):
-        self.buf, self.pos, self.kind = memoryview(buf), 0, kind
+    def __init__(self, buf):
+        self.buf, self.pos = memoryview(buf), 0
 
     def take(self, n):
         if n > len(self.buf) - self.pos:
@@ -495,29 +495,28 @@ def decode_bytes(blob):
         pos, index = pos + FRAME + length, index + 1
         return chr(kind), payload
 
-    def parse(what, want, fn):
+    def parse(what, readers):
+        """Read the next section with readers[its kind] (kind -> fn(_Reader))."""
         got, payload = next_section(what)
         try:
-            if got not in want or (got == "T" and version < 2):
-                raise ValueError(f"a section of kind {got!r} where {' or '.join(map(repr, want))} belongs")
-            return fn(_Reader(payload, got))
+            if got not in readers or (got == "T" and version < 2):
+                raise ValueError(f"a section of kind {got!r} where {' or '.join(map(repr, readers))} belongs")
+            return readers[got](_Reader(payload))
         except ValueError as e:
             raise FormatError(f"section {index - 1} ({what}): {e}") from None
 
-    header = parse("header", "H", _header)
+    header = parse("header", {"H": _header})
     try:
         sections, _ = architecture(header["model"], header["quantized"])
     except ValueError as e:
         raise FormatError(f"section 0 (header): {e}") from None
     state = {}
     for kind, name, shape, clusters in sections:
-        if kind == "Q":
-            state.update(parse(name, "Q", functools.partial(_read_quantized, name=name, shape=shape,
-                                                            clusters=clusters)))
-        else:
-            state.update(parse(name, ("R", "T"), lambda r, name=name, shape=shape: (
-                _read_tabled if r.kind == "T" else _read_raw)(r, name, shape)))
-    end = parse("end marker", "E", _end)
+        readers = ({"Q": functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters)} if kind == "Q"
+                   else {"R": functools.partial(_read_raw, name=name, shape=shape),
+                         "T": functools.partial(_read_tabled, name=name, shape=shape)})
+        state.update(parse(name, readers))
+    end = parse("end marker", {"E": _end})
     if end != index - 1 or pos != len(blob):
         raise FormatError(f"end marker counts {end} sections where {index - 1} precede it, "
                           f"{len(blob) - pos} bytes follow it")

@@ -14,7 +14,7 @@ import torch
 
 import util
 from models import MODELS, build_model
-from prune import PRUNE_METHODS, finish_surgery, layer_kind, layer_value, masked_layers, surgery_step
+from prune import PRUNE_METHODS, finish_surgery, masked_layers, surgery_step
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18
@@ -106,10 +106,7 @@ def main(cfg):
         raise util.UserError(str(e)) from None
     model_args = dict(name=cfg["model"], kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
-        try:
-            [layer_value(cfg[key], n, layer_kind(m)) for n, m in masked_layers(net, cfg["prune_layers"])]
-        except KeyError as e:
-            raise util.UserError(f"{key}: {e.args[0]}") from None
+        util.per_layer(net, cfg[key], key, cfg["prune_layers"])
     stem = os.path.join(cfg["out_dir"], cfg["model"])
     train_kw = dict(weight_decay=cfg["weight_decay"], optimizer=cfg["optimizer"], schedule=cfg["schedule"])
     accuracy, history = {}, {}

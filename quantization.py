@@ -298,14 +298,6 @@ def check_settings(cfg):
     util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
 
 
-def resolve_bits(net, setting, key="bits"):
-    """{layer name: bits} for every masked layer; a layer the setting misses is a UserError."""
-    try:
-        return {name: layer_value(setting, name, layer_kind(m)) for name, m in masked_layers(net)}
-    except KeyError as e:
-        raise util.UserError(f"{key}: {e.args[0]}") from None
-
-
 def main(cfg):
     check_settings(cfg)
     t_start = time.time()
@@ -318,8 +310,8 @@ def main(cfg):
                                   f"run pruning.py --model={cfg['model']} --out_dir={cfg['out_dir']} first")
     net = build_model(pruned["model"]["name"], **pruned["model"]["kwargs"]).to(dev)
     net.load_state_dict(pruned["state_dict"])
-    layer_bits = resolve_bits(net, cfg["bits"])
-    bias_bits = resolve_bits(net, cfg["bias_bits"], "bias_bits")
+    layer_bits = util.per_layer(net, cfg["bits"], "bits")
+    bias_bits = util.per_layer(net, cfg["bias_bits"], "bias_bits")
     zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}
 
     p = pruned["settings"]  # stage 1's data, so that the accuracies compare with its own

@@ -46,6 +46,16 @@ def _typed(key, value, default):
     raise UserError(f"setting {key} expects {want.__name__}, got {value!r} ({type(value).__name__})")
 
 
+def per_layer(net, setting, key, which="all"):
+    """{layer name: value} of a per-layer setting for every masked layer of `net` (which:
+    'all' | 'conv' | 'fc'); a layer the setting misses is a UserError naming the setting."""
+    from prune import layer_kind, layer_value, masked_layers
+    try:
+        return {name: layer_value(setting, name, layer_kind(m)) for name, m in masked_layers(net, which)}
+    except KeyError as e:
+        raise UserError(f"{key}: {e.args[0]}") from None
+
+
 def parse_settings(defaults, argv):
     """Apply `--key=value` overrides to a copy of `defaults`.
 

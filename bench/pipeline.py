@@ -49,33 +49,28 @@ SETTINGS = util.settings_from(globals())
 # Sensitivities come from the scans in bench/results/sensitivity_*.json (README "Levers").
 SGD = dict(optimizer="sgd", lr=0.05, weight_decay=5e-4)
 DNS = dict(augment="shift", prune_method="dns", retrain_lr=0.01)
+LENET300_BITS = dict(bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10, lr=3e-4)
+LENET5_BITS = dict(bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5})
+
+
+def recipe(model, pruning, quantization):
+    """Each stage's settings for `model` (named once, in all three)."""
+    return dict(pruning=dict(model=model, **pruning), quantization=dict(model=model, **quantization),
+                huffman_encode=dict(model=model))
+
+
 RECIPES = {
-    "lenet_300_100": dict(
-        pruning=dict(model="lenet_300_100", **SGD, **DNS, retrain_epochs=30, sensitivity={"*": 2.8, "fc3": 1.4}),
-        quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10,
-                          lr=3e-4),
-        huffman_encode=dict(model="lenet_300_100")),
-    "lenet_300_100_iterative": dict(
-        pruning=dict(model="lenet_300_100", **SGD, retrain_lr=0.005, prune_iterations=3,
-                     sensitivity={"*": 0.8, "fc3": 0.5}),
-        quantization=dict(model="lenet_300_100", bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10,
-                          lr=3e-4),
-        huffman_encode=dict(model="lenet_300_100")),
-    "lenet5_caffe": dict(
-        pruning=dict(model="lenet5_caffe", **SGD, **DNS, retrain_epochs=25,
-                     sensitivity={"conv1": 1.2, "conv2": 2.4, "fc1": 3.6, "fc2": 2.3}),
-        quantization=dict(model="lenet5_caffe", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
-        huffman_encode=dict(model="lenet5_caffe")),
-    "lenet5_caffe_iterative": dict(
-        pruning=dict(model="lenet5_caffe", **SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10, prune_iterations=2,
-                     sensitivity={"conv1": 0.3, "conv2": 0.8, "fc1": 1.05, "fc2": 0.6}),
-        quantization=dict(model="lenet5_caffe", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
-        huffman_encode=dict(model="lenet5_caffe")),
-    "lenet5": dict(
-        pruning=dict(model="lenet5", **SGD, **DNS, retrain_epochs=25,
-                     sensitivity={"conv1": 1.0, "conv": 2.0, "fc1": 2.9, "fc2": 1.9}),
-        quantization=dict(model="lenet5", bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}),
-        huffman_encode=dict(model="lenet5")),
+    "lenet_300_100": recipe("lenet_300_100", dict(**SGD, **DNS, retrain_epochs=30,
+                                                  sensitivity={"*": 2.8, "fc3": 1.4}), LENET300_BITS),
+    "lenet_300_100_iterative": recipe("lenet_300_100", dict(**SGD, retrain_lr=0.005, prune_iterations=3,
+                                                            sensitivity={"*": 0.8, "fc3": 0.5}), LENET300_BITS),
+    "lenet5_caffe": recipe("lenet5_caffe", dict(**SGD, **DNS, retrain_epochs=25, sensitivity={
+        "conv1": 1.2, "conv2": 2.4, "fc1": 3.6, "fc2": 2.3}), LENET5_BITS),
+    "lenet5_caffe_iterative": recipe("lenet5_caffe", dict(**SGD, retrain_lr=0.005, epochs=15, retrain_epochs=10,
+                                                          prune_iterations=2, sensitivity={
+        "conv1": 0.3, "conv2": 0.8, "fc1": 1.05, "fc2": 0.6}), LENET5_BITS),
+    "lenet5": recipe("lenet5", dict(**SGD, **DNS, retrain_epochs=25, sensitivity={
+        "conv1": 1.0, "conv": 2.0, "fc1": 2.9, "fc2": 1.9}), LENET5_BITS),
 }
 STAGES = ("pruning", "quantization", "huffman_encode")
 

@@ -11,9 +11,10 @@ choosing sensitivities from the curves does not tune on the test set. Writes the
 JSON and as a PNG (accuracy against the fraction pruned, and the fraction alive against the
 sensitivity, one line per layer).
 """
-import copy
 import os
 import sys
+
+import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,21 +36,23 @@ SETTINGS = util.settings_from(globals())
 def sensitivity_scan(net, data, sensitivities):
     """For each masked layer of `net` alone and each sensitivity s, prune the layer with
     threshold s x std of its weights (the std rule of prune.py) and evaluate on `data`.
-    `net` is left unchanged. -> {layer: [{sensitivity, threshold, alive (fraction),
+    `net` is left as it was. -> {layer: [{sensitivity, threshold, alive (fraction),
     accuracy (percent)}]}, and the unpruned accuracy."""
     _, correct, total = util.evaluate(net, data)
     base = 100 * correct / max(total, 1)
     curves = {}
-    for name, _ in masked_layers(net):
+    for name, layer in masked_layers(net):
         curves[name] = []
+        weight, mask = layer.weight.detach().clone(), layer.mask.clone()
         for s in sensitivities:
-            trial = copy.deepcopy(net)
-            layer = dict(trial.named_modules())[name]
-            t = std_threshold(layer.weight.detach(), layer.mask, s)
+            t = std_threshold(weight, mask, s)
             apply_threshold(layer, t)
-            _, correct, total = util.evaluate(trial, data)
+            _, correct, total = util.evaluate(net, data)
             curves[name].append(dict(sensitivity=s, threshold=t, alive=float(layer.mask.mean()),
                                      accuracy=100 * correct / max(total, 1)))
+            with torch.no_grad():  # undo the pruning before the next trial
+                layer.weight.copy_(weight)
+                layer.mask.copy_(mask)
     return curves, base
 
 

@@ -87,8 +87,8 @@ class FormatError(util.UserError):
 def architecture(model_args, quantized):
     """The sections a file for this model holds, from the model alone (built on the meta
     device, so nothing is allocated): ([(kind, name, shape, clusters)] in state-dict order,
-    the names of the parameters, as opposed to buffers such as masks and batch-norm
-    statistics). kind 'Q': quantized layer `name` with `clusters` centroids at the place of
+    the names of the tensors a dense float32 model needs at inference: the parameters and
+    the batch-norm running statistics, not masks or batch counters). kind 'Q': quantized layer `name` with `clusters` centroids at the place of
     name.weight (it carries name.codebook, name.index and name.mask); 'R': the raw tensor
     `name` (clusters None). Raises ValueError when the model cannot be built or lacks the
     quantized layers."""
@@ -114,7 +114,10 @@ def architecture(model_args, quantized):
             sections.append(("R", key, tuple(t.shape), None))
     if any(math.prod(shape) > MAX_ELEMENTS for _, _, shape, _ in sections):
         raise ValueError(f"a tensor of more than {MAX_ELEMENTS} elements")
-    return sections, {n for n, _ in net.named_parameters()}
+    # What a dense float32 model needs at inference: its parameters and batch-norm statistics.
+    inference = {n for n, _ in net.named_parameters()} | \
+        {n for n, _ in net.named_buffers() if n.endswith((".running_mean", ".running_var"))}
+    return sections, inference
 
 
 def offline(model_args):

@@ -72,6 +72,71 @@ class LeNet5Caffe(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+class _BasicBlockA(nn.Module):
+    """He et al. 2016 section 4.2 basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the identity,
+    then ReLU. Where the block halves the map and doubles the channels, the shortcut is option
+    A: take every other pixel and zero-pad the new channels, so it has no parameters.
+    x: (N, in_planes, H, W) -> (N, planes, H / stride, W / stride)."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = MaskedConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = MaskedConv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.pad = stride, planes - in_planes
+
+    def shortcut(self, x):
+        if self.stride == 1 and self.pad == 0:
+            return x
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))  # (W, H, C) pads
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2016 section 4.2, the CIFAR-10 ResNets of the compression literature (TTQ,
+    Distiller, lottery tickets): a 3x3 conv of 16 channels, three stages of n basic blocks at
+    16, 32 and 64 channels (the second and third start with stride 2), global average pool,
+    fc. 6n + 2 layers: n = 3 is ResNet-20 (269,722 parameters), n = 9 ResNet-56 (853,018).
+    Convs and fc masked; batch-norm dense. x: (N, 3, 32, 32) -> logits (N, num_classes)."""
+
+    def __init__(self, n, in_shape=(3, 32, 32), num_classes=10):
+        super().__init__()
+        self.conv1 = MaskedConv2d(in_shape[0], 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(_BasicBlockA(in_planes, planes, 2 if i > 0 and j == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = MaskedLinear(64, num_classes)
+        for m in self.modules():  # He init for the convs, as the paper (section 3.4)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def resnet20(in_shape=(3, 32, 32), num_classes=10):
+    """CIFAR ResNet-20 (He et al. 2016 section 4.2, n = 3): 269,722 parameters."""
+    return CifarResNet(3, in_shape, num_classes)
+
+
+def resnet56(in_shape=(3, 32, 32), num_classes=10):
+    """CIFAR ResNet-56 (He et al. 2016 section 4.2, n = 9): 853,018 parameters."""
+    return CifarResNet(9, in_shape, num_classes)
+
+
 def resnet18(in_shape=(3, 224, 224), num_classes=10, pretrained=False, cifar_stem=False):
     """torchvision's ResNet-18 with every Conv2d / Linear masked (batch-norm stays dense).
 
@@ -97,7 +162,7 @@ def resnet18(in_shape=(3, 224, 224), num_classes=10, pretrained=False, cifar_ste
 
 
 MODELS = {"lenet_300_100": LeNet300100, "lenet5": LeNet5, "lenet5_caffe": LeNet5Caffe,
-          "resnet18": resnet18}
+          "resnet18": resnet18, "resnet20": resnet20, "resnet56": resnet56}
 
 
 def build_model(name, **kwargs):

@@ -17,7 +17,7 @@ from models import MODELS, build_model
 from prune import PRUNE_METHODS, finish_surgery, masked_layers, surgery_step
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18
 dataset = "mnist"           # mnist | cifar10
 data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; downloaded into if absent
 out_dir = "out"             # checkpoints and JSON summaries go here
@@ -45,6 +45,8 @@ percent = {"*": 90.0}       # percentile / global: percent of surviving weights 
 prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
 dns_band = 0.1              # dns: weights within +-band x threshold keep their mask state (Guo et al. 2016)
 seed = 0                    # torch seed (weights, batch order)
+precision = "auto"          # training arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
+                            # | bf16 (autocast); weights, masks, checkpoints and evaluation stay float32
 device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
@@ -72,6 +74,8 @@ def check_settings(cfg):
     util.require(cfg["augment"] in ("auto",) + util.AUGMENTS,
                  f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(util.AUGMENTS)}")
     util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
+    util.require(cfg["precision"] in util.PRECISIONS,
+                 f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
 
@@ -89,7 +93,8 @@ def main(cfg):
     t_start = time.time()
     dev = util.pick_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    print(f"device: {util.describe_device(dev)}")
+    precision = util.resolve_precision(cfg["precision"], dev)
+    print(f"device: {util.describe_device(dev)}, training precision {precision}")
 
     train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"], cfg["test_batch_size"],
                                       cfg["val_split"], cfg["subset"], dev, cfg["seed"], cfg["augment"])
@@ -108,10 +113,14 @@ def main(cfg):
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
         util.per_layer(net, cfg[key], key, cfg["prune_layers"])
     stem = os.path.join(cfg["out_dir"], cfg["model"])
-    train_kw = dict(weight_decay=cfg["weight_decay"], optimizer=cfg["optimizer"], schedule=cfg["schedule"])
-    accuracy, history = {}, {}
+    train_kw = dict(weight_decay=cfg["weight_decay"], optimizer=cfg["optimizer"], schedule=cfg["schedule"],
+                    precision=precision)
+    accuracy, validation, history = {}, {}, {}
 
     def report(header, key):
+        # Validation accuracy is what settings are chosen by; the test line is reported only.
+        _, val_correct, val_total = util.evaluate(net, val)
+        validation[key] = 100 * val_correct / max(val_total, 1)
         loss, correct, total = util.evaluate(net, test)
         accuracy[key] = 100 * correct / max(total, 1)
         print(util.test_line(loss, correct, total))
@@ -127,12 +136,16 @@ def main(cfg):
                      f"{cfg['init_from']} holds {initial['model']}, not the {model_args} these settings build")
         net.load_state_dict(initial["state_dict"])
         print(f"dense network from {cfg['init_from']}")
+        dense = initial["metrics"].get("dense")  # what training it cost, for the results table
     else:
+        t_dense = time.time()
         history["train"] = util.fit(net, net.parameters(), train, val, cfg["epochs"], cfg["lr"], label="train",
                                     **train_kw)
+        dense = dict(epochs=cfg["epochs"], seconds=round(time.time() - t_dense, 1), precision=precision)
     report("Before pruning", "initial")
     if not cfg["init_from"]:
-        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg, {"accuracy": dict(accuracy)})
+        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg,
+                             dict(accuracy=dict(accuracy), validation=dict(validation), dense=dense))
 
     # 2-3. Prune the small weights, then retrain the survivors with the masks fixed; iterating
     # with the threshold recomputed on the survivors prunes further each cycle (section 3.3).
@@ -154,10 +167,11 @@ def main(cfg):
     stats = util.layer_stats(net)
     masked = {n + ".weight" for n, _ in masked_layers(net)}
     summary = dict(
-        model=cfg["model"], dataset=cfg["dataset"], stage="pruned", accuracy=accuracy,
+        model=cfg["model"], dataset=cfg["dataset"], stage="pruned", accuracy=accuracy, validation=validation,
+        dense=dense,
         params=dict(total=sum(s["total"] for s in stats), nonzero=sum(s["nonzero"] for s in stats)),
         layers=[{**s, "masked": s["name"] in masked} for s in stats],
-        history=history, settings=cfg, device=str(dev), seconds=round(time.time() - t_start, 1))
+        history=history, settings=cfg, device=str(dev), precision=precision, seconds=round(time.time() - t_start, 1))
     util.save_checkpoint(stem + "_pruned.pt", "pruned", net, model_args, cfg, summary)
     util.write_json(stem + "_pruned.json", summary)
     print(f"saved {stem}_pruned.pt and {stem}_pruned.json ({summary['seconds']} s)")

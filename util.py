@@ -111,6 +111,50 @@ def describe_device(dev):
     return f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_fast_bf16():
+    """Whether this CPU has bf16 matrix units (Intel AMX) or bf16 dot products (AVX512-BF16,
+    AMD Zen 4 and later Intel), read from /proc/cpuinfo's flags; False where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_model():
+    """The CPU's model name ('AMD EPYC 9R14', 'Intel(R) Xeon(R) ...'), for benchmarks' JSON."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_precision(setting, device):
+    """The training precision: 'fp32' or 'bf16' (autocast). 'auto' is bf16 where the device
+    runs it fast (CUDA with bf16 support, CPUs with AMX or AVX512-BF16), else fp32."""
+    require(setting in PRECISIONS, f"unknown precision {setting!r}; choose one of {', '.join(PRECISIONS)}")
+    if setting != "auto":
+        return setting
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    return "bf16" if fast else "fp32"
+
+
+def memory_format(model):
+    """channels_last for networks with convolutions (oneDNN's and cuDNN's fast layout for
+    them), else the default: the format fit() and evaluate() put the model and inputs in."""
+    return torch.channels_last if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) \
+        else torch.contiguous_format
+
+
 def best_time(fn, reps):
     """For benchmarks: (best wall time in seconds over `reps` calls of fn(), the last result)."""
     best, result = float("inf"), None
@@ -244,12 +288,15 @@ def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset
 # --- train / test ---------------------------------------------------------------------------
 
 def evaluate(model, batches):
-    """-> (mean loss, correct, total) over all batches; empty batches give (0, 0, 0)."""
-    model.eval()
+    """-> (mean loss, correct, total) over all batches; empty batches give (0, 0, 0). Always
+    float32, whatever the training precision, so every reported accuracy is of the float32
+    model that the checkpoint and the compressed file hold."""
+    fmt = memory_format(model)
+    model.to(memory_format=fmt).eval()
     loss, correct, total = 0.0, 0, 0
     with torch.no_grad():
         for xb, yb in batches:
-            out = model(xb)
+            out = model(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
             loss += F.cross_entropy(out, yb, reduction="sum").item()
             correct += (out.argmax(1) == yb).sum().item()
             total += len(yb)
@@ -271,11 +318,15 @@ def make_optimizer(name, params, lr, weight_decay):
 
 
 def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", schedule="cosine",
-        label="train", after_step=None):
+        label="train", after_step=None, precision="fp32"):
     """Train `params` of `model` for `epochs`, printing one summary line per epoch.
 
     schedule: 'cosine' (to 0 over the run) or 'constant'. after_step: called with no
     arguments after every optimizer step (dynamic network surgery updates its masks there).
+    precision: 'fp32', or 'bf16' to run the forward pass under autocast (the matrix products
+    in bfloat16; the parameters, their gradients, the optimizer state and the masks stay
+    float32, so a pruned weight still gets exactly zero gradient). Conv networks train in
+    channels_last memory format.
     Returns the history
     [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
     require(schedule in ("cosine", "constant"), f"unknown lr schedule {schedule!r}; use cosine or constant")
@@ -283,14 +334,18 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
     steps = max(epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if schedule == "cosine" else (lambda s: 1.0))
+    require(precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 here, not {precision!r}")
+    fmt = memory_format(model)
+    device = next(model.parameters()).device
     history = []
     for epoch in range(1, epochs + 1):
-        t0, model = time.time(), model.train()
+        t0, model = time.time(), model.to(memory_format=fmt).train()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(train, desc=f"{label} {epoch}/{epochs}", leave=False, mininterval=0.5)
         for xb, yb in bar:
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = model(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
+            loss = F.cross_entropy(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -362,8 +417,9 @@ def save_checkpoint(path, stage, model, model_args, settings, metrics, **extra):
     """One checkpoint format for every stage: {'stage', 'model': {'name', 'kwargs'},
     'state_dict', 'settings', 'metrics', **extra}. model_args = {'name', 'kwargs'} for
     models.build_model."""
-    ckpt = dict(stage=stage, model=model_args, state_dict=model.state_dict(), settings=settings,
-                metrics=metrics, **extra)
+    # Contiguous float32 tensors whatever the training layout (channels_last) or precision.
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    ckpt = dict(stage=stage, model=model_args, state_dict=state, settings=settings, metrics=metrics, **extra)
     _atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 

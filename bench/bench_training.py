@@ -1,18 +1,24 @@
-"""Benchmark: the cost of masking, and of the data path, for one training epoch.
+"""Benchmark: what masking, the training precision and the data path cost per training epoch.
 
     python bench/bench_training.py --data_root=../shared/data
 
-Times, in one run on the same machine, one epoch of lenet5_caffe on MNIST
-  1. masked layers (weight * mask) vs plain nn.Conv2d / nn.Linear, both with util.Batches;
-  2. util.Batches (one in-memory uint8 tensor, batched indexing) vs a torchvision
-     DataLoader over the same images (per-sample ToTensor + Normalize).
-Prints the table and writes bench/results/training.json.
+In one run on one machine, for each model (LeNet-5 on MNIST, ResNet-20 on CIFAR-10 by default):
+  1. masked layers (weight * mask) vs plain nn.Conv2d / nn.Linear with the same weights,
+  2. in float32 and under bf16 autocast (conv networks in channels_last, as util.fit trains them),
+and for the first MNIST model
+  3. util.Batches (one in-memory uint8 tensor, batched indexing) vs a torch DataLoader that
+     normalises image by image, over the same training images.
+Every configuration trains on the same minibatches: `warmup` untimed steps, then `steps` timed
+steps, repeated `repeats` times; the best repeat is kept and scaled to one epoch of the 90%
+training split. Prints the table and writes bench/results/training.json with the CPU model.
 """
+import contextlib
 import os
 import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util  # noqa: E402
@@ -20,11 +26,13 @@ from models import build_model  # noqa: E402
 from prune import MASKED  # noqa: E402
 
 # -----------------------------------------------------------------------------
-model = "lenet5_caffe"      # any MNIST model of models.py
-data_root = "data"          # folder holding MNIST/raw
+models = ["lenet5_caffe", "resnet20"]  # models of models.py; MNIST for LeNets, CIFAR-10 for ResNets
+data_root = "data"          # folder holding MNIST/raw and CIFAR10/
 batch_size = 128            # training minibatch
-epochs = 1                  # timed epochs per configuration (the best is kept)
-num_workers = 0             # DataLoader worker processes (0 = in the main process)
+warmup = 5                  # untimed steps before each timed run (oneDNN picks and caches kernels)
+steps = 30                  # timed steps per repeat
+repeats = 3                 # timed repeats per configuration; the best is kept
+threads = 0                 # torch threads (0 = torch's default: one per core)
 out = "bench/results/training.json"  # where the figures are written
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
@@ -34,56 +42,112 @@ def unmasked(net):
     """Replace every masked layer by the plain nn.Linear / nn.Conv2d with the same weights."""
     for name, child in net.named_children():
         if isinstance(child, MASKED):
-            plain = nn.Linear if isinstance(child, nn.Linear) else nn.Conv2d
-            child.__class__ = plain  # same parameters; the mask buffer is simply unused
-            del child.mask
+            child.__class__ = nn.Linear if isinstance(child, nn.Linear) else nn.Conv2d
+            del child.mask  # same parameters; nothing multiplies them
         else:
             unmasked(child)
     return net
 
 
-def dataloader(root, batch_size, workers):
-    """The textbook path: per-sample PIL -> tensor -> normalise, collated by a DataLoader."""
-    import torchvision.transforms as T
-    from torchvision.datasets import MNIST
+class PerImage(torch.utils.data.Dataset):
+    """The textbook data path over the same uint8 images as util.Batches: one image at a
+    time to float, normalised, then collated by a DataLoader."""
 
-    ds = MNIST(root, train=True, download=True,
-               transform=T.Compose([T.ToTensor(), T.Normalize((0.1307,), (0.3081,))]))
-    ds = torch.utils.data.Subset(ds, range(54000))  # the same count as the 90% split
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)
+    def __init__(self, x, y, mean, std):
+        self.x, self.y = x, y
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.x[i].float() / 255 - self.mean) / self.std, self.y[i]
 
 
-def train_epoch(net, batches, opt):
-    """One training epoch (cross-entropy), as util.fit runs it minus the bookkeeping."""
-    for xb, yb in batches:
-        loss = nn.functional.cross_entropy(net(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+def time_steps(net, batches, precision, cfg):
+    """Seconds per training step (SGD, as util.fit trains: autocast forward, float32 loss),
+    the best of `repeats` runs of `steps` steps over the same minibatches after `warmup`."""
+    fmt = util.memory_format(net)
+    net = net.to(memory_format=fmt).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    source = iter(batches)
+    stream = [next(source) for _ in range(cfg["warmup"] + cfg["steps"])]
+
+    def run(chunk):
+        for xb, yb in chunk:
+            with amp():
+                out = net(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
+            loss = F.cross_entropy(out.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    run(stream[:cfg["warmup"]])
+    return util.best_time(lambda: run(stream[cfg["warmup"]:]), cfg["repeats"])[0] / cfg["steps"]
+
+
+def time_data_path(batches, n):
+    """Seconds per minibatch to produce `n` minibatches (one untimed pass first)."""
+    def take():
+        for i, _ in enumerate(batches):
+            if i + 1 == n:
+                break
+    take()
+    return util.best_time(take, 2)[0] / n
 
 
 def main(cfg):
-    torch.manual_seed(0)
+    unknown = [m for m in cfg["models"] if m not in ("lenet_300_100", "lenet5", "lenet5_caffe", "resnet20", "resnet56")]
+    util.require(not unknown, f"models {unknown} have no data set here: use LeNets (MNIST) or resnet20/resnet56")
+    util.require(cfg["steps"] >= 1 and cfg["repeats"] >= 1 and cfg["warmup"] >= 0, "steps, repeats >= 1, warmup >= 0")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     cpu = torch.device("cpu")
-    train, _, _ = util.load_data("mnist", cfg["data_root"], cfg["batch_size"], 1000, 0.1, 0, cpu, 0)
-    runs = {
-        "masked, Batches": (build_model(cfg["model"]), train),
-        "unmasked, Batches": (unmasked(build_model(cfg["model"])), train),
-        f"masked, DataLoader(num_workers={cfg['num_workers']})":
-            (build_model(cfg["model"]), dataloader(cfg["data_root"], cfg["batch_size"], cfg["num_workers"])),
-    }
-    seconds = {}
-    for name, (net, batches) in runs.items():
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        seconds[name] = util.best_time(lambda: train_epoch(net, batches, opt), cfg["epochs"])[0]
-        print(f"{name:38} {seconds[name]:7.2f} s / epoch", flush=True)
-    names = list(runs)
-    result = dict(model=cfg["model"], images=len(train.y), batch_size=cfg["batch_size"],
-                  threads=torch.get_num_threads(), seconds=seconds,
-                  masked_over_unmasked=seconds[names[0]] / seconds[names[1]],
-                  dataloader_over_batches=seconds[names[2]] / seconds[names[0]])
-    print(f"masking costs {result['masked_over_unmasked']:.2f}x an unmasked epoch; "
-          f"the DataLoader path takes {result['dataloader_over_batches']:.2f}x the Batches path")
+    machine = dict(cpu=util.cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads(),
+                   fast_bf16=util.cpu_has_fast_bf16(), torch=torch.__version__)
+    print(f"CPU: {machine['cpu']} ({machine['cores']} cores, {machine['threads']} torch threads, "
+          f"AMX / AVX512-BF16: {machine['fast_bf16']}), torch {machine['torch']}")
+    result = dict(machine=machine, batch_size=cfg["batch_size"], warmup=cfg["warmup"], steps=cfg["steps"],
+                  repeats=cfg["repeats"], models={})
+    data = {}
+    for name in cfg["models"]:
+        dataset = "cifar10" if name.startswith("resnet") else "mnist"
+        if dataset not in data:
+            data[dataset] = util.load_data(dataset, cfg["data_root"], cfg["batch_size"], 1000, 0.1, 0, cpu, 0)[0]
+        train = data[dataset]
+        per_epoch = len(train)
+        rows = {}
+        for precision in ("fp32", "bf16"):
+            for kind in ("masked", "plain"):
+                torch.manual_seed(0)
+                net = build_model(name, in_shape=list(util.DATASETS[dataset][0]))
+                if kind == "plain":
+                    net = unmasked(net)
+                train.gen.manual_seed(0)  # the same minibatches for every configuration
+                step = time_steps(net, train, precision, cfg)
+                rows[f"{kind} {precision}"] = dict(step_seconds=step, epoch_minutes=step * per_epoch / 60)
+                print(f"{name:14} {kind:6} {precision}: {1000 * step:7.1f} ms/step, "
+                      f"{step * per_epoch / 60:6.2f} min/epoch ({per_epoch} steps)", flush=True)
+        entry = dict(dataset=dataset, images=len(train.y), steps_per_epoch=per_epoch, runs=rows,
+                     masked_over_plain={p: rows[f"masked {p}"]["step_seconds"] / rows[f"plain {p}"]["step_seconds"]
+                                        for p in ("fp32", "bf16")},
+                     fp32_over_bf16={k: rows[f"{k} fp32"]["step_seconds"] / rows[f"{k} bf16"]["step_seconds"]
+                                     for k in ("masked", "plain")})
+        print(f"{name}: masked / plain {entry['masked_over_plain']['fp32']:.3f} (fp32), "
+              f"{entry['masked_over_plain']['bf16']:.3f} (bf16); bf16 speed-up "
+              f"{entry['fp32_over_bf16']['masked']:.2f}x (masked)")
+        result["models"][name] = entry
+    if "mnist" in data:  # the data path alone, over the same images
+        train = data["mnist"]
+        loader = torch.utils.data.DataLoader(PerImage(train.x, train.y, *util.DATASETS["mnist"][2:]),
+                                             batch_size=cfg["batch_size"], shuffle=True)
+        n = cfg["warmup"] + cfg["steps"]
+        batches, per_image = time_data_path(train, n), time_data_path(loader, n)
+        result["data_path"] = dict(batches_ms=1000 * batches, dataloader_ms=1000 * per_image,
+                                   dataloader_over_batches=per_image / batches)
+        print(f"data path, ms per minibatch of MNIST: util.Batches {1000 * batches:.2f}, "
+              f"DataLoader image by image {1000 * per_image:.2f} ({per_image / batches:.1f}x)")
     util.write_json(cfg["out"], result)
     print(f"wrote {cfg['out']}")
 

@@ -156,6 +156,7 @@ def summarise(runs):
             model=rs[0]["model"], recipe=recipe, seeds=len(rs), params=rs[0]["params"], device=rs[0]["device"],
             error={k: mean(lambda r: r["error"][k]) for k in rs[0]["error"]},
             error_sd=sd(lambda r: r["error"]["decoded"]), alive=mean(lambda r: r["alive"]),
+            val_error=mean(lambda r: r["val_error"]) if all(r.get("val_error") is not None for r in rs) else None,
             dense_bytes=rs[0]["dense_bytes"], compressed_bytes=round(mean(lambda r: r["compressed_bytes"])),
             ratio=mean(lambda r: r["ratio"]), ratio_sd=sd(lambda r: r["ratio"]), epochs=rs[0]["epochs"],
             minutes=mean(lambda r: r["minutes"])))

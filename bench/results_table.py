@@ -39,33 +39,38 @@ def row(folder, model):
     load = lambda stage: json.load(open(os.path.join(folder, f"{model}_{stage}.json")))
     p, q, c = load("pruned"), load("quantized"), load("compressed")
     s = p["settings"]
-    # A run that pruned a dense checkpoint trained elsewhere (init_from) did no dense epochs.
-    epochs = (0 if s.get("init_from") else s["epochs"]) + s["prune_iterations"] * s["retrain_epochs"] \
-        + q["settings"]["finetune_epochs"]
-    quantized = q["accuracy"].get("bias_shared", q["accuracy"]["finetuned"])
+    # A run that pruned a dense checkpoint trained before (init_from) counts that training's
+    # epochs and time, which the checkpoint records (0 where it does not).
+    dense = (p.get("dense") or {}) if s.get("init_from") else dict(epochs=s["epochs"], seconds=0)
+    epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
+    quantized = q["accuracy"].get("final", q["accuracy"].get("bias_shared", q["accuracy"]["finetuned"]))
     return dict(model=model, folder=folder, params=p["params"]["total"],
                 error=dict(dense=100 - p["accuracy"]["initial"], pruned=100 - p["accuracy"]["retrained"],
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
+                # the decoded model is the quantized one bit for bit: its validation error is stage 2's
+                val_error=100 - q["validation"]["final"] if "validation" in q else None,
                 alive=100 * p["params"]["nonzero"] / p["params"]["total"],
                 dense_bytes=c["dense_bytes"], compressed_bytes=c["compressed_bytes"], ratio=c["ratio"],
-                epochs=epochs, minutes=(p["seconds"] + q["seconds"] + c["encode_seconds"] + c["decode_seconds"]) / 60,
+                epochs=epochs, minutes=(dense.get("seconds", 0) + p["seconds"] + q["seconds"] + c["encode_seconds"]
+                                        + c["decode_seconds"]) / 60,
                 device=p.get("device", "cpu"))
 
 
 def table(rows, hardware):
     """The README's results table. A row with 'seeds' > 1 holds means over seeds, and the
     decoded error and the ratio carry their standard deviation."""
-    lines = ["| model | parameters | test error: dense -> pruned -> quantized -> decoded | weights alive "
-             "| dense bytes | compressed bytes | ratio | epochs | time | hardware |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| model | parameters | test error: dense -> pruned -> quantized -> decoded | validation error "
+             "| weights alive | dense bytes | compressed bytes | ratio | epochs | time | hardware |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         e, many = r["error"], r.get("seeds", 1) > 1
         decoded = f"**{e['decoded']:.2f}% ± {r['error_sd']:.2f}**" if many else f"**{e['decoded']:.2f}%**"
         ratio = f"**{r['ratio']:.1f}x ± {r['ratio_sd']:.1f}**" if many else f"**{r['ratio']:.1f}x**"
         name = r.get("recipe", r["model"])
         model = f"{name} ({r['seeds']} seeds)" if many else name
+        val = "-" if r.get("val_error") is None else f"{r['val_error']:.2f}%"
         lines.append(f"| {model} | {r['params']:,} | {e['dense']:.2f}% -> {e['pruned']:.2f}% -> "
-                     f"{e['quantized']:.2f}% -> {decoded} | {r['alive']:.2f}% | {r['dense_bytes']:,} "
+                     f"{e['quantized']:.2f}% -> {decoded} | {val} | {r['alive']:.2f}% | {r['dense_bytes']:,} "
                      f"| {r['compressed_bytes']:,} | {ratio} | {r['epochs']} | {r['minutes']:.1f} min "
                      f"| {hardware} ({r['device']}) |")
     return "\n".join(lines)

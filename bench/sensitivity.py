@@ -97,9 +97,10 @@ def main(cfg):
     print(f"device: {util.describe_device(dev)}; {len(val.y)} validation images")
     curves, base = sensitivity_scan(net.eval(), val, cfg["sensitivities"])
     print(f"unpruned validation accuracy {base:.2f}%")
-    print(f"{'layer':<8}" + "".join(f"{f's={x:g}':>14}" for x in cfg["sensitivities"]))
+    width = max(len(name) for name in ["layer", *curves]) + 1
+    print(f"{'layer':<{width}}" + "".join(f"{f's={x:g}':>14}" for x in cfg["sensitivities"]))
     for name, rows in curves.items():
-        print(f"{name:<8}" + "".join(f"{r['accuracy']:6.2f}% {100 * r['alive']:5.1f}%" for r in rows))
+        print(f"{name:<{width}}" + "".join(f"{r['accuracy']:6.2f}% {100 * r['alive']:5.1f}%" for r in rows))
     print("(each cell: validation accuracy with that layer alone pruned, and the percent of it alive)")
     json_path = cfg["out"].format(model=cfg["model"])
     util.write_json(json_path, dict(model=cfg["model"], checkpoint=path, unpruned_accuracy=base, curves=curves,

@@ -233,7 +233,8 @@ def test_stage1_to_stage2_smoke(fake_mnist, stage1):
         assert line in r.stdout
     assert r.stdout.count("Test set: Average loss: ") == 3
     summary = json.loads(open(os.path.join(stage1, "lenet_300_100_quantized.json")).read())
-    assert set(summary["accuracy"]) == {"pruned", "quantized", "finetuned"}
+    assert set(summary["accuracy"]) == set(summary["validation"]) == {"pruned", "quantized", "finetuned", "final"}
+    assert summary["accuracy"]["final"] == summary["accuracy"]["finetuned"]
     assert [(l["name"], l["bits"], l["clusters"], l["distinct"]) for l in summary["layers"]] == \
         [("fc1", 5, 32, 32), ("fc2", 5, 32, 32), ("fc3", 5, 32, 32)]
     pruned = util.load_checkpoint(os.path.join(stage1, "lenet_300_100_pruned.pt"), "pruned", CPU, "")
@@ -327,7 +328,7 @@ def test_resnet18_quantizes_end_to_end(fake_mnist, tmp_path):
                          stage1, {"accuracy": {}})
     quantization.main(util.parse_settings(quantization.SETTINGS, [
         f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--model=resnet18", "--device=cpu",
-        "--finetune_epochs=1"]))
+        "--finetune_epochs=1", "--fold_bn=False"]))
 
     net, ckpt = load_quantized(str(tmp_path / "resnet18_quantized.pt"), CPU)
     bits = {n: q["bits"] for n, q in ckpt["quantized"].items()}

@@ -10,25 +10,28 @@ decodes it, checks every tensor against the checkpoint, tests both models and wr
 {out_dir}/{model}_compressed.json. Decode mode rebuilds a model from a .dc file alone (no
 checkpoint needed), tests it and saves it as {out_dir}/{model}_decoded.pt.
 
-File format, version 2 (integers little-endian; no pickle anywhere; version 1 is version 2
-without 'T' sections, and is read too):
+File format, version 3 (integers little-endian; no pickle anywhere). Versions 1 and 2 are
+read too: version 2 starts each 'R', 'T' and 'Q' payload with the tensor's name and dims
+(`name | ... dtype ... | ndim u8 | dims u32...`, see the readers), version 1 is version 2
+without 'T' sections. Version 3 drops both: the header's model fixes every section's tensor
+and shape, and each section's CRC its integrity; on a residual network the names and dims
+were 3.7 KB, a tenth of the file.
 
     file     = MAGIC (8 bytes) | version u16 | section ... | end section
     section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
     'H'      = the header, UTF-8 JSON: {"model": {name, kwargs}, "quantized": {layer: {bits,
                clusters}}, "data": {dataset, subset, test_batch_size}, "settings": {index_bits}};
                always the first section
-    'R'      = a tensor stored raw: name | dtype u8 | ndim u8 | dims u32... | the raw bytes
+    'R'      = a tensor stored raw: dtype u8 | the raw bytes
     'T'      = a tensor stored as a table of its distinct values (bit patterns) and a Huffman-coded
                index into it per element, when that is smaller than 'R' (biases shared by
-               quantization.py's bias_bits): name | dtype u8 | ndim u8 | dims u32... |
+               quantization.py's bias_bits, folded batch-norm): dtype u8 |
                k u32 | k values, raw | index stream (numel symbols)
     'Q'      = a pruned, quantized layer L (it rebuilds L.codebook, L.index and L.mask):
-               name | index dtype u8 | mask dtype u8 | ndim u8 | dims u32... |
+               index dtype u8 | mask dtype u8 |
                k u32 | codebook k x float32 | span bits b u8 | non-zeros u32 | entries u32 |
                cluster stream (non-zeros symbols) | gap stream (entries symbols)
     'E'      = the end marker: the number of sections before it, u32
-    name     = length u16 | UTF-8
     stream   = alphabet n u32 | n code lengths, 5 bits each, MSB first | bits u64 | the bits
                (canonical Huffman, see huffman.py)
 
@@ -63,12 +66,16 @@ device = "auto"             # where the models are tested: auto (CUDA if availab
 index_bits = {"*": 0}       # per layer: relative-index span b (gaps up to 2**b-1, section 2); 0 = the b that
                             # makes the layer's file section smallest; the paper: --index_bits="{'conv': 8, 'fc': 5}"
 decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
+runtime = "quantized"       # with decode, the layers tested: quantized (codebook, index, mask) | dense (plain
+                            # nn.Linear / nn.Conv2d) | sparse (inference from the compact form, CPU; runtime.py)
+export = ""                 # with decode: also write the plain state dict (nn.Linear / nn.Conv2d keys, weights
+                            # codebook[index] * mask, no masks) to this .pt file, for torchvision or models.py
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 2
-READS = (1, 2)                # the versions this reader decodes
+VERSION = 3
+READS = (1, 2, 3)             # the versions this reader decodes
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,  # code = position in this list
@@ -246,8 +253,9 @@ def _read_stream(r, count, alphabet):
 class _Reader:
     """Reads a payload front to back; every read is checked against the bytes left."""
 
-    def __init__(self, buf):
+    def __init__(self, buf, version=VERSION):
         self.buf, self.pos = memoryview(buf), 0
+        self.named = version < 3  # versions 1-2 name each tensor and give its dims
 
     def take(self, n):
         if n > len(self.buf) - self.pos:
@@ -258,11 +266,16 @@ class _Reader:
     def unpack(self, fmt):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
 
-    def name(self):
+    def check_name(self, name):
+        """Versions 1-2: the section must name the tensor the model has at its place."""
+        if not self.named:
+            return
         try:
-            return bytes(self.take(self.unpack("<H")[0])).decode("utf-8")
+            got = bytes(self.take(self.unpack("<H")[0])).decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError("a tensor name that is not UTF-8") from None
+        if got != name:
+            raise ValueError(f"holds another tensor where {name} belongs")
 
     def dtype(self, allowed):
         code = self.unpack("<B")[0]
@@ -271,6 +284,8 @@ class _Reader:
         return DTYPES[code]
 
     def shape(self, expected):
+        if not self.named:  # version 3: the model's shape, from the header
+            return expected
         shape = self.unpack(f"<{self.unpack('<B')[0]}I")
         if shape != expected:
             raise ValueError(f"shape {shape} where the model has {expected}")
@@ -286,21 +301,12 @@ def _section(kind, payload):
     return head + payload + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
 
 
-def _name(name):
-    raw = name.encode("utf-8")
-    return struct.pack("<H", len(raw)) + raw
-
-
-def _dims(shape):
-    return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
-
-
 def _raw_payload(name, t):
     """The payload of a tensor stored raw: its name, dtype, shape and bytes."""
     if t.dtype not in DTYPES:
         raise util.UserError(f"{name}: dtype {t.dtype} cannot be stored (supported: {DTYPES})")
     data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return _name(name) + struct.pack("<B", DTYPES.index(t.dtype)) + _dims(t.shape) + data
+    return struct.pack("<B", DTYPES.index(t.dtype)) + data
 
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # bit patterns by item size
@@ -317,14 +323,12 @@ def _tabled_payload(name, t):
     if len(table) > huffman.MAX_ALPHABET:
         return None
     stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-    return (_name(name) + struct.pack("<B", DTYPES.index(t.dtype)) + _dims(t.shape)
-            + struct.pack("<I", len(table)) + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
+    return (struct.pack("<B", DTYPES.index(t.dtype)) + struct.pack("<I", len(table)) + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
 
 
 def _read_tabled(r, name, shape):
     """Decode the tabled tensor `name` of shape `shape` -> {name: tensor}."""
-    if r.name() != name:
-        raise ValueError(f"holds another tensor where {name} belongs")
+    r.check_name(name)
     dtype = r.dtype(DTYPES)
     numel = math.prod(r.shape(shape))
     k = r.unpack("<I")[0]
@@ -339,8 +343,7 @@ def _read_tabled(r, name, shape):
 
 def _read_raw(r, name, shape):
     """Decode the raw tensor `name` of shape `shape` -> {name: tensor}."""
-    if r.name() != name:
-        raise ValueError(f"holds another tensor where {name} belongs")
+    r.check_name(name)
     dtype = r.dtype(DTYPES)
     r.shape(shape)
     size = math.prod(shape) * dtype.itemsize
@@ -374,8 +377,7 @@ def _quantized_payload(name, codebook, index, mask, b):
     gaps = gap_stream(positions, b)
     cluster_bytes, cluster_bits = _write_stream(clusters, k)
     gap_bytes, gap_bits = _write_stream(gaps, 1 << b)
-    payload = (_name(name) + struct.pack("<BB", DTYPES.index(index.dtype), DTYPES.index(mask.dtype))
-               + _dims(mask.shape) + struct.pack("<I", k) + codebook.detach().cpu().numpy().astype("<f4").tobytes()
+    payload = (struct.pack("<BB", DTYPES.index(index.dtype), DTYPES.index(mask.dtype)) + struct.pack("<I", k) + codebook.detach().cpu().numpy().astype("<f4").tobytes()
                + struct.pack("<BII", b, len(clusters), len(gaps)) + cluster_bytes + gap_bytes)
     nnz = max(len(clusters), 1)
     row = dict(name=name, kind="quantized", shape=list(mask.shape), params=mask.numel(), nonzero=len(clusters),
@@ -389,8 +391,7 @@ def _quantized_payload(name, codebook, index, mask, b):
 def _read_quantized(r, name, shape, clusters):
     """Decode layer `name` (weight shape `shape`, `clusters` centroids) -> its codebook,
     index and mask, each checked against the model before anything is allocated."""
-    if r.name() != name:
-        raise ValueError(f"holds another layer where {name} belongs")
+    r.check_name(name)
     index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
     numel = math.prod(r.shape(shape))
     k = r.unpack("<I")[0]
@@ -504,7 +505,7 @@ def decode_bytes(blob):
         try:
             if got not in readers or (got == "T" and version < 2):
                 raise ValueError(f"a section of kind {got!r} where {' or '.join(map(repr, readers))} belongs")
-            return readers[got](_Reader(payload))
+            return readers[got](_Reader(payload, version))
         except ValueError as e:
             raise FormatError(f"section {index - 1} ({what}): {e}") from None
 
@@ -558,14 +559,43 @@ def decode_file(path):
         raise FormatError(f"{path}: {e}") from None
 
 
-def load_compressed(path, device="cpu"):
-    """Rebuild the model from a compressed file alone -> (nn.Module on `device`, header)."""
+RUNTIMES = ("quantized", "dense", "sparse")
+
+
+def load_compressed(path, device="cpu", runtime="quantized"):
+    """Rebuild the model from a compressed file alone -> (nn.Module on `device`, header).
+
+    runtime: 'quantized' (stage 2's layers: codebook, index and mask, as the file holds
+    them), 'dense' (plain nn.Linear / nn.Conv2d with weight = codebook[index] * mask and the
+    standard state-dict keys: runtime.to_plain) or 'sparse' (CPU inference from the compact
+    form, runtime.to_sparse; which layers run sparse is in header['runtime'])."""
     from quantization import build_quantized_model  # the format above needs no stage-2 code
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "sparse" and torch.device(device).type != "cpu":
+        raise ValueError("the sparse runtime runs on the CPU: use device='cpu', or runtime='dense' on a GPU")
     state, header = decode_file(path)
     net = build_quantized_model(offline(header["model"]), header["quantized"])
     net.load_state_dict(state)
+    net, header = in_runtime(net.eval(), header, runtime)
     return net.to(device), header
+
+
+def in_runtime(net, header, runtime):
+    """A decoded (quantized) model in another runtime (see load_compressed) -> (model, header)."""
+    import runtime as rt
+
+    if runtime == "dense":
+        return rt.to_plain(net), header
+    if runtime == "sparse":
+        in_shape = header["model"]["kwargs"].get("in_shape")
+        if not (isinstance(in_shape, list) and len(in_shape) == 3
+                and all(type(v) is int and 0 < v <= 4096 for v in in_shape)):
+            raise FormatError("the header gives no input shape to choose the sparse layers with")
+        net, chosen = rt.to_sparse(net, torch.zeros(1, *in_shape))
+        return net, {**header, "runtime": chosen}
+    return net, header
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -574,6 +604,9 @@ def check_settings(cfg):
     """Reject bad settings before any work, each with one line that names the fix."""
     util.require(cfg["decode"] or cfg["model"] in MODELS,
                  f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    util.require(cfg["runtime"] in RUNTIMES, f"unknown runtime {cfg['runtime']!r}; choose one of {', '.join(RUNTIMES)}")
+    util.require(cfg["runtime"] == "quantized" or cfg["decode"], "--runtime applies to --decode=FILE.dc")
+    util.require(not cfg["export"] or cfg["decode"], "--export writes a decoded model: give --decode=FILE.dc too")
     util.require(all(0 <= v <= MAX_INDEX_BITS for v in cfg["index_bits"].values()),
                  f"index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, got {cfg['index_bits']}")
 
@@ -680,15 +713,26 @@ def decode_main(cfg, dev):
     net, header = load_compressed(cfg["decode"], dev)
     print(f"decoded {cfg['decode']} ({os.path.getsize(cfg['decode'])} bytes, {header['model']['name']}) "
           f"in {time.time() - t0:.2f} s")
+    util.require(cfg["runtime"] != "sparse" or dev.type == "cpu", "the sparse runtime runs on the CPU: --device=cpu")
+    tested, header = in_runtime(net, header, cfg["runtime"])
+    print(f"runtime {cfg['runtime']}" + (": " + ", ".join(f"{k} {v}" for k, v in header["runtime"].items())
+                                          if "runtime" in header else ""))
     data = header.get("data")
     util.require(isinstance(data, dict) and data.get("dataset") in util.DATASETS
                  and all(type(data.get(k)) is int for k in ("subset", "test_batch_size")),
                  f"{cfg['decode']} names no test set; its model decodes but cannot be tested here")
-    accuracy = _test(net, _test_set(data, cfg["data_root"] or "data", dev), dev)
+    accuracy = _test(tested, _test_set(data, cfg["data_root"] or "data", dev), dev)
     path = os.path.join(cfg["out_dir"], header["model"]["name"] + "_decoded.pt")
     util.save_checkpoint(path, "quantized", net, header["model"], header.get("settings", {}),
                          dict(accuracy=dict(decoded=accuracy), source=cfg["decode"]), quantized=header["quantized"])
     print(f"saved {path} (a quantized checkpoint: load it with quantization.load_quantized)")
+    if cfg["export"]:
+        import runtime as rt
+
+        plain = {k: v.contiguous() for k, v in rt.to_plain(net).cpu().state_dict().items()}
+        util.save_tensors(cfg["export"], plain)
+        print(f"exported {cfg['export']}: a plain state dict of {len(plain)} tensors "
+              f"(torch.load(..., weights_only=True); nn.Linear / nn.Conv2d keys, no masks)")
 
 
 def main(cfg):

@@ -413,6 +413,11 @@ def write_json(path, obj):
     _atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n"))
 
 
+def save_tensors(path, tensors):
+    """torch.save a plain {name: tensor} dict through a temporary file."""
+    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
 def save_checkpoint(path, stage, model, model_args, settings, metrics, **extra):
     """One checkpoint format for every stage: {'stage', 'model': {'name', 'kwargs'},
     'state_dict', 'settings', 'metrics', **extra}. model_args = {'name', 'kwargs'} for

@@ -221,9 +221,19 @@ def test_intact_file_decodes(small_file):
     he.decode_bytes(small_file)
 
 
+def test_version_2_files_still_decode_bit_for_bit():
+    for name, kwargs in (("lenet_300_100", SMALL), ("resnet20", {"in_shape": [3, 32, 32], "num_classes": 10})):
+        state, args, quantized = quantized_state(name, kwargs)
+        blob, _ = round_trip(shared_biases(state), args, quantized)
+        old = as_version2(blob)
+        assert len(old) > len(blob)  # the names and dims version 3 leaves out
+        decoded, _ = he.decode_bytes(old)
+        assert_bit_equal(shared_biases(state), decoded)
+
+
 def test_wrong_magic_and_version(small_file):
     fails(b"PK\x03\x04" + small_file[4:], "magic")
-    fails(small_file[:8] + struct.pack("<H", 3) + small_file[10:], "version 3")
+    fails(small_file[:8] + struct.pack("<H", 4) + small_file[10:], "version 4")
     fails(small_file[:8] + struct.pack("<H", 0) + small_file[10:], "version 0")
     fails(b"", "truncated")
 
@@ -248,11 +258,26 @@ def test_a_flipped_bit_in_each_section_is_caught(small_file, where):
 
 
 def quant_fields(payload):
-    """Offset of the span byte in a 'Q' payload, and the offset where the streams begin."""
-    pos = 2 + struct.unpack_from("<H", payload)[0] + 2
-    pos += 1 + 4 * payload[pos]
-    pos += 4 + 4 * struct.unpack_from("<I", payload, pos)[0]
+    """Offset of the span byte in a version-3 'Q' payload (index dtype, mask dtype, k,
+    codebook), and the offset where the streams begin."""
+    pos = 2 + 4 + 4 * struct.unpack_from("<I", payload, 2)[0]
     return pos, pos + 9
+
+
+def as_version2(blob):
+    """The same file in format version 2, as an earlier release wrote it: each 'R', 'T' and
+    'Q' payload starts with its tensor's name, and its dims follow the dtype byte(s)."""
+    secs = sections(blob)
+    header = json.loads(secs[0][2])
+    layout, _ = he.architecture(header["model"], header["quantized"])
+    replace = {}
+    for i, (kind, name, shape, _) in enumerate(layout, start=1):
+        payload, n_dtypes = secs[i][2], 2 if kind == "Q" else 1
+        raw = name.encode()
+        replace[i] = (struct.pack("<H", len(raw)) + raw + payload[:n_dtypes]
+                      + struct.pack(f"<B{len(shape)}I", len(shape), *shape) + payload[n_dtypes:])
+    out = rebuild(blob, replace)
+    return out[:8] + struct.pack("<H", 2) + out[10:]
 
 
 def patch(payload, offset, fmt, *values):
@@ -263,20 +288,25 @@ def test_hostile_counts_are_rejected_before_allocating(small_file):
     secs = sections(small_file)
     q = secs[1][2]
     span_at, streams_at = quant_fields(q)
-    name_end = 2 + len("fc1") + 2
     hostile = {
         "non-zeros": patch(q, span_at + 1, "<I", 2**32 - 1),
         "entries": patch(q, span_at + 5, "<I", 2**32 - 1),
         "span of": patch(q, span_at, "<B", 40),
-        "shape": patch(q, name_end, "<B2I", 2, 2**20, 2**20),
-        "centroids": patch(q, name_end + 9, "<I", 2**32 - 1),
+        "centroids": patch(q, 2, "<I", 2**32 - 1),
         "code of": patch(q, streams_at, "<I", 2**31),
         "needs": patch(q, streams_at + 4 + (5 * struct.unpack_from("<I", q, streams_at)[0] + 7) // 8, "<Q", 2**63),
-        "dtype": patch(q, name_end - 2, "<B", 200),
-        "another layer": patch(q, 2, "3s", b"fc2"),
+        "dtype": patch(q, 0, "<B", 200),
     }
     for match, payload in hostile.items():
         fails(rebuild(small_file, {1: payload}), match)
+    # version 2's names and dims are checked against the model
+    old = as_version2(small_file)
+    old_q = sections(old)[1][2]
+    name_end = 2 + len("fc1") + 2
+    for match, payload in (("shape", patch(old_q, name_end, "<B2I", 2, 2**20, 2**20)),
+                           ("another tensor", patch(old_q, 2, "3s", b"fc2"))):
+        bad = rebuild(old, {1: payload})  # rebuild writes the current version: set 2 again
+        fails(bad[:8] + struct.pack("<H", 2) + bad[10:], match)
     raw = secs[2][2]
     fails(rebuild(small_file, {2: raw[:-4]}), "needs")
     fails(rebuild(small_file, {2: raw + b"\x00"}), "stray")
@@ -313,14 +343,15 @@ def test_tabled_tensors_round_trip_and_pay():
     before = {r["name"]: r["bytes"] for r in plain_report["layers"]}
     assert rows["fc1.bias"]["bytes"] < before["fc1.bias"] / 4  # 300 floats -> 5 codes of at most 3 bits
     # A version-1 file cannot hold a table.
-    fails(blob[:8] + struct.pack("<H", 1) + blob[10:], "section 2 .*kind 'T'")
+    old = as_version2(blob)
+    fails(old[:8] + struct.pack("<H", 1) + old[10:], "section 2 .*kind 'T'")
 
 
 def test_hostile_table_is_rejected():
     state, args, quantized = quantized_state("lenet_300_100", SMALL)
     blob, _ = he.encode_model(shared_biases(state), args, quantized)
     t = sections(blob)[2][2]
-    k_at = 2 + len("fc1.bias") + 1 + 1 + 4
+    k_at = 1  # after the dtype byte
     assert struct.unpack_from("<I", t, k_at)[0] == 5
     fails(rebuild(blob, {2: patch(t, k_at, "<I", 301)}), "table of 301 values")
     fails(rebuild(blob, {2: patch(t, k_at, "<I", 0)}), "table of 0 values")

@@ -1,0 +1,159 @@
+"""Benchmark: inference from the compressed form (runtime.py) against dense and torch's CSR.
+
+    python bench/bench_inference.py                                   # the paper's layers
+    python bench/bench_inference.py --files="['out/bench/lenet_300_100/seed0/lenet_300_100.dc']"
+
+In one run on one machine, the same threads for every side (torch and numba set alike):
+  1. the fc layers of the paper's Table 8 (Deep Compression section 6), random weights at the
+     paper's densities with 5-bit codebooks: AlexNet fc6 / fc7 / fc8, VGG-16 fc6 / fc7 / fc8;
+     batch 1 (the paper's case) and batch 64: dense F.linear, torch.sparse_csr and this
+     runtime's codebook-CSR kernel, each on inputs prepared before timing;
+  2. the real layers of each `.dc` file given, and the whole model's batch-1 latency from the
+     file: the dense export against the sparse runtime.
+Every figure is the best of `repeats` timed calls after `warmup` untimed ones. Outputs are
+checked against the dense product (relative error, the norm of the difference over the
+norm of the dense output). Prints the tables and writes bench/results/inference.json.
+"""
+import os
+import sys
+import time
+
+import numba
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import huffman_encode as he  # noqa: E402
+import runtime as rt  # noqa: E402
+import util  # noqa: E402
+from prune import masked_layers  # noqa: E402
+
+# -----------------------------------------------------------------------------
+threads = 1                 # torch and numba threads, the same for every side
+batches = [1, 64]           # batch sizes timed
+warmup = 3                  # untimed calls before timing
+repeats = 20                # timed calls; the best is kept
+bits = 5                    # codebook bits of the paper's layers (Table 4-5: fc layers 5 bits)
+files = []                  # .dc files whose real layers and whole model are timed too
+out = "bench/results/inference.json"  # where the figures are written
+# -----------------------------------------------------------------------------
+SETTINGS = util.settings_from(globals())
+
+# Deep Compression Table 8: layer (in, out), density after pruning, speed-up of sparse over
+# dense at batch 1 on the CPU (Intel Core i7-5930K, MKL CSR), which this runtime should reach.
+PAPER = {
+    "AlexNet fc6": ((9216, 4096), 0.09, 2.5), "AlexNet fc7": ((4096, 4096), 0.09, 4.8),
+    "AlexNet fc8": ((4096, 1000), 0.25, 1.3), "VGG-16 fc6": ((25088, 4096), 0.04, 9.3),
+    "VGG-16 fc7": ((4096, 4096), 0.04, 9.9), "VGG-16 fc8": ((4096, 1000), 0.23, 1.0),
+}
+
+
+def best(fn, cfg):
+    for _ in range(cfg["warmup"]):
+        fn()
+    return util.best_time(fn, cfg["repeats"])[0]
+
+
+def random_layer(shape, density, bits, seed):
+    """A pruned, quantized fc layer (out, in) at `density` with a 2**bits codebook, built row
+    block by row block (VGG fc6 is 103 M weights) -> (dense float32 tensor, codebook-CSR)."""
+    n_in, n_out = shape
+    rng = np.random.default_rng(seed)
+    codebook = rng.standard_normal(2 ** bits).astype(np.float32) * 0.05
+    dense = np.zeros((n_out, n_in), np.float32)
+    for lo in range(0, n_out, 512):
+        block = rng.random((min(512, n_out - lo), n_in), dtype=np.float32) < density
+        dense[lo:lo + len(block)][block] = codebook[rng.integers(0, len(codebook), int(block.sum()))]
+    layer = nn.Linear(n_in, n_out, bias=False)
+    layer.weight = nn.Parameter(torch.from_numpy(dense), requires_grad=False)
+    layer.mask = (layer.weight != 0).float()
+    return layer.weight.data, rt.csr_from_layer(layer)
+
+
+def time_layer(weight, csr, n, cfg, seed=0):
+    """Seconds for y = W x (batch n) in the three forms, and the two sparse forms' errors."""
+    x = torch.randn(n, weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    xt = x.t().contiguous()
+    xt_np = xt.numpy()
+    w_csr = weight.to_sparse_csr()
+    parts = [csr[k] for k in ("row_ptr", "col", "cluster", "codebook")]
+    ref = F.linear(x, weight)
+    err = lambda y: float((y - ref).norm() / ref.norm().clamp_min(1e-30))  # noqa: E731
+    ours = torch.from_numpy(rt.spmm(*parts, xt_np)).t()
+    return dict(dense=best(lambda: F.linear(x, weight), cfg), torch_csr=best(lambda: w_csr @ xt, cfg),
+                ours=best(lambda: rt.spmm(*parts, xt_np), cfg),
+                error_ours=err(ours), error_torch_csr=err((w_csr @ xt).t()))
+
+
+def resident(weight, csr):
+    """Bytes of the weight in memory: dense float32, torch CSR (float32 values, int64 indices)
+    and codebook-CSR."""
+    nnz = len(csr["col"])
+    return dict(dense=weight.numel() * 4, torch_csr=nnz * 12 + (weight.shape[0] + 1) * 8,
+                ours=sum(v.nbytes for v in csr.values()))
+
+
+def row_line(name, density, n, t, mem, paper=None):
+    speed = t["dense"] / t["ours"]
+    line = (f"{name:22} {100 * density:5.1f}% {n:4} | dense {1e3 * t['dense']:8.3f} ms | torch CSR "
+            f"{1e3 * t['torch_csr']:8.3f} ms | ours {1e3 * t['ours']:8.3f} ms | vs dense {speed:5.2f}x | "
+            f"vs CSR {t['torch_csr'] / t['ours']:5.2f}x | MB {mem['dense'] / 1e6:7.2f} / {mem['ours'] / 1e6:6.2f}")
+    return line + (f" | paper {paper:.1f}x" if paper and n == 1 else "")
+
+
+def main(cfg):
+    util.require(cfg["threads"] >= 1 and cfg["repeats"] >= 1 and cfg["batches"], "threads, repeats >= 1; batches")
+    missing = [f for f in cfg["files"] if not os.path.isfile(f)]
+    util.require(not missing, f"no such .dc file: {missing}; run the pipeline first (bench/pipeline.py)")
+    torch.set_num_threads(cfg["threads"])
+    numba.set_num_threads(min(cfg["threads"], numba.config.NUMBA_NUM_THREADS))
+    machine = dict(cpu=util.cpu_model(), cores=os.cpu_count(), threads=cfg["threads"], torch=torch.__version__,
+                   numba=numba.__version__)
+    print(f"CPU: {machine['cpu']} ({machine['cores']} cores), {cfg['threads']} thread(s) for torch and numba; "
+          f"best of {cfg['repeats']} after {cfg['warmup']} warm-up calls")
+    result = dict(machine=machine, settings=cfg, paper_layers={}, files={})
+    for i, (name, (shape, density, paper)) in enumerate(PAPER.items()):
+        weight, csr = random_layer(shape, density, cfg["bits"], seed=i)
+        mem = resident(weight, csr)
+        entry = dict(shape=list(shape), density=density, paper_speedup_batch1=paper, bytes=mem, batches={})
+        for n in cfg["batches"]:
+            t = time_layer(weight, csr, n, cfg)
+            entry["batches"][str(n)] = t
+            print(row_line(name, density, n, t, mem, paper), flush=True)
+        result["paper_layers"][name] = entry
+        del weight, csr
+    for path in cfg["files"]:
+        quantized, header = he.load_compressed(path)
+        in_shape = header["model"]["kwargs"]["in_shape"]
+        entry = dict(model=header["model"]["name"], layers={})
+        for lname, layer in masked_layers(quantized):
+            if not isinstance(layer, nn.Linear):
+                continue
+            weight = rt.plain_layer(layer).weight.detach()
+            csr = rt.csr_from_layer(layer)
+            density = len(csr["col"]) / weight.numel()
+            mem = resident(weight, csr)
+            entry["layers"][lname] = dict(shape=list(weight.shape), density=density, bytes=mem, batches={})
+            for n in cfg["batches"]:
+                t = time_layer(weight, csr, n, cfg)
+                entry["layers"][lname]["batches"][str(n)] = t
+                print(row_line(f"{entry['model']} {lname}", density, n, t, mem), flush=True)
+        dense, _ = he.load_compressed(path, runtime="dense")
+        sparse, sh = he.load_compressed(path, runtime="sparse")
+        x = torch.randn(1, *in_shape)
+        with torch.no_grad():
+            ref = dense(x)
+            t_dense, t_sparse = best(lambda: dense(x), cfg), best(lambda: sparse(x), cfg)
+            error = float((sparse(x) - ref).norm() / ref.norm())
+        entry["model_batch1"] = dict(dense=t_dense, sparse=t_sparse, error=error, layers_run=sh["runtime"])
+        print(f"{entry['model']} whole model, batch 1: dense {1e3 * t_dense:.3f} ms, sparse runtime "
+              f"{1e3 * t_sparse:.3f} ms ({t_dense / t_sparse:.2f}x); layers: {sh['runtime']}", flush=True)
+        result["files"][path] = entry
+    util.write_json(cfg["out"], result)
+    print(f"wrote {cfg['out']}")
+
+
+if __name__ == "__main__":
+    util.run_stage(main, SETTINGS)

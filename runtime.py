@@ -1,0 +1,244 @@
+"""Running the compressed model (Deep Compression section 6): a plain PyTorch export, and
+inference straight from the sparse, quantized form.
+
+The paper measured pruned fc layers at batch size 1 with CSR kernels (Table 8) but could not
+run the quantized form, because "current BLAS library doesn't support indirect look-up and
+relative indexing". Here a layer keeps, per non-zero, a small cluster index and a column
+index, and a compiled loop (numba) looks each weight up in the layer's codebook as it
+multiplies: for a 5-bit layer that is 3 bytes a weight (uint16 column, uint8 cluster) instead
+of dense float32's 4 bytes for every weight, zeros included, or torch CSR's 12 (float32 value,
+int64 column).
+
+- `to_plain(net)`: ordinary nn.Linear / nn.Conv2d layers, weight = codebook[index] * mask,
+  standard state-dict keys: what `torchvision.models.resnet18` or a mask-free model loads.
+- `to_sparse(net, example)`: SparseLinear for every masked fc layer, SparseConv2d (unfold and
+  the same kernel) for each conv layer where that measured faster on `example`, else plain.
+Nothing here prints.
+"""
+import copy
+import time
+
+import numba
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prune import MASKED
+
+PARALLEL_MIN_WORK = 1 << 16  # non-zeros x columns below which one thread beats a parallel launch
+
+
+# --- kernels: y = W x with W in CSR form, its values looked up in a codebook ---------------------
+# row_ptr (rows+1,) int32, col (nnz,) uint16/int32, cluster (nnz,) uint8/int16 into codebook (k,)
+# float32; x (in, n) float32 C-contiguous; out (rows, n) float32. Rows are independent, so the
+# parallel version splits them across threads; fastmath lets LLVM vectorise the n loop.
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _row(r, row_ptr, col, cluster, codebook, x, out):
+    n = x.shape[1]
+    if n == 1:
+        acc = np.float32(0.0)
+        for j in range(row_ptr[r], row_ptr[r + 1]):
+            acc += codebook[cluster[j]] * x[col[j], 0]
+        out[r, 0] = acc
+    else:
+        for t in range(n):
+            out[r, t] = 0.0
+        for j in range(row_ptr[r], row_ptr[r + 1]):
+            w = codebook[cluster[j]]
+            c = col[j]
+            for t in range(n):
+                out[r, t] += w * x[c, t]
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _spmm_serial(row_ptr, col, cluster, codebook, x, out):
+    for r in range(len(row_ptr) - 1):
+        _row(r, row_ptr, col, cluster, codebook, x, out)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _spmm_parallel(row_ptr, col, cluster, codebook, x, out):
+    for r in numba.prange(len(row_ptr) - 1):
+        _row(r, row_ptr, col, cluster, codebook, x, out)
+
+
+def spmm(row_ptr, col, cluster, codebook, x):
+    """(rows, n) = W x for W in codebook-CSR form (see above) and x (in, n) float32 numpy.
+    Threads: numba's (numba.set_num_threads), used only when the work is large enough."""
+    out = np.empty((len(row_ptr) - 1, x.shape[1]), np.float32)
+    kernel = _spmm_parallel if len(col) * x.shape[1] >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1 \
+        else _spmm_serial
+    kernel(row_ptr, col, cluster, codebook, np.ascontiguousarray(x, dtype=np.float32), out)
+    return out
+
+
+def csr_from_layer(layer):
+    """The codebook-CSR form of a masked or quantized layer's weight, its rows the output
+    units and its columns the flattened inputs (in, or in_channels x kh x kw for a conv).
+
+    Returns dict(row_ptr (rows+1,) int32, col (nnz,) uint16 or int32, cluster (nnz,) uint8 or
+    int16, codebook (k,) float32). A masked layer that was not quantized gets the codebook of
+    its distinct surviving values."""
+    mask = layer.mask.detach().cpu().reshape(layer.mask.shape[0], -1).numpy() == 1
+    rows, cols = mask.shape
+    if hasattr(layer, "codebook"):
+        codebook = layer.codebook.detach().cpu().float().numpy()
+        cluster = layer.index.detach().cpu().reshape(rows, -1).numpy()[mask]
+    else:
+        values = layer.weight.detach().cpu().reshape(rows, -1).float().numpy()[mask]
+        codebook, cluster = np.unique(values, return_inverse=True)
+        codebook = codebook.astype(np.float32)
+    if len(codebook) == 0:
+        codebook = np.zeros(1, np.float32)
+    row_ptr = np.zeros(rows + 1, np.int64)
+    np.cumsum(mask.sum(1), out=row_ptr[1:])
+    if row_ptr[-1] >= 2 ** 31:
+        raise ValueError(f"{row_ptr[-1]} non-zeros: more than an int32 row pointer holds")
+    col = np.nonzero(mask)[1]  # row-major order: the non-zeros of row r are row_ptr[r]:row_ptr[r+1]
+    # unsigned columns: numba then skips the negative-index wrap-around (6% faster here)
+    return dict(row_ptr=row_ptr.astype(np.int32), col=col.astype(np.uint16 if cols <= 2 ** 16 else np.int32),
+                cluster=cluster.astype(np.uint8 if len(codebook) <= 256 else np.int16), codebook=codebook)
+
+
+class _Sparse(nn.Module):
+    """Holds a layer's weight in codebook-CSR form as buffers, and its bias. CPU only."""
+
+    def __init__(self, layer):
+        super().__init__()
+        for key, value in csr_from_layer(layer).items():
+            self.register_buffer(key, torch.from_numpy(value))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().cpu().clone(),
+                                                                 requires_grad=False)
+
+    def resident_bytes(self):
+        """Bytes of the weight's compact form held in memory (row pointers, columns,
+        clusters, codebook), the bias left out as for the dense weight it replaces."""
+        return sum(b.numel() * b.element_size() for b in (self.row_ptr, self.col, self.cluster, self.codebook))
+
+    def _multiply(self, x):
+        """W x for x (in, n) float32 tensor -> (rows, n) tensor."""
+        return torch.from_numpy(spmm(self.row_ptr.numpy(), self.col.numpy(), self.cluster.numpy(),
+                                     self.codebook.numpy(), x.detach().numpy()))
+
+
+class SparseLinear(_Sparse):
+    """nn.Linear from the compressed form. x: (N, in) -> (N, out)."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x):
+        shape = x.shape
+        y = self._multiply(x.reshape(-1, self.in_features).float().t().contiguous()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class SparseConv2d(_Sparse):
+    """nn.Conv2d (groups 1) from the compressed form: unfold the input into columns
+    (N, C*kh*kw, L) and multiply each image's columns by the sparse (out, C*kh*kw) weight.
+    x: (N, C, H, W) -> (N, out, H', W')."""
+
+    def __init__(self, layer):
+        if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("SparseConv2d takes groups=1 convs with numeric zero padding")
+        super().__init__(layer)
+        self.out_channels = layer.out_channels
+        self.kernel_size, self.stride = layer.kernel_size, layer.stride
+        self.padding, self.dilation = layer.padding, layer.dilation
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        y = torch.stack([self._multiply(c.contiguous()) for c in cols])  # (N, out, L)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        return y.view(n, self.out_channels, ho, wo)
+
+
+def plain_layer(layer):
+    """The nn.Linear / nn.Conv2d computing what a masked or quantized layer computes, its
+    weight the layer's weight * mask (codebook[index] * mask when quantized)."""
+    weight = layer.weight.detach().clone()  # quantized layers rebuild it from codebook and index
+    if isinstance(layer, nn.Linear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    else:
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                          bias=layer.bias is not None, padding_mode=layer.padding_mode)
+    plain = plain.to(weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(weight * layer.mask)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias)
+    return plain
+
+
+def _replace(net, make):
+    """Replace, in place and at any depth, each masked layer m by make(qualified name, m)."""
+    def walk(module, prefix):
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, MASKED):
+                setattr(module, name, make(full, child))
+            else:
+                walk(child, full + ".")
+    walk(net, "")
+    return net
+
+
+def to_plain(net):
+    """A copy of `net` whose masked / quantized layers are plain nn.Linear / nn.Conv2d: its
+    state dict has the standard keys (no mask, codebook or index), loadable with strict=True
+    into the same architecture built from plain layers (torchvision's ResNet-18 included)."""
+    return _replace(copy.deepcopy(net), lambda _, m: plain_layer(m))
+
+
+def _best_time(fn, repeats=5):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def to_sparse(net, example):
+    """A CPU copy of `net` for inference from the compact form: every masked fc layer becomes
+    a SparseLinear; each conv layer becomes a SparseConv2d where that ran faster than the plain
+    conv on its own input during a forward pass of `example` (N, C, H, W), else a plain conv.
+    Returns (model in eval mode, {layer name: 'sparse' | 'dense'})."""
+    net = copy.deepcopy(net).cpu().eval()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].detach()))
+             for name, m in net.named_modules() if isinstance(m, MASKED)]
+    with torch.no_grad():
+        net(example.cpu())
+    for h in hooks:
+        h.remove()
+    chosen = {}
+
+    def make(name, layer):
+        if isinstance(layer, nn.Linear):
+            chosen[name] = "sparse"
+            return SparseLinear(layer)
+        plain = plain_layer(layer)
+        try:
+            sparse = SparseConv2d(layer)
+        except ValueError:
+            chosen[name] = "dense"
+            return plain
+        x = inputs[name]
+        with torch.no_grad():
+            faster = _best_time(lambda: sparse(x)) < _best_time(lambda: plain(x))
+        chosen[name] = "sparse" if faster else "dense"
+        return sparse if faster else plain
+
+    return _replace(net, make), chosen

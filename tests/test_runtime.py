@@ -1,0 +1,157 @@
+"""The plain export and the sparse runtime (runtime.py): kernels against dense products on
+hand-made shapes, layers and whole decoded models against the plain export, and the
+--export / --runtime options of huffman_encode.py --decode."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import huffman_encode as he
+import runtime as rt
+import util
+from models import build_model
+from prune import masked_layers
+from quantization import build_quantized_model
+from test_huffman_encode import SMALL, quantized_state
+
+
+def random_csr_case(rows, cols, density, k=32, seed=0):
+    """A random weight in codebook-CSR form and its dense (rows, cols) float32 equivalent."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((rows, cols)) < density
+    codebook = rng.standard_normal(k).astype(np.float32)
+    cluster = rng.integers(0, k, (rows, cols))
+    dense = np.where(mask, codebook[cluster], 0).astype(np.float32)
+    row_ptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+    col = np.nonzero(mask)[1].astype(np.uint16)
+    return row_ptr, col, cluster[mask].astype(np.uint8), codebook, dense
+
+
+@pytest.mark.parametrize("rows,cols,density", [(7, 5, 0.0), (64, 300, 0.05), (33, 17, 0.5), (10, 100, 1.0),
+                                               (300, 784, 0.02)])
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_kernel_equals_the_dense_product(rows, cols, density, n):
+    row_ptr, col, cluster, codebook, dense = random_csr_case(rows, cols, density)
+    x = np.random.default_rng(1).standard_normal((cols, n)).astype(np.float32)
+    got = rt.spmm(row_ptr, col, cluster, codebook, x)
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, dense @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_empty_rows_and_a_single_non_zero():
+    row_ptr = np.array([0, 0, 1, 1], np.int32)  # rows 0 and 2 empty; row 1 holds w[1, 3]
+    col, cluster = np.array([3], np.uint16), np.array([2], np.uint8)
+    codebook = np.array([0.5, -1.0, 2.5], np.float32)
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    assert rt.spmm(row_ptr, col, cluster, codebook, x).tolist() == [[0, 0], [15, 17.5], [0, 0]]
+
+
+def test_parallel_and_serial_kernels_agree():
+    row_ptr, col, cluster, codebook, _ = random_csr_case(500, 900, 0.2)
+    x = np.random.default_rng(2).standard_normal((900, 4)).astype(np.float32)
+    a, b = (np.empty((500, 4), np.float32) for _ in range(2))
+    rt._spmm_serial(row_ptr, col, cluster, codebook, x, a)
+    rt._spmm_parallel(row_ptr, col, cluster, codebook, x, b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def quantized_net(name, kwargs, density=0.1, seed=0):
+    state, args, quantized = quantized_state(name, kwargs, density=density, seed=seed)
+    net = build_quantized_model(args, quantized)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def test_sparse_layers_equal_plain_layers():
+    torch.manual_seed(0)
+    net = quantized_net("lenet5_caffe", {"in_shape": [1, 28, 28], "num_classes": 10}, density=0.2)
+    for name, layer in masked_layers(net):
+        plain = rt.plain_layer(layer)
+        sparse = rt.SparseLinear(layer) if isinstance(layer, nn.Linear) else rt.SparseConv2d(layer)
+        shape = (plain.in_features,) if isinstance(layer, nn.Linear) else (layer.in_channels, 12, 12)
+        for n in (1, 5):
+            x = torch.randn(n, *shape)
+            want = plain(x)
+            torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        assert sparse.resident_bytes() < 4 * layer.mask.numel()  # 20% dense: 3 bytes a non-zero
+
+
+def test_plain_export_of_resnet18_loads_strictly_into_torchvision():
+    kwargs = {"in_shape": [3, 32, 32], "num_classes": 10, "pretrained": False, "cifar_stem": True}
+    net = quantized_net("resnet18", kwargs, density=0.05)
+    plain = rt.to_plain(net).state_dict()
+    assert not any(k.endswith((".mask", ".codebook", ".index")) for k in plain)
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)  # the same two stem changes
+    reference.maxpool = nn.Identity()
+    reference.load_state_dict(plain, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_export_of_a_lenet_loads_into_its_mask_free_model():
+    net = quantized_net("lenet_300_100", SMALL)
+    target = rt.to_plain(build_model("lenet_300_100", **SMALL))
+    assert not any(k.endswith(".mask") for k in target.state_dict())
+    target.load_state_dict(rt.to_plain(net).state_dict(), strict=True)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(x), net(x))
+
+
+def write_file(tmp_path, name, kwargs, density=0.1):
+    state, args, quantized = quantized_state(name, kwargs, density=density)
+    blob, _ = he.encode_model(state, args, quantized,
+                              info=dict(data=dict(dataset="mnist", subset=40, test_batch_size=20)))
+    path = tmp_path / f"{name}.dc"
+    path.write_bytes(blob)
+    return str(path)
+
+
+@pytest.mark.parametrize("name,kwargs", [("lenet_300_100", {"in_shape": [1, 28, 28], "num_classes": 10}),
+                                         ("lenet5_caffe", {"in_shape": [1, 28, 28], "num_classes": 10})])
+def test_three_runtimes_give_the_same_outputs(tmp_path, name, kwargs):
+    path = write_file(tmp_path, name, kwargs)
+    quantized, _ = he.load_compressed(path)
+    dense, _ = he.load_compressed(path, runtime="dense")
+    sparse, header = he.load_compressed(path, runtime="sparse")
+    assert set(header["runtime"]) == {n for n, _ in masked_layers(quantized)}
+    assert all(header["runtime"][n] == "sparse" for n, m in masked_layers(quantized) if isinstance(m, nn.Linear))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        want = quantized(x)
+        torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(ValueError, match="unknown runtime"):
+        he.load_compressed(path, runtime="csr")
+
+
+def test_export_and_runtime_from_the_command_line(tmp_path, fake_mnist, capsys):
+    path = write_file(tmp_path, "lenet_300_100", {"in_shape": [1, 28, 28], "num_classes": 10})
+    out = tmp_path / "plain.pt"
+    args = [f"--decode={path}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--device=cpu"]
+    accuracies = []
+    for runtime in he.RUNTIMES:
+        util.run_stage(he.main, he.SETTINGS, args + [f"--runtime={runtime}", f"--export={out}"])
+        text = capsys.readouterr().out
+        accuracies.append(text.split("Accuracy: ")[1].split()[0])
+    assert len(set(accuracies)) == 1  # the same test accuracy in all three runtimes
+    plain = torch.load(out, weights_only=True, map_location="cpu")
+    assert set(plain) == {f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+    net = rt.to_plain(build_model("lenet_300_100"))
+    net.load_state_dict(plain, strict=True)
+
+    bad = tmp_path / "bad.dc"
+    bad.write_bytes(open(path, "rb").read()[:-5])
+    fresh = tmp_path / "fresh.pt"
+    with pytest.raises(SystemExit) as e:
+        util.run_stage(he.main, he.SETTINGS, [f"--decode={bad}", f"--export={fresh}", f"--out_dir={tmp_path}"])
+    assert e.value.code == 2 and "truncated" in capsys.readouterr().err
+    assert not os.path.exists(fresh)
+    with pytest.raises(SystemExit) as e:
+        util.run_stage(he.main, he.SETTINGS, [f"--export={fresh}"])
+    assert e.value.code == 2 and "give --decode" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from results_table import replace_block, row, table, this_machine  # noqa: E402
 
 # -----------------------------------------------------------------------------
 recipes = ["lenet5_caffe", "lenet5_caffe_iterative", "lenet_300_100", "lenet_300_100_iterative", "lenet5"]
+                            # (and resnet20, on CIFAR-10: data_root must hold CIFAR10/ too)
                             # which recipes to run (keys of RECIPES), longest first for jobs > 1
 seeds = 1                   # runs per model, with seeds 0..seeds-1 (training and k-means)
 data_root = "data"          # folder holding MNIST/raw (downloaded into if absent)
@@ -47,10 +48,17 @@ SETTINGS = util.settings_from(globals())
 # '<model>_iterative': the paper's method (Han 2015 iterative pruning, no augmentation) with
 #   our bits and shared biases.
 # Sensitivities come from the scans in bench/results/sensitivity_*.json (README "Levers").
-SGD = dict(optimizer="sgd", lr=0.05, weight_decay=5e-4)
+# The MNIST rows were measured in float32 (precision='fp32' keeps them reproducible on a CPU
+# where 'auto' would pick bf16).
+SGD = dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, precision="fp32")
 DNS = dict(augment="shift", prune_method="dns", retrain_lr=0.01)
-LENET300_BITS = dict(bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10, lr=3e-4)
-LENET5_BITS = dict(bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5})
+LENET300_BITS = dict(bits={"fc1": 3, "*": 4}, bias_bits={"*": 5}, finetune_epochs=10, lr=3e-4, precision="fp32")
+LENET5_BITS = dict(bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}, precision="fp32")
+# ResNet-20 on CIFAR-10 (He et al. 2016 section 4.2's schedule, shortened for 2 CPU cores):
+# SGD + Nesterov, lr 0.1 with a cosine decay, weight decay 5e-4, crop + flip, 60 epochs, bf16
+# where the CPU runs it fast ('auto'). Sensitivities from bench/sensitivity.py on the dense
+# network's validation split (bench/results/sensitivity_resnet20.json).
+CIFAR = dict(dataset="cifar10", optimizer="sgd", lr=0.1, weight_decay=5e-4, epochs=60)
 
 
 def recipe(model, pruning, quantization):

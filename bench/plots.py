@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util  # noqa: E402
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18
 run = "out"                 # folder with {model}_initial.pt, _pruned.pt, _quantized.pt and _compressed.json
 layer = ""                  # the layer whose weights are drawn ('' = the one with most weights)
 out = "bench/results/plots"  # folder the PNG files go to
@@ -91,6 +91,42 @@ def bytes_figure(summary, path):
     _save(fig, path)
 
 
+def byte_groups(summary):
+    """Where the file's bytes go, by group of tensors: the quantized layers by stage ('conv1',
+    'layer1' ... of a ResNet; each layer alone in a LeNet), batch-norm, biases and the rest,
+    the header. -> [{group, nonzero, params, weight_bytes, index_bytes, bytes}]."""
+    groups = {}
+    for r in summary["layers"]:
+        name = r["name"]
+        if r["kind"] == "quantized":
+            key = name.split(".")[0]
+        elif any(part.startswith("bn") for part in name.split(".")):
+            key = "batch-norm"
+        else:
+            key = "biases" if name.endswith(".bias") else "other tensors"
+        g = groups.setdefault(key, dict(group=key, nonzero=0, params=0, weight_bytes=0, index_bytes=0, bytes=0))
+        g["nonzero"] += r.get("nonzero", r["params"])
+        g["params"] += r["params"]
+        g["weight_bytes"] += r.get("weight_bytes", 0)
+        g["index_bytes"] += r.get("index_bytes", 0)
+        g["bytes"] += r["bytes"]
+    rest = summary["compressed_bytes"] - sum(g["bytes"] for g in groups.values())
+    return list(groups.values()) + [dict(group="header, version, end", nonzero=0, params=0, weight_bytes=0,
+                                         index_bytes=0, bytes=rest)]
+
+
+def byte_groups_table(summary):
+    """byte_groups as a markdown table with each group's share of the file."""
+    lines = ["| group | weights alive | cluster indices | relative indices | total bytes | share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for g in byte_groups(summary):
+        alive = f"{g['nonzero']:,} / {g['params']:,}" if g["params"] else ""
+        lines.append(f"| {g['group']} | {alive} | {g['weight_bytes']:,} | {g['index_bytes']:,} | {g['bytes']:,} "
+                     f"| {100 * g['bytes'] / summary['compressed_bytes']:.1f}% |")
+    lines.append(f"| **file** | | | | **{summary['compressed_bytes']:,}** | {summary['ratio']:.1f}x smaller |")
+    return "\n".join(lines)
+
+
 def main(cfg):
     from quantization import load_quantized
 
@@ -106,8 +142,13 @@ def main(cfg):
     paths = [os.path.join(cfg["out"], f"{cfg['model']}_weights.png"), os.path.join(cfg["out"], f"{cfg['model']}_bytes.png")]
     weights_figure(dense[f"{name}.weight"], pruned[f"{name}.weight"], layers[name].weight, layers[name].codebook,
                    f"{cfg['model']} {name}", paths[0])
-    bytes_figure(json.load(open(stem + "_compressed.json")), paths[1])
-    print("wrote " + " and ".join(paths))
+    summary = json.load(open(stem + "_compressed.json"))
+    bytes_figure(summary, paths[1])
+    table = byte_groups_table(summary)
+    print(table)
+    paths.append(os.path.join(cfg["out"], f"{cfg['model']}_bytes.md"))
+    util.write_bytes(paths[-1], (table + "\n").encode())
+    print("wrote " + ", ".join(paths))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,29 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
     util.run_stage(plots.main, plots.SETTINGS, [f"--run={seed0}", f"--out={tmp_path / 'plots'}"])
     for name in ("lenet_300_100_weights.png", "lenet_300_100_bytes.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.load(open(os.path.join(seed0, "lenet_300_100_compressed.json")))
+    groups = {g["group"]: g for g in plots.byte_groups(summary)}
+    assert set(groups) == {"fc1", "fc2", "fc3", "biases", "header, version, end"}
+    assert sum(g["bytes"] for g in groups.values()) == summary["compressed_bytes"]
+    assert groups["fc1"]["params"] == 784 * 300 and groups["biases"]["params"] == 300 + 100 + 10
+    assert "| **file** |" in (tmp_path / "plots" / "lenet_300_100_bytes.md").read_text()
+    # validation beside test: each run's row carries the validation error it was chosen by
+    assert all(0 <= r["val_error"] <= 100 for r in results["runs"][:2])
+    assert "validation error" in text.splitlines()[2]
+
+
+def test_byte_groups_of_a_residual_network():
+    summary = dict(compressed_bytes=1000, ratio=10.0, layers=[
+        dict(name="conv1", kind="quantized", nonzero=10, params=100, weight_bytes=5, index_bytes=6, bytes=30),
+        dict(name="layer1.0.conv1", kind="quantized", nonzero=20, params=200, weight_bytes=7, index_bytes=8, bytes=40),
+        dict(name="layer1.1.conv2", kind="quantized", nonzero=30, params=200, weight_bytes=9, index_bytes=9, bytes=50),
+        dict(name="layer1.0.bn1.weight", kind="raw", params=16, bytes=70),
+        dict(name="bn1.running_mean", kind="tabled", params=16, bytes=20),
+        dict(name="fc.bias", kind="raw", params=10, bytes=45)])
+    groups = {g["group"]: g for g in plots.byte_groups(summary)}
+    assert groups["layer1"] == dict(group="layer1", nonzero=50, params=400, weight_bytes=16, index_bytes=17, bytes=90)
+    assert groups["batch-norm"]["bytes"] == 90 and groups["biases"]["bytes"] == 45
+    assert groups["header, version, end"]["bytes"] == 1000 - 30 - 90 - 90 - 45
 
 
 def test_pipeline_rejects_an_unknown_model(capsys):

@@ -397,8 +397,11 @@ def _atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shipped file keeps the user's umask
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

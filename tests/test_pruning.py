@@ -277,6 +277,17 @@ def test_real_mnist_loads():
 
 # --- checkpoints ----------------------------------------------------------------------------
 
+def test_written_files_keep_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        util.write_bytes(str(tmp_path / "a.dc"), b"x")
+        util.write_json(str(tmp_path / "a.json"), {})
+    finally:
+        os.umask(old)
+    for name in ("a.dc", "a.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+
+
 def test_checkpoint_round_trip_and_stage_check(tmp_path):
     net = build_model("lenet5")
     prune.prune_by_std(net, 1.0)

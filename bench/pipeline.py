@@ -59,6 +59,7 @@ LENET5_BITS = dict(bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}, preci
 # where the CPU runs it fast ('auto'). Sensitivities from bench/sensitivity.py on the dense
 # network's validation split (bench/results/sensitivity_resnet20.json).
 CIFAR = dict(dataset="cifar10", optimizer="sgd", lr=0.1, weight_decay=5e-4, epochs=60)
+RESNET20_BITS = dict(bits={"conv": 4, "fc": 5}, finetune_epochs=8)  # placeholder until stage 2 is chosen
 
 
 def recipe(model, pruning, quantization):
@@ -79,6 +80,18 @@ RECIPES = {
         "conv1": 0.3, "conv2": 0.8, "fc1": 1.05, "fc2": 0.6}), LENET5_BITS),
     "lenet5": recipe("lenet5", dict(**SGD, **DNS, retrain_epochs=25, sensitivity={
         "conv1": 1.0, "conv": 2.0, "fc1": 2.9, "fc2": 1.9}), LENET5_BITS),
+    # Sensitivities: bench/sensitivity.py --tolerance=10 on seed 0's dense network (each layer
+    # at the largest sensitivity that, alone and without retraining, costs at most 10 points of
+    # validation accuracy; 17% of the weights alive at the start of surgery). Evaluation in
+    # minibatches of 250: at 1000, ResNet-20's activations (65 MB) are mapped and unmapped at
+    # every call and evaluation runs 2.5x slower on the CPU.
+    "resnet20": recipe("resnet20", dict(**CIFAR, test_batch_size=250, prune_method="dns", retrain_lr=0.02,
+                                        retrain_epochs=30, sensitivity={
+        "conv1": 1.25, "layer1.0.conv1": 1.5, "layer1.0.conv2": 2.0, "layer1.1.conv1": 2.0, "layer1.1.conv2": 3.0,
+        "layer1.2.conv1": 1.0, "layer1.2.conv2": 1.25, "layer2.0.conv1": 1.25, "layer2.0.conv2": 1.75,
+        "layer2.1.conv1": 1.5, "layer2.1.conv2": 2.0, "layer2.2.conv1": 1.0, "layer2.2.conv2": 3.0,
+        "layer3.0.conv1": 1.25, "layer3.0.conv2": 1.25, "layer3.1.conv1": 1.25, "layer3.1.conv2": 1.5,
+        "layer3.2.conv1": 1.0, "layer3.2.conv2": 1.5, "fc": 1.75}), RESNET20_BITS),
 }
 STAGES = ("pruning", "quantization", "huffman_encode")
 

@@ -27,6 +27,8 @@ model = "lenet_300_100"     # reads {out_dir}/{model}_initial.pt (the dense netw
 out_dir = "out"             # where that checkpoint is
 data_root = "data"          # folder holding the data set stage 1 used
 sensitivities = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0]  # threshold = s x std
+tolerance = 2.0             # suggest, per layer, the largest sensitivity of the scan whose pruning (that layer
+                            # alone, no retraining) costs at most this many points of validation accuracy
 out = "bench/results/sensitivity_{model}.json"  # the curves ({model} is filled in); the PNG goes beside it
 device = "auto"             # auto (CUDA if available) | cpu | cuda:N
 # -----------------------------------------------------------------------------
@@ -54,6 +56,13 @@ def sensitivity_scan(net, data, sensitivities):
                 layer.weight.copy_(weight)
                 layer.mask.copy_(mask)
     return curves, base
+
+
+def suggest(curves, base, tolerance):
+    """{layer: the largest scanned sensitivity whose validation accuracy (that layer alone
+    pruned, no retraining) stays within `tolerance` points of `base`}; 0.0 where none does."""
+    return {name: max([r["sensitivity"] for r in rows if r["accuracy"] >= base - tolerance], default=0.0)
+            for name, rows in curves.items()}
 
 
 def plot(curves, base, title, path):
@@ -102,8 +111,11 @@ def main(cfg):
     for name, rows in curves.items():
         print(f"{name:<{width}}" + "".join(f"{r['accuracy']:6.2f}% {100 * r['alive']:5.1f}%" for r in rows))
     print("(each cell: validation accuracy with that layer alone pruned, and the percent of it alive)")
+    suggested = suggest(curves, base, cfg["tolerance"])
+    print(f"largest sensitivity within {cfg['tolerance']:g} points of the unpruned validation accuracy: {suggested}")
     json_path = cfg["out"].format(model=cfg["model"])
     util.write_json(json_path, dict(model=cfg["model"], checkpoint=path, unpruned_accuracy=base, curves=curves,
+                                    tolerance=cfg["tolerance"], suggested=suggested,
                                     data=dict(dataset=s["dataset"], split="validation", images=len(val.y))))
     png = os.path.splitext(json_path)[0] + ".png"
     plot(curves, base, cfg["model"], png)

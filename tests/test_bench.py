@@ -38,6 +38,13 @@ def test_sensitivity_scan_curves(fake_mnist):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the net is left as it was
 
 
+def test_suggested_sensitivities_are_the_largest_within_tolerance():
+    rows = lambda *accs: [dict(sensitivity=s, accuracy=a) for s, a in zip((0.0, 0.5, 1.0, 1.5), accs)]  # noqa: E731
+    curves = {"a": rows(90, 89.5, 88.2, 80), "b": rows(90, 90, 89.9, 89.0), "c": rows(90, 85, 84, 83)}
+    assert sensitivity.suggest(curves, 90.0, 2.0) == {"a": 1.0, "b": 1.5, "c": 0.0}
+    assert sensitivity.suggest(curves, 90.0, 0.2) == {"a": 0.0, "b": 1.0, "c": 0.0}
+
+
 def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatch):
     tiny = dict(pruning=dict(model="lenet_300_100", subset=400, epochs=1, retrain_epochs=1, lr=0.01,
                              sensitivity={"*": 1.0}),

@@ -72,10 +72,14 @@ def plot(curves, base, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, rows in curves.items():
-        left.plot([100 * (1 - r["alive"]) for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=name)
-        right.plot([r["sensitivity"] for r in rows], [100 * r["alive"] for r in rows], "o-", ms=3, label=name)
+    many = len(curves) > 10  # a residual network: one colour per layer along a colour map, legend outside
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13.5 if many else 11, 4.6 if many else 4.2))
+    colours = plt.cm.viridis([i / max(len(curves) - 1, 1) for i in range(len(curves))]) if many else [None] * len(curves)
+    for (name, rows), colour in zip(curves.items(), colours):
+        left.plot([100 * (1 - r["alive"]) for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=name,
+                  color=colour)
+        right.plot([r["sensitivity"] for r in rows], [100 * r["alive"] for r in rows], "o-", ms=3, label=name,
+                   color=colour)
     left.axhline(base, color="gray", lw=0.8, ls="--", label="unpruned")
     left.set(xlabel="parameters pruned away (%)", ylabel="validation accuracy (%)",
              title=f"{title}: one layer pruned, no retraining", ylim=(max(0, base - 20), min(100, base + 1)))
@@ -83,7 +87,11 @@ def plot(curves, base, title, path):
               yscale="log", title="what each sensitivity keeps")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    if many:
+        right.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        for ax in (left, right):
+            ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

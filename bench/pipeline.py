@@ -59,7 +59,7 @@ LENET5_BITS = dict(bits={"conv": 5, "fc1": 3, "*": 4}, bias_bits={"*": 5}, preci
 # where the CPU runs it fast ('auto'). Sensitivities from bench/sensitivity.py on the dense
 # network's validation split (bench/results/sensitivity_resnet20.json).
 CIFAR = dict(dataset="cifar10", optimizer="sgd", lr=0.1, weight_decay=5e-4, epochs=60)
-RESNET20_BITS = dict(bits={"conv": 4, "fc": 5}, finetune_epochs=8)  # placeholder until stage 2 is chosen
+RESNET20_BITS = dict(bits={"conv": 4, "fc": 5})  # chosen on validation over 3-bit convs (README)
 
 
 def recipe(model, pruning, quantization):

@@ -44,6 +44,8 @@ sensitivity = {"*": 1.9}    # std: threshold = sensitivity x std of the layer's 
 percent = {"*": 90.0}       # percentile / global: percent of surviving weights pruned per iteration
 prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
 dns_band = 0.1              # dns: weights within +-band x threshold keep their mask state (Guo et al. 2016)
+dns_threshold = "fixed"     # dns: fixed (set when surgery starts, Guo et al.) | scaled (sensitivity x the layer's
+                            # current weight std at every update: for batch-norm networks, whose weight scale drifts)
 seed = 0                    # torch seed (weights, batch order)
 precision = "auto"          # training arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); weights, masks, checkpoints and evaluation stay float32
@@ -74,6 +76,8 @@ def check_settings(cfg):
     util.require(cfg["augment"] in ("auto",) + util.AUGMENTS,
                  f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(util.AUGMENTS)}")
     util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
+    util.require(cfg["dns_threshold"] in ("fixed", "scaled"),
+                 f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed or scaled")
     util.require(cfg["precision"] in util.PRECISIONS,
                  f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
@@ -157,7 +161,9 @@ def main(cfg):
         report("After pruning" + (f" (iteration {it})" if cfg["prune_iterations"] > 1 else ""), "pruned")
         surgery = None
         if cfg["prune_method"] == "dns":
-            surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"])
+            scaled = util.per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
+                if cfg["dns_threshold"] == "scaled" else None
+            surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                            cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw)
         if surgery:

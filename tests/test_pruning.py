@@ -76,6 +76,25 @@ def test_surgery_step_known_answer_with_hysteresis():
     assert layer.weight.tolist()[0] == pytest.approx([0.05, 0.105, 0.095, -0.2])  # surgery keeps weights
 
 
+def test_scaled_surgery_thresholds_follow_the_weight_scale():
+    layer = MaskedLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, 1.0]]))
+    model = nn.Sequential(layer)
+    thresholds = {"0": 0.25}
+    prune.surgery_step(model, thresholds, band=0.0, sensitivities={"0": 1.0})
+    std = float(layer.weight.detach().std())
+    assert thresholds["0"] == pytest.approx(std)  # re-derived: 1.0 x the std of all the weights
+    assert layer.mask.tolist() == [[0.0, 0.0, float(0.3 >= std), 1.0]]
+    with torch.no_grad():
+        layer.weight.mul_(10)  # the same weights, ten times the scale: the same mask
+    before = layer.mask.clone()
+    prune.surgery_step(model, thresholds, band=0.0, sensitivities={"0": 1.0})
+    assert torch.equal(layer.mask, before) and thresholds["0"] == pytest.approx(10 * std)
+    prune.surgery_step(model, {"0": std}, band=0.0)  # a fixed threshold splices them all back
+    assert layer.mask.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
 def test_dns_splices_gradients_and_finishes_with_exact_zeros():
     torch.manual_seed(0)
     model = nn.Sequential(MaskedLinear(6, 3))

@@ -95,8 +95,8 @@ def architecture(model_args, quantized):
     """The sections a file for this model holds, from the model alone (built on the meta
     device, so nothing is allocated): ([(kind, name, shape, clusters)] in state-dict order,
     the names of the tensors a dense float32 model needs at inference: the parameters and
-    the batch-norm running statistics, not masks or batch counters). kind 'Q': quantized layer `name` with `clusters` centroids at the place of
-    name.weight (it carries name.codebook, name.index and name.mask); 'R': the raw tensor
+    the batch-norm running statistics, not masks or batch counters). kind 'Q': quantized
+    layer `name` with `clusters` centroids at the place of name.weight (it carries name.codebook, name.index and name.mask); 'R': the raw tensor
     `name` (clusters None). Raises ValueError when the model cannot be built or lacks the
     quantized layers."""
     if not all(isinstance(q, dict) and type(q.get("clusters")) is int and 1 <= q["clusters"] <= huffman.MAX_ALPHABET
@@ -302,7 +302,7 @@ def _section(kind, payload):
 
 
 def _raw_payload(name, t):
-    """The payload of a tensor stored raw: its name, dtype, shape and bytes."""
+    """The payload of a tensor stored raw: its dtype and bytes (`name` names it in errors)."""
     if t.dtype not in DTYPES:
         raise util.UserError(f"{name}: dtype {t.dtype} cannot be stored (supported: {DTYPES})")
     data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -323,7 +323,8 @@ def _tabled_payload(name, t):
     if len(table) > huffman.MAX_ALPHABET:
         return None
     stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-    return (struct.pack("<B", DTYPES.index(t.dtype)) + struct.pack("<I", len(table)) + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
+    return (struct.pack("<BI", DTYPES.index(t.dtype), len(table))
+            + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
 
 
 def _read_tabled(r, name, shape):
@@ -377,7 +378,8 @@ def _quantized_payload(name, codebook, index, mask, b):
     gaps = gap_stream(positions, b)
     cluster_bytes, cluster_bits = _write_stream(clusters, k)
     gap_bytes, gap_bits = _write_stream(gaps, 1 << b)
-    payload = (struct.pack("<BB", DTYPES.index(index.dtype), DTYPES.index(mask.dtype)) + struct.pack("<I", k) + codebook.detach().cpu().numpy().astype("<f4").tobytes()
+    payload = (struct.pack("<BBI", DTYPES.index(index.dtype), DTYPES.index(mask.dtype), k)
+               + codebook.detach().cpu().numpy().astype("<f4").tobytes()
                + struct.pack("<BII", b, len(clusters), len(gaps)) + cluster_bytes + gap_bytes)
     nnz = max(len(clusters), 1)
     row = dict(name=name, kind="quantized", shape=list(mask.shape), params=mask.numel(), nonzero=len(clusters),

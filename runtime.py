@@ -16,7 +16,6 @@ int64 column).
 Nothing here prints.
 """
 import copy
-import time
 
 import numba
 import numpy as np
@@ -24,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune import MASKED
+import util
+from prune import MASKED, masked_weight
 
 PARALLEL_MIN_WORK = 1 << 16  # non-zeros x columns below which one thread beats a parallel launch
 
@@ -165,7 +165,7 @@ class SparseConv2d(_Sparse):
 def plain_layer(layer):
     """The nn.Linear / nn.Conv2d computing what a masked or quantized layer computes, its
     weight the layer's weight * mask (codebook[index] * mask when quantized)."""
-    weight = layer.weight.detach().clone()  # quantized layers rebuild it from codebook and index
+    weight = masked_weight(layer).detach()  # quantized layers rebuild it from codebook and index
     if isinstance(layer, nn.Linear):
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     else:
@@ -174,7 +174,7 @@ def plain_layer(layer):
                           bias=layer.bias is not None, padding_mode=layer.padding_mode)
     plain = plain.to(weight.device)
     with torch.no_grad():
-        plain.weight.copy_(weight * layer.mask)
+        plain.weight.copy_(weight)
         if layer.bias is not None:
             plain.bias.copy_(layer.bias)
     return plain
@@ -198,16 +198,6 @@ def to_plain(net):
     state dict has the standard keys (no mask, codebook or index), loadable with strict=True
     into the same architecture built from plain layers (torchvision's ResNet-18 included)."""
     return _replace(copy.deepcopy(net), lambda _, m: plain_layer(m))
-
-
-def _best_time(fn, repeats=5):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def to_sparse(net, example):
@@ -237,7 +227,8 @@ def to_sparse(net, example):
             return plain
         x = inputs[name]
         with torch.no_grad():
-            faster = _best_time(lambda: sparse(x)) < _best_time(lambda: plain(x))
+            sparse(x), plain(x)  # warm-up: numba compiles, oneDNN picks its kernel
+            faster = util.best_time(lambda: sparse(x), 5)[0] < util.best_time(lambda: plain(x), 5)[0]
         chosen[name] = "sparse" if faster else "dense"
         return sparse if faster else plain
 

@@ -11,7 +11,6 @@ Writes bench/results/results.json and the table between the README's result mark
 import glob
 import json
 import os
-import platform
 import re
 import sys
 
@@ -29,9 +28,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def this_machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{util.cpu_model()}, {os.cpu_count()} cores"
 
 
 def row(folder, model):

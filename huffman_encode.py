@@ -745,4 +745,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    util.run_stage(main, SETTINGS)
+    util.run_stage(main, SETTINGS, stage="huffman_encode")

@@ -26,28 +26,30 @@ cifar_stem = False          # resnet18: 3x3 stride-1 first conv, no max-pool (32
 batch_size = 128            # training minibatch
 test_batch_size = 1000      # evaluation minibatch
 val_split = 0.1             # fraction of the training set held out for per-epoch validation
-augment = "auto"            # training images: none | shift (up to 2 px) | crop_flip | auto (cifar10 crop_flip,
+augment = "shift"           # training images: none | shift (up to 2 px) | crop_flip | auto (cifar10 crop_flip,
                             # mnist none); stage 2 fine-tunes with the same
 subset = 0                  # use only this many train and test images (0 = all); for quick runs
 init_from = ""              # a {model}_initial.pt to prune instead of training anew ('' = train; epochs unused)
 epochs = 20                 # dense training epochs
-lr = 1e-3                   # dense training learning rate
-retrain_epochs = 20         # retraining epochs after each pruning step
-retrain_lr = 1e-4           # Han 2015 retrains at 1/10 of the training rate
-weight_decay = 5e-5         # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
-optimizer = "adam"          # adam | sgd (momentum 0.9, Nesterov)
+lr = 0.05                   # dense training learning rate
+restart_epochs = 0          # then a second cosine cycle of this many epochs from restart_lr (a warm restart,
+restart_lr = 0.05           # SGDR, Loshchilov & Hutter 2017); with init_from, continues that network (0 = none)
+retrain_epochs = 30         # retraining epochs after each pruning step
+retrain_lr = 0.01           # Han 2015 retrains at 1/10 of the training rate (surgery splices better at 1/5)
+weight_decay = 5e-4         # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
+optimizer = "sgd"           # adam | sgd (momentum 0.9, Nesterov)
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
-prune_method = "std"        # std (threshold = sensitivity x std) | percentile (per layer) | global
+prune_method = "dns"        # std (threshold = sensitivity x std) | percentile (per layer) | global
                             # | dns (std threshold, masks re-evaluated every step: pruned weights can return)
 prune_layers = "all"        # all (convs and fcs, as the paper) | fc | conv
-sensitivity = {"*": 1.9}    # std: threshold = sensitivity x std of the layer's surviving weights
+sensitivity = {"*": 2.8, "fc3": 1.4}  # std: threshold = sensitivity x std of the layer's surviving weights
 percent = {"*": 90.0}       # percentile / global: percent of surviving weights pruned per iteration
 prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: iterative pruning)
 dns_band = 0.1              # dns: weights within +-band x threshold keep their mask state (Guo et al. 2016)
 dns_threshold = "fixed"     # dns: fixed (set when surgery starts, Guo et al.) | scaled (sensitivity x the layer's
                             # current weight std at every update: for batch-norm networks, whose weight scale drifts)
 seed = 0                    # torch seed (weights, batch order)
-precision = "auto"          # training arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
+precision = "fp32"          # training arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); weights, masks, checkpoints and evaluation stay float32
 device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -69,7 +71,7 @@ def check_settings(cfg):
                  f"percent must be in 0..100, got {cfg['percent']}")
     util.require(cfg["prune_method"] != "global" or set(cfg["percent"]) == {"*"},
                  "prune_method=global uses one percent for all layers: give --percent=<number>")
-    for key in ("epochs", "retrain_epochs", "prune_iterations", "batch_size", "test_batch_size"):
+    for key in ("epochs", "restart_epochs", "retrain_epochs", "prune_iterations", "batch_size", "test_batch_size"):
         util.require(cfg[key] >= (1 if "batch" in key else 0), f"{key} must be positive, got {cfg[key]}")
     util.require(cfg["model"] == "resnet18" or not (cfg["pretrained"] or cfg["cifar_stem"]),
                  "pretrained and cifar_stem apply to resnet18 only")
@@ -82,6 +84,10 @@ def check_settings(cfg):
                  f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
+    util.require(not (cfg["init_from"] and cfg["restart_epochs"]) or os.path.abspath(cfg["init_from"])
+                 != os.path.abspath(os.path.join(cfg["out_dir"], cfg["model"] + "_initial.pt")),
+                 "restart_epochs with init_from writes a new {model}_initial.pt: give an out_dir other than "
+                 "init_from's folder (a stage never overwrites its input)")
 
 
 def prune(net, cfg):
@@ -146,8 +152,17 @@ def main(cfg):
         history["train"] = util.fit(net, net.parameters(), train, val, cfg["epochs"], cfg["lr"], label="train",
                                     **train_kw)
         dense = dict(epochs=cfg["epochs"], seconds=round(time.time() - t_dense, 1), precision=precision)
-    report("Before pruning", "initial")
-    if not cfg["init_from"]:
+    if cfg["restart_epochs"]:
+        # A warm restart: the learning rate jumps back up and anneals again, which leaves the first
+        # cycle's minimum for a better one (SGDR, section 3); the dense cost adds up both cycles.
+        t_restart = time.time()
+        history["restart"] = util.fit(net, net.parameters(), train, val, cfg["restart_epochs"], cfg["restart_lr"],
+                                      label="restart", **train_kw)
+        dense = dict(epochs=(dense or {}).get("epochs", 0) + cfg["restart_epochs"],
+                     seconds=round((dense or {}).get("seconds", 0) + time.time() - t_restart, 1),
+                     precision=precision, restart_epochs=cfg["restart_epochs"])
+    report("Before pruning", "dense")
+    if not cfg["init_from"] or cfg["restart_epochs"]:
         util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg,
                              dict(accuracy=dict(accuracy), validation=dict(validation), dense=dense))
 
@@ -184,4 +199,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    util.run_stage(main, SETTINGS)
+    util.run_stage(main, SETTINGS, stage="pruning")

@@ -25,18 +25,18 @@ from prune import MaskedConv2d, MaskedLinear, layer_kind, layer_value, masked_la
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18: reads {out_dir}/{model}_pruned.pt
 data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; the data set is stage 1's
 out_dir = "out"             # where stage 1 wrote its checkpoint; the quantized one goes there too
-bits = {"conv": 8, "*": 5}  # bits per layer, 2**bits shared values (section 3: 8 for conv, 5 for fc layers)
-bias_bits = {"*": 0}        # per layer: after fine-tuning, share the bias among 2**bias_bits values (stage 3
+bits = {"fc1": 3, "*": 4}   # bits per layer, 2**bits shared values (section 3 used 8 for conv, 5 for fc layers)
+bias_bits = {"*": 5}        # per layer: after fine-tuning, share the bias among 2**bias_bits values (stage 3
                             # then stores a value table and Huffman-coded indices); 0 = keep float32 biases
 fold_bn = True              # after fine-tuning, fold each batch-norm's running statistics into its scale and
                             # shift (same function at inference; stage 3 then stores 2 vectors of 4)
 bn_bits = 0                 # with fold_bn: share each batch-norm's scale and shift among 2**bn_bits values
                             # (0 = float32); stage 3 stores a value table and Huffman-coded indices
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
-finetune_epochs = 5         # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
-lr = 1e-4                   # fine-tuning learning rate (Adam, cosine schedule)
+finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
+lr = 3e-4                   # fine-tuning learning rate (Adam, cosine schedule)
 seed = 0                    # torch seed (batch order) and k-means seed (random and kmeans++ inits)
-precision = "auto"          # fine-tuning arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
+precision = "fp32"          # fine-tuning arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); codebooks, k-means, checkpoints and evaluation stay float32
 device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -356,11 +356,11 @@ def main(cfg):
         print(f"--- {header} ---")
         print(util.test_line(loss, correct, total))
 
-    report("Pruned (stage 1)", "pruned")
+    report("Pruned and retrained (stage 1)", "retrained")
 
     # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
     quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
-    report(f"After clustering ({cfg['init']} init)", "quantized")
+    report(f"After clustering ({cfg['init']} init)", "clustered")
 
     # 2. Fine-tune the centroids (section 3.3). The parameters left are the codebooks, the
     # biases and batch-norm's scales and shifts; the biases and batch-norm are trained too
@@ -394,17 +394,17 @@ def main(cfg):
                     share_values(vector, cfg["bn_bits"], cfg["init"], cfg["seed"])
         report("After folding the batch-norms" + (f" ({cfg['bn_bits']}-bit)" if cfg["bn_bits"] else ""),
                "bn_folded")
-    accuracy["final"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes
-    validation["final"] = validation[list(validation)[-1]]
+    accuracy["quantized"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes
+    validation["quantized"] = validation[list(validation)[-1]]
 
     rows = layer_rows(net, quantized, zeros)
     print(quant_table(rows))
-    final = accuracy["final"]
-    print(f"Accuracy: pruned {accuracy['pruned']:.2f}% | after clustering {accuracy['quantized']:.2f}% | "
+    final = accuracy["quantized"]
+    print(f"Accuracy: retrained {accuracy['retrained']:.2f}% | after clustering {accuracy['clustered']:.2f}% | "
           f"after fine-tuning {accuracy['finetuned']:.2f}%"
           + (f" | biases shared {accuracy['bias_shared']:.2f}%" if "bias_shared" in accuracy else "")
           + (f" | batch-norm folded {accuracy['bn_folded']:.2f}%" if "bn_folded" in accuracy else "")
-          + f" ({final - accuracy['pruned']:+.2f} points)")
+          + f" ({final - accuracy['retrained']:+.2f} points)")
 
     settings = {**cfg, "pruning": p}
     summary = dict(
@@ -417,4 +417,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    util.run_stage(main, SETTINGS)
+    util.run_stage(main, SETTINGS, stage="quantization")

@@ -56,23 +56,13 @@ def per_layer(net, setting, key, which="all"):
         raise UserError(f"{key}: {e.args[0]}") from None
 
 
-def parse_settings(defaults, argv):
-    """Apply `--key=value` overrides to a copy of `defaults`.
-
-    Values are Python literals (`--lr=0.01`, `--pretrained=True`, `--bits={'*': 4, 'fc3': 6}`);
-    a bare word is a string (`--model=lenet5`). Each value must have its default's type.
-    A per-layer setting (a dict default) takes a dict or one value for every layer ({'*': v})."""
-    cfg = dict(defaults)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"bad argument {arg!r}: give settings as --key=value")
-        key, text = arg[2:].split("=", 1)
+def _apply(cfg, defaults, items, where):
+    """cfg updated with `items` ({key: value}), each checked against its default's type. A
+    per-layer setting (a dict default) takes a dict or one value for every layer ({'*': v}).
+    where: what the items came from, for the error message."""
+    for key, value in items.items():
         if key not in defaults:
-            raise UserError(f"unknown setting {key!r}; valid settings: {', '.join(defaults)}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
+            raise UserError(f"unknown setting {key!r}{where}; valid settings: {', '.join(defaults)}")
         default = defaults[key]
         if isinstance(default, dict):
             if not isinstance(value, dict):
@@ -83,11 +73,89 @@ def parse_settings(defaults, argv):
     return cfg
 
 
-def run_stage(main, defaults, argv=None):
-    """Entry point of a stage script: parse overrides, run main(cfg), report UserError as
-    one line on stderr with exit code 2."""
+def parse_settings(defaults, argv):
+    """Apply `--key=value` overrides to a copy of `defaults`.
+
+    Values are Python literals (`--lr=0.01`, `--pretrained=True`, `--bits={'*': 4, 'fc3': 6}`);
+    a bare word is a string (`--model=lenet5`). Each value must have its default's type."""
+    items = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"bad argument {arg!r}: give settings as --key=value (a recipe file goes first)")
+        key, text = arg[2:].split("=", 1)
+        try:
+            items[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            items[key] = text
+    return _apply(dict(defaults), defaults, items, "")
+
+
+# --- recipes: config/<name>.py, read by the stage scripts and bench/pipeline.py -------------
+
+STAGES = ("pruning", "quantization", "huffman_encode")
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+
+
+def read_recipe(path):
+    """A recipe file: `model = '<name>'` and one dict of settings per stage script (`pruning`,
+    `quantization`, `huffman_encode`), literal values only; nothing in it is executed.
+    Returns {stage: {setting: value}}, the model in each. Each stage checks its own keys."""
     try:
-        main(parse_settings(defaults, sys.argv[1:] if argv is None else argv))
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
+    except SyntaxError as e:
+        raise UserError(f"{path} line {e.lineno}: not a recipe ({e.msg})") from None
+    names = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring that says where the recipe comes from
+        require(isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name),
+                f"{path} line {node.lineno}: a recipe holds only `name = literal` lines")
+        name = node.targets[0].id
+        try:
+            names[name] = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f"{path} line {node.lineno}: {name} must be a literal (numbers, strings, lists, "
+                            "dicts)") from None
+    unknown = sorted(set(names) - {"model", *STAGES})
+    require(not unknown, f"{path}: unknown name(s) {', '.join(unknown)}; a recipe sets model and the dicts "
+                         f"{', '.join(STAGES)}")
+    require(isinstance(names.get("model"), str), f"{path}: name the model, e.g. model = 'lenet_300_100'")
+    for stage in STAGES:
+        require(isinstance(names.get(stage, {}), dict), f"{path}: {stage} must be a dict of settings")
+    return {stage: {"model": names["model"], **names.get(stage, {})} for stage in STAGES}
+
+
+def stage_settings(defaults, argv, stage):
+    """A stage script's settings: its defaults, then a recipe, then the `--key=value` overrides.
+
+    The recipe is the file given as the first argument (`python pruning.py config/x.py`), else
+    config/<model>.py when the model has one: `--model=lenet5_caffe` alone runs that model's
+    recipe. Returns (settings, the recipe's path or None)."""
+    argv = list(argv)
+    path = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    cfg = parse_settings(defaults, argv)  # checks the overrides, and names the model
+    if path is None:
+        path = os.path.join(RECIPE_DIR, cfg["model"] + ".py")
+        if not os.path.isfile(path):
+            return cfg, None
+    base = _apply(dict(defaults), defaults, read_recipe(path)[stage], f" in {path} ({stage})")
+    return parse_settings(base, argv), path
+
+
+def run_stage(main, defaults, argv=None, stage=None):
+    """Entry point of a script: settings (for a stage, from its recipe too: stage_settings),
+    run main(cfg), report UserError as one line on stderr with exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if stage:
+            cfg, path = stage_settings(defaults, argv, stage)
+            print(f"recipe: {os.path.relpath(path) if path else 'none (the settings at the top of the script)'}")
+        else:
+            cfg = parse_settings(defaults, argv)
+        main(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

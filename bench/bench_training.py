@@ -7,7 +7,8 @@ In one run on one machine, for each model (LeNet-5 on MNIST, ResNet-20 on CIFAR-
   2. in float32 and under bf16 autocast (conv networks in channels_last, as util.fit trains them),
 and for the first MNIST model
   3. util.Batches (one in-memory uint8 tensor, batched indexing) vs a torch DataLoader that
-     normalises image by image, over the same training images.
+     normalises image by image, over the same training images in the same order, with the
+     same warm-up and repeats as the training steps.
 Every configuration trains on the same minibatches: `warmup` untimed steps, then `steps` timed
 steps, repeated `repeats` times; the best repeat is kept and scaled to one epoch of the 90%
 training split. Prints the table and writes bench/results/training.json with the CPU model.
@@ -15,6 +16,7 @@ training split. Prints the table and writes bench/results/training.json with the
 import contextlib
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -87,14 +89,18 @@ def time_steps(net, batches, precision, cfg):
     return util.best_time(lambda: run(stream[cfg["warmup"]:]), cfg["repeats"])[0] / cfg["steps"]
 
 
-def time_data_path(batches, n):
-    """Seconds per minibatch to produce `n` minibatches (one untimed pass first)."""
-    def take():
-        for i, _ in enumerate(batches):
-            if i + 1 == n:
-                break
-    take()
-    return util.best_time(take, 2)[0] / n
+def time_data_path(minibatches, cfg):
+    """Seconds per minibatch that the iterable `minibatches()` makes: each repeat takes
+    `warmup` untimed minibatches, then times `steps` more; the best of `repeats`."""
+    def repeat():
+        source = iter(minibatches())
+        for _ in range(cfg["warmup"]):
+            next(source)
+        t0 = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            next(source)
+        return time.perf_counter() - t0
+    return min(repeat() for _ in range(cfg["repeats"])) / cfg["steps"]
 
 
 def main(cfg):
@@ -138,12 +144,17 @@ def main(cfg):
               f"{entry['masked_over_plain']['bf16']:.3f} (bf16); bf16 speed-up "
               f"{entry['fp32_over_bf16']['masked']:.2f}x (masked)")
         result["models"][name] = entry
-    if "mnist" in data:  # the data path alone, over the same images
+    if "mnist" in data:  # the data path alone: the same images in the same order for both
         train = data["mnist"]
+        order = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))
+
+        def in_memory():
+            train.gen.manual_seed(0)  # util.Batches draws `order` first
+            return train
+
         loader = torch.utils.data.DataLoader(PerImage(train.x, train.y, *util.DATASETS["mnist"][2:]),
-                                             batch_size=cfg["batch_size"], shuffle=True)
-        n = cfg["warmup"] + cfg["steps"]
-        batches, per_image = time_data_path(train, n), time_data_path(loader, n)
+                                             batch_size=cfg["batch_size"], sampler=order.tolist())
+        batches, per_image = time_data_path(in_memory, cfg), time_data_path(lambda: loader, cfg)
         result["data_path"] = dict(batches_ms=1000 * batches, dataloader_ms=1000 * per_image,
                                    dataloader_over_batches=per_image / batches)
         print(f"data path, ms per minibatch of MNIST: util.Batches {1000 * batches:.2f}, "

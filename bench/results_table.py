@@ -4,8 +4,9 @@
 
 For each folder in `runs` and each model with all three summaries there
 ({model}_pruned.json, {model}_quantized.json, {model}_compressed.json), one row: test error
-dense -> pruned -> quantized -> decoded from the file, weights alive, dense float32 bytes,
-bytes of the compressed file on disk, ratio, epochs, wall time of the three stages, hardware.
+dense -> retrained -> quantized -> decoded from the file, weights alive, dense float32 bytes,
+bytes of the compressed file on disk, ratio, epochs, the stages' own timings summed (training, k-means, coding,
+testing; not the interpreter start-up; plus the dense training of a run that pruned an earlier network), hardware.
 Writes bench/results/results.json and the table between the README's result markers.
 """
 import glob
@@ -37,15 +38,18 @@ def row(folder, model):
     p, q, c = load("pruned"), load("quantized"), load("compressed")
     s = p["settings"]
     # A run that pruned a dense checkpoint trained before (init_from) counts that training's
-    # epochs and time, which the checkpoint records (0 where it does not).
-    dense = (p.get("dense") or {}) if s.get("init_from") else dict(epochs=s["epochs"], seconds=0)
+    # epochs and time, which the checkpoint records; a run that trained its own has that time
+    # in its stage-1 seconds already.
+    dense = dict(p.get("dense") or dict(epochs=s["epochs"]))
+    if not s.get("init_from"):
+        dense["seconds"] = 0
     epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
-    quantized = q["accuracy"].get("final", q["accuracy"].get("bias_shared", q["accuracy"]["finetuned"]))
+    quantized = q["accuracy"]["quantized"]
     return dict(model=model, folder=folder, params=p["params"]["total"],
-                error=dict(dense=100 - p["accuracy"]["initial"], pruned=100 - p["accuracy"]["retrained"],
+                error=dict(dense=100 - p["accuracy"]["dense"], retrained=100 - p["accuracy"]["retrained"],
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
                 # the decoded model is the quantized one bit for bit: its validation error is stage 2's
-                val_error=100 - q["validation"]["final"] if "validation" in q else None,
+                val_error=100 - q["validation"]["quantized"],
                 alive=100 * p["params"]["nonzero"] / p["params"]["total"],
                 dense_bytes=c["dense_bytes"], compressed_bytes=c["compressed_bytes"], ratio=c["ratio"],
                 epochs=epochs, minutes=(dense.get("seconds", 0) + p["seconds"] + q["seconds"] + c["encode_seconds"]
@@ -56,8 +60,8 @@ def row(folder, model):
 def table(rows, hardware):
     """The README's results table. A row with 'seeds' > 1 holds means over seeds, and the
     decoded error and the ratio carry their standard deviation."""
-    lines = ["| model | parameters | test error: dense -> pruned -> quantized -> decoded | validation error "
-             "| weights alive | dense bytes | compressed bytes | ratio | epochs | time | hardware |",
+    lines = ["| model | parameters | test error: dense -> retrained -> quantized -> decoded | validation error (decoded) "
+             "| weights alive | dense bytes | compressed bytes | ratio | epochs | stage time | hardware |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         e, many = r["error"], r.get("seeds", 1) > 1
@@ -66,18 +70,18 @@ def table(rows, hardware):
         name = r.get("recipe", r["model"])
         model = f"{name} ({r['seeds']} seeds)" if many else name
         val = "-" if r.get("val_error") is None else f"{r['val_error']:.2f}%"
-        lines.append(f"| {model} | {r['params']:,} | {e['dense']:.2f}% -> {e['pruned']:.2f}% -> "
+        lines.append(f"| {model} | {r['params']:,} | {e['dense']:.2f}% -> {e['retrained']:.2f}% -> "
                      f"{e['quantized']:.2f}% -> {decoded} | {val} | {r['alive']:.2f}% | {r['dense_bytes']:,} "
                      f"| {r['compressed_bytes']:,} | {ratio} | {r['epochs']} | {r['minutes']:.1f} min "
                      f"| {hardware} ({r['device']}) |")
     return "\n".join(lines)
 
 
-def replace_block(readme, text):
-    """Put `text` between the README's result markers."""
+def replace_block(readme, text, begin=BEGIN, end=END):
+    """Put `text` between the README's markers (the results table's by default)."""
     doc = open(readme).read()
-    util.require(BEGIN in doc and END in doc, f"{readme} has no {BEGIN} ... {END} block")
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
+    util.require(begin in doc and end in doc, f"{readme} has no {begin} ... {end} block")
+    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}", doc, flags=re.S)
     util.write_bytes(readme, doc.encode())
 
 

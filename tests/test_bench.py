@@ -15,6 +15,7 @@ from prune import to_masked
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import pipeline  # noqa: E402
+import levers  # noqa: E402
 import plots  # noqa: E402
 import results_table  # noqa: E402
 import sensitivity  # noqa: E402
@@ -45,14 +46,20 @@ def test_suggested_sensitivities_are_the_largest_within_tolerance():
     assert sensitivity.suggest(curves, 90.0, 0.2) == {"a": 0.0, "b": 1.0, "c": 0.0}
 
 
-def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatch):
-    tiny = dict(pruning=dict(model="lenet_300_100", subset=400, epochs=1, retrain_epochs=1, lr=0.01,
-                             sensitivity={"*": 1.0}),
-                quantization=dict(model="lenet_300_100", bits={"*": 3}, bias_bits={"*": 2}, finetune_epochs=1),
-                huffman_encode=dict(model="lenet_300_100"))
-    monkeypatch.setattr(pipeline, "RECIPES", {"lenet_300_100": tiny, "older": tiny})
+def write_recipe(path, model, stages):
+    """A recipe file: the model and {stage: settings}."""
+    path.write_text(f"model = {model!r}\n" + "".join(f"{s} = {v!r}\n" for s, v in stages.items()))
+
+
+def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path):
+    tiny = dict(pruning=dict(subset=400, epochs=1, retrain_epochs=1, lr=0.01, sensitivity={"*": 1.0}),
+                quantization=dict(bits={"*": 3}, bias_bits={"*": 2}, finetune_epochs=1), huffman_encode={})
+    recipes = tmp_path / "config"
+    recipes.mkdir()
+    for name in ("lenet_300_100", "older"):
+        write_recipe(recipes / f"{name}.py", "lenet_300_100", tiny)
     earlier = dict(recipe="older", seed=0, model="lenet5_caffe", params=431080, device="cpu", alive=3.0,
-                   error=dict(dense=0.7, pruned=0.8, quantized=0.75, decoded=0.75), dense_bytes=1724320,
+                   error=dict(dense=0.7, retrained=0.8, quantized=0.75, decoded=0.75), val_error=0.6, dense_bytes=1724320,
                    compressed_bytes=17243, ratio=100.0, epochs=50, minutes=20.0)
     (tmp_path / "results.json").write_text(json.dumps(dict(runs=[earlier])))
     readme = tmp_path / "README.md"
@@ -60,7 +67,8 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
     out = tmp_path / "results.json"
     util.run_stage(pipeline.main, pipeline.SETTINGS, [
         "--recipes=['lenet_300_100']", "--seeds=2", "--jobs=2", f"--data_root={fake_mnist}",
-        f"--out_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--out={out}", "--hardware=test machine"])
+        f"--out_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--out={out}", "--hardware=test machine",
+        f"--recipe_dir={recipes}"])
     results = json.loads(out.read_text())
     for r in results["runs"][:2]:
         assert r["compressed_bytes"] == os.path.getsize(os.path.join(r["folder"], "lenet_300_100.dc"))
@@ -83,14 +91,15 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path, monkeypatc
     stamp = os.path.getmtime(log)
     util.run_stage(pipeline.main, pipeline.SETTINGS, [
         "--recipes=['lenet_300_100']", "--seeds=2", "--reuse=True", f"--out_dir={tmp_path / 'runs'}",
-        "--readme=", f"--out={out}"])
+        "--readme=", f"--out={out}", f"--recipe_dir={recipes}"])
     again = json.loads(out.read_text())
     assert [r.get("reused") for r in again["runs"][:2]] == [True, True] and os.path.getmtime(log) == stamp
     assert [r["ratio"] for r in again["runs"]] == [r["ratio"] for r in results["runs"]]
-    assert pipeline.finished(results["runs"][1]["folder"], "lenet_300_100", 1)
-    assert not pipeline.finished(results["runs"][1]["folder"], "lenet_300_100", 0)
-    tiny["quantization"]["bits"] = {"*": 4}
-    assert not pipeline.finished(results["runs"][1]["folder"], "lenet_300_100", 1)
+    recipe = util.read_recipe(recipes / "lenet_300_100.py")
+    assert pipeline.finished(results["runs"][1]["folder"], recipe, 1)
+    assert not pipeline.finished(results["runs"][1]["folder"], recipe, 0)
+    recipe["quantization"]["bits"] = {"*": 4}
+    assert not pipeline.finished(results["runs"][1]["folder"], recipe, 1)
 
     seed0 = results["runs"][0]["folder"]
     util.run_stage(plots.main, plots.SETTINGS, [f"--run={seed0}", f"--out={tmp_path / 'plots'}"])
@@ -124,4 +133,44 @@ def test_byte_groups_of_a_residual_network():
 def test_pipeline_rejects_an_unknown_model(capsys):
     with pytest.raises(SystemExit):
         util.run_stage(pipeline.main, pipeline.SETTINGS, ["--recipes=['vgg']"])
-    assert "no recipe ['vgg']; choose from lenet_300_100" in capsys.readouterr().err
+    assert "no recipe ['vgg'] in config; choose from lenet_300_100" in capsys.readouterr().err
+
+
+def test_levers_choose_on_validation_never_on_test():
+    run = lambda label, val, test, ratio: dict(label=label, val_error=val, error=dict(decoded=test), ratio=ratio)  # noqa: E731
+    runs = [run("a", 1.20, 1.50, 80.0), run("b", 1.29, 1.10, 95.0), run("c", 1.35, 1.00, 120.0)]
+    # c has the best test error and ratio, but its validation error is over the budget
+    assert levers.select(runs, 1.30)["label"] == "b"
+    assert levers.select(runs, 1.40)["label"] == "c"
+    assert levers.select(runs, 1.00)["label"] == "a"  # none within: the lowest validation error
+    swapped = [dict(r, error=dict(decoded=5.0)) for r in runs]  # test error changes nothing
+    assert [levers.select(x, 1.30)["label"] for x in (runs, swapped)] == ["b", "b"]
+
+
+def test_levers_rounds_build_on_the_best_run(fake_mnist, tmp_path, monkeypatch):
+    recipes = tmp_path / "config"
+    recipes.mkdir()
+    write_recipe(recipes / "tiny.py", "lenet_300_100", dict(
+        pruning=dict(subset=300, epochs=1, retrain_epochs=1, sensitivity={"*": 0.5}),
+        quantization=dict(bits={"*": 3}, finetune_epochs=0), huffman_encode={}))
+    monkeypatch.setitem(levers.LEVERS, "tiny", dict(budget=100.0, rounds=[
+        {"prune harder": dict(pruning=dict(sensitivity={"*": 1.5}))},
+        {"2-bit": dict(quantization=dict(bits={"*": 2}))}]))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
+    out = tmp_path / "levers.json"
+    util.run_stage(levers.main, levers.SETTINGS, [
+        "--recipe=tiny", f"--recipe_dir={recipes}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path / 'runs'}",
+        f"--readme={readme}", f"--out={out}", "--jobs=1"])
+    result = json.loads(out.read_text())
+    base, harder, two_bit = result["runs"]
+    # any run is within a 100% budget, so each round keeps the smaller file
+    assert harder["ratio"] > base["ratio"] and two_bit["ratio"] > harder["ratio"]
+    assert result["chosen"] == "2-bit"
+    assert result["overrides"] == {"pruning": {"sensitivity": {"*": 1.5}}, "quantization": {"bits": {"*": 2}}}
+    # the 2-bit run quantized the "prune harder" network; that one pruned the recipe's dense network
+    pruned = json.load(open(os.path.join(two_bit["folder"], "lenet_300_100_pruned.json")))
+    assert pruned["settings"]["init_from"] == os.path.join(base["folder"], "lenet_300_100_initial.pt")
+    assert pruned["params"]["nonzero"] == json.load(open(os.path.join(
+        harder["folder"], "lenet_300_100_pruned.json")))["params"]["nonzero"]
+    assert "| 2: **2-bit** |" in readme.read_text()

@@ -334,14 +334,15 @@ def test_pruning_script_end_to_end(fake_mnist, tmp_path):
     out = tmp_path / "out"
     r = run_script("pruning.py", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}",
                    "--epochs=2", "--retrain_epochs=1", "--prune_iterations=2", "--lr=0.01", "--retrain_lr=0.001",
-                   "--sensitivity=1.0")
+                   "--sensitivity=1.0", "--optimizer=adam", "--prune_method=std", "--augment=none")
+    assert "recipe: config/lenet5.py" in r.stdout  # the model's recipe, under these overrides
     assert r.returncode == 0, r.stderr
     for header in ("--- Before pruning ---", "--- After pruning (iteration 2) ---", "--- After Retraining ---"):
         assert header in r.stdout
     assert "Pruning with threshold : " in r.stdout and "Test set: Average loss: " in r.stdout
     summary = json.loads((out / "lenet5_pruned.json").read_text())
-    assert set(summary["accuracy"]) == {"initial", "pruned", "retrained"}
-    assert summary["accuracy"]["initial"] > 50  # the synthetic classes are learnable
+    assert set(summary["accuracy"]) == {"dense", "pruned", "retrained"}
+    assert summary["accuracy"]["dense"] > 50  # the synthetic classes are learnable
     assert summary["params"]["total"] == 167_566
     assert summary["params"]["nonzero"] == sum(l["nonzero"] for l in summary["layers"])
     assert summary["params"]["nonzero"] < 0.5 * 167_566  # two iterations at sensitivity 1
@@ -371,7 +372,7 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
     assert "dense network from" in r.stdout and not (out / "lenet_300_100_initial.pt").exists()
     first = json.loads((dense / "lenet_300_100_pruned.json").read_text())
     summary = json.loads((out / "lenet_300_100_pruned.json").read_text())
-    assert summary["accuracy"]["initial"] == first["accuracy"]["initial"]  # the same dense network
+    assert summary["accuracy"]["dense"] == first["accuracy"]["dense"]  # the same dense network
     assert "train" not in summary["history"]
     ckpt = util.load_checkpoint(str(out / "lenet_300_100_pruned.pt"), "pruned", torch.device("cpu"), "")
     state = ckpt["state_dict"]
@@ -407,6 +408,6 @@ def test_pruning_script_on_real_mnist_subset(tmp_path):
                    "--subset=6000", "--epochs=3", "--retrain_epochs=2", "--sensitivity=1.0")
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "lenet_300_100_pruned.json").read_text())
-    assert summary["accuracy"]["initial"] > 88  # 5,400 real digits, 3 epochs
+    assert summary["accuracy"]["dense"] > 88  # 5,400 real digits, 3 epochs
     assert summary["accuracy"]["retrained"] > summary["accuracy"]["pruned"] - 1
     assert summary["params"]["nonzero"] < 0.45 * summary["params"]["total"]

@@ -226,19 +226,19 @@ def stage1(fake_mnist, tmp_path_factory):
 
 def test_stage1_to_stage2_smoke(fake_mnist, stage1):
     r = run_script("quantization.py", f"--data_root={fake_mnist}", f"--out_dir={stage1}", "--finetune_epochs=1",
-                   "--lr=0.001")
+                   "--lr=0.001", "--bits=5", "--bias_bits=0")
     assert r.returncode == 0, r.stderr
-    for line in ("--- Pruned (stage 1) ---", "--- After clustering (linear init) ---",
-                 "--- After fine-tuning the centroids ---", "Accuracy: pruned "):
+    for line in ("--- Pruned and retrained (stage 1) ---", "--- After clustering (linear init) ---",
+                 "--- After fine-tuning the centroids ---", "Accuracy: retrained "):
         assert line in r.stdout
     assert r.stdout.count("Test set: Average loss: ") == 3
     summary = json.loads(open(os.path.join(stage1, "lenet_300_100_quantized.json")).read())
-    assert set(summary["accuracy"]) == set(summary["validation"]) == {"pruned", "quantized", "finetuned", "final"}
-    assert summary["accuracy"]["final"] == summary["accuracy"]["finetuned"]
+    assert set(summary["accuracy"]) == set(summary["validation"]) == {"retrained", "clustered", "finetuned", "quantized"}
+    assert summary["accuracy"]["quantized"] == summary["accuracy"]["finetuned"]
     assert [(l["name"], l["bits"], l["clusters"], l["distinct"]) for l in summary["layers"]] == \
         [("fc1", 5, 32, 32), ("fc2", 5, 32, 32), ("fc3", 5, 32, 32)]
     pruned = util.load_checkpoint(os.path.join(stage1, "lenet_300_100_pruned.pt"), "pruned", CPU, "")
-    assert summary["accuracy"]["pruned"] == pytest.approx(pruned["metrics"]["accuracy"]["retrained"])
+    assert summary["accuracy"]["retrained"] == pytest.approx(pruned["metrics"]["accuracy"]["retrained"])
     assert summary["settings"]["pruning"] == pruned["settings"]
 
     net, ckpt = load_quantized(os.path.join(stage1, "lenet_300_100_quantized.pt"), CPU)
@@ -328,7 +328,7 @@ def test_resnet18_quantizes_end_to_end(fake_mnist, tmp_path):
                          stage1, {"accuracy": {}})
     quantization.main(util.parse_settings(quantization.SETTINGS, [
         f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--model=resnet18", "--device=cpu",
-        "--finetune_epochs=1", "--fold_bn=False"]))
+        "--finetune_epochs=1", "--fold_bn=False", "--bits={'conv': 8, '*': 5}"]))
 
     net, ckpt = load_quantized(str(tmp_path / "resnet18_quantized.pt"), CPU)
     bits = {n: q["bits"] for n, q in ckpt["quantized"].items()}

@@ -94,15 +94,18 @@ def test_resnet20_stages_1_2_3_and_decode(fake_cifar, tmp_path):
     """The three stages and --decode on ResNet-20 in bf16, with a hundred images."""
     out = tmp_path / "out"
     common = [f"--data_root={fake_cifar}", f"--out_dir={out}", "--model=resnet20"]
-    r = run_script("pruning.py", *common, "--dataset=cifar10", "--epochs=1", "--retrain_epochs=1",
+    r = run_script("pruning.py", *common, "--dataset=cifar10", "--epochs=1", "--restart_epochs=1", "--retrain_epochs=1",
                    "--prune_method=dns", "--sensitivity=1.0", "--optimizer=sgd", "--lr=0.05", "--precision=bf16")
     assert r.returncode == 0, r.stderr
-    assert "training precision bf16" in r.stdout
+    assert "training precision bf16" in r.stdout and "recipe: config/resnet20.py" in r.stdout
+    pruned = json.loads((out / "resnet20_pruned.json").read_text())
+    assert pruned["dense"]["epochs"] == 2 and pruned["dense"]["restart_epochs"] == 1  # 1 + a warm restart of 1
+    assert [h["epoch"] for h in pruned["history"]["restart"]] == [1]
     r = run_script("quantization.py", *common, "--finetune_epochs=1", "--bits={'conv': 4, 'fc': 5}",
                    "--bn_bits=4", "--precision=bf16")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "resnet20_quantized.json").read_text())
-    assert "bn_folded" in summary["accuracy"] and summary["accuracy"]["final"] == summary["accuracy"]["bn_folded"]
+    assert "bn_folded" in summary["accuracy"] and summary["accuracy"]["quantized"] == summary["accuracy"]["bn_folded"]
     ckpt = util.load_checkpoint(str(out / "resnet20_quantized.pt"), "quantized", torch.device("cpu"), "")
     for k, v in ckpt["state_dict"].items():
         if k.endswith(("running_mean",)):

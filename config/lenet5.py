@@ -1,0 +1,10 @@
+"""The project's first LeNet-5 (6 and 16 5x5 convs with max-pools, fc 256 -> 120 -> 84 -> 10) on
+MNIST, with the LeNet-5 (caffe) levers. `--model=lenet5 --prune_layers=fc` prunes the fc layers
+only, the shape of the run this project started from."""
+model = "lenet5"
+pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "fp32", "augment": "shift",
+           "prune_method": "dns", "retrain_lr": 0.01, "retrain_epochs": 25,
+           "sensitivity": {"conv1": 1.0, "conv": 2.0, "fc1": 2.9, "fc2": 1.9}}
+quantization = {"bits": {"conv": 5, "fc1": 3, "*": 4}, "bias_bits": {"*": 5}, "finetune_epochs": 5, "lr": 1e-4,
+                "precision": "fp32"}
+huffman_encode = {}

@@ -1,0 +1,23 @@
+"""ResNet-20 (He et al. 2016 section 4.2, option A shortcuts) on CIFAR-10.
+
+Dense: SGD + Nesterov, lr 0.1 with a cosine decay over 60 epochs, weight decay 5e-4, crop +
+flip, then a warm restart (SGDR): 40 more epochs from lr 0.05; bf16 where the CPU runs it fast.
+Pruning: dynamic network surgery with thresholds that follow each layer's weight std
+(dns_threshold='scaled': batch-norm lets a layer's weights shrink, and fixed thresholds then
+splice pruned weights back in); per-layer sensitivities from bench/sensitivity.py --tolerance=10
+on the dense network's validation split (bench/results/sensitivity_resnet20.json). Evaluation in
+minibatches of 250: at 1000, ResNet-20's activations (65 MB) are mapped and unmapped at every
+call and evaluation runs 2.5x slower on the CPU. Bits chosen on validation (README)."""
+model = "resnet20"
+pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "epochs": 60,
+           "restart_epochs": 40, "restart_lr": 0.05, "augment": "crop_flip", "precision": "auto",
+           "test_batch_size": 250, "prune_method": "dns", "dns_threshold": "scaled", "retrain_lr": 0.02,
+           "retrain_epochs": 30, "sensitivity": {
+               "conv1": 1.25, "layer1.0.conv1": 1.5, "layer1.0.conv2": 2.0, "layer1.1.conv1": 2.0,
+               "layer1.1.conv2": 3.0, "layer1.2.conv1": 1.0, "layer1.2.conv2": 1.25, "layer2.0.conv1": 1.25,
+               "layer2.0.conv2": 1.75, "layer2.1.conv1": 1.5, "layer2.1.conv2": 2.0, "layer2.2.conv1": 1.0,
+               "layer2.2.conv2": 3.0, "layer3.0.conv1": 1.25, "layer3.0.conv2": 1.25, "layer3.1.conv1": 1.25,
+               "layer3.1.conv2": 1.5, "layer3.2.conv1": 1.0, "layer3.2.conv2": 1.5, "fc": 1.75}}
+quantization = {"bits": {"conv": 4, "fc": 5}, "bias_bits": {"*": 0}, "finetune_epochs": 5, "lr": 1e-4,
+                "precision": "auto"}
+huffman_encode = {}

@@ -1,7 +1,12 @@
 """Stage 1 of Deep Compression (Han, Mao & Dally 2016, section 2; Han et al. 2015):
 train a network, prune its small-magnitude connections, retrain the survivors.
 
-    python pruning.py --model=lenet5 --prune_layers=fc --data_root=../shared/data
+    python pruning.py                                   # LeNet-300-100, config/lenet_300_100.py
+    python pruning.py --model=lenet5_caffe              # that model's recipe, config/lenet5_caffe.py
+    python pruning.py config/lenet5_caffe_iterative.py --data_root=../shared/data
+
+Settings: the defaults below (equal to config/lenet_300_100.py), then the recipe (the file given
+first, else config/<model>.py when there is one), then --key=value overrides.
 
 Writes {out_dir}/{model}_initial.pt (dense, trained), {out_dir}/{model}_pruned.pt (pruned and
 retrained, the input of quantization.py) and {out_dir}/{model}_pruned.json.

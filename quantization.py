@@ -3,7 +3,10 @@ weight sharing. Each layer's surviving weights are clustered by k-means into 2**
 values; the network then keeps a codebook of centroids per layer and a fixed index per weight,
 and the centroids are fine-tuned with the cluster assignment and the pruning mask fixed.
 
-    python quantization.py --model=lenet5 --data_root=../shared/data
+    python quantization.py --model=lenet5_caffe --data_root=../shared/data   # config/lenet5_caffe.py
+
+Settings: the defaults below (equal to config/lenet_300_100.py), then the recipe (the file given
+first, else config/<model>.py when there is one), then --key=value overrides.
 
 Reads {out_dir}/{model}_pruned.pt (written by pruning.py); writes {out_dir}/{model}_quantized.pt
 (the input of stage 3) and {out_dir}/{model}_quantized.json. The data set, batch sizes,

@@ -46,7 +46,8 @@ def row(folder, model):
     epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
     quantized = q["accuracy"]["quantized"]
     return dict(model=model, folder=folder, params=p["params"]["total"],
-                error=dict(dense=100 - p["accuracy"]["dense"], retrained=100 - p["accuracy"]["retrained"],
+                # (runs recorded before the accuracy keys were named as today call dense "initial")
+                error=dict(dense=100 - p["accuracy"].get("dense", p["accuracy"].get("initial")), retrained=100 - p["accuracy"]["retrained"],
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
                 # the decoded model is the quantized one bit for bit: its validation error is stage 2's
                 val_error=100 - q["validation"]["quantized"],

@@ -703,7 +703,7 @@ def encode_main(cfg, dev):
     summary = dict(model=cfg["model"], dataset=data["dataset"], stage="compressed", compressed_file=path,
                    format_version=VERSION, dense_bytes=report["dense_bytes"], compressed_bytes=size,
                    ratio=report["dense_bytes"] / size, header_bytes=report["header_bytes"], accuracy=accuracy,
-                   bit_exact=True, layers=report["layers"], encode_seconds=round(encode_seconds, 3),
+                   layers=report["layers"], encode_seconds=round(encode_seconds, 3),
                    decode_seconds=round(decode_seconds, 3), settings=cfg, device=str(dev))
     util.write_json(stem + "_compressed.json", summary)
     print(f"saved {path} and {stem}_compressed.json")

@@ -131,8 +131,9 @@ def test_byte_groups_of_a_residual_network():
 
 
 def test_pipeline_rejects_an_unknown_model(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         util.run_stage(pipeline.main, pipeline.SETTINGS, ["--recipes=['vgg']"])
+    assert exit_.value.code == 2
     assert "no recipe ['vgg'] in config; choose from lenet_300_100" in capsys.readouterr().err
 
 

@@ -87,6 +87,10 @@ def check_settings(cfg):
                  f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed or scaled")
     util.require(cfg["precision"] in util.PRECISIONS,
                  f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
+    util.require(cfg["optimizer"] in util.OPTIMIZERS,
+                 f"unknown optimizer {cfg['optimizer']!r}; choose one of {', '.join(util.OPTIMIZERS)}")
+    util.require(cfg["schedule"] in util.SCHEDULES,
+                 f"unknown schedule {cfg['schedule']!r}; choose one of {', '.join(util.SCHEDULES)}")
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
     util.require(not (cfg["init_from"] and cfg["restart_epochs"]) or os.path.abspath(cfg["init_from"])
@@ -111,10 +115,6 @@ def main(cfg):
     precision = util.resolve_precision(cfg["precision"], dev)
     print(f"device: {util.describe_device(dev)}, training precision {precision}")
 
-    train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"], cfg["test_batch_size"],
-                                      cfg["val_split"], cfg["subset"], dev, cfg["seed"], cfg["augment"])
-    print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
-
     # The last layer is fitted to the data set's classes when the model is built.
     in_shape, classes = util.DATASETS[cfg["dataset"]][:2]
     kwargs = dict(in_shape=list(in_shape), num_classes=classes)
@@ -127,6 +127,9 @@ def main(cfg):
     model_args = dict(name=cfg["model"], kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
         util.per_layer(net, cfg[key], key, cfg["prune_layers"])
+    train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"], cfg["test_batch_size"],
+                                      cfg["val_split"], cfg["subset"], dev, cfg["seed"], cfg["augment"])
+    print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
     stem = os.path.join(cfg["out_dir"], cfg["model"])
     train_kw = dict(weight_decay=cfg["weight_decay"], optimizer=cfg["optimizer"], schedule=cfg["schedule"],
                     precision=precision)

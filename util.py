@@ -376,6 +376,10 @@ def test_line(loss, correct, total):
     return f"Test set: Average loss: {loss:.4f}, Accuracy: {correct}/{total} ({100 * correct / max(total, 1):.2f}%)"
 
 
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(name, params, lr, weight_decay):
     """'adam' or 'sgd' (momentum 0.9, Nesterov)."""
     if name == "adam":

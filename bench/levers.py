@@ -2,7 +2,7 @@
 
     python bench/levers.py --recipe=lenet_300_100 --data_root=../shared/data --jobs=2
 
-Runs the recipe (config/<recipe>.py, seed 0), then rounds of variants, each changing one lever
+Runs the recipe (config/<recipe>.py as it stands, seed 0: round 0), then rounds of variants, each changing one lever
 of the best run so far; a variant that changes stage-1 settings prunes the recipe's dense
 network again (init_from), one that changes only stage 2 starts from the best run's stage-1
 network. After each round the best run is the one with the highest compression ratio whose
@@ -154,7 +154,7 @@ def main(cfg):
     print(text)
     print(f"chosen settings on top of config/{name}.py: {json.dumps(best['overrides'])}")
     util.write_json(cfg["out"] or os.path.join(HERE, "results", f"levers_{name}.json"),
-                    dict(recipe=name, budget=budget, chosen=best["label"], overrides=best["overrides"],
+                    dict(recipe=name, start=recipe, budget=budget, chosen=best["label"], overrides=best["overrides"],
                          runs=runs, hardware=this_machine()))
     if cfg["readme"]:
         replace_block(cfg["readme"], text, f"<!-- levers:{name}:begin -->", f"<!-- levers:{name}:end -->")

@@ -38,11 +38,12 @@ def row(folder, model):
     p, q, c = load("pruned"), load("quantized"), load("compressed")
     s = p["settings"]
     # A run that pruned a dense checkpoint trained before (init_from) counts that training's
-    # epochs and time, which the checkpoint records; a run that trained its own has that time
-    # in its stage-1 seconds already.
+    # epochs and time, which the checkpoint records; the time spent in this run (a warm
+    # restart of it, or the whole dense training of a run that trained its own) is in its
+    # stage-1 seconds already.
     dense = dict(p.get("dense") or dict(epochs=s["epochs"]))
-    if not s.get("init_from"):
-        dense["seconds"] = 0
+    dense["seconds"] = dense.get("seconds", 0) - sum(h["seconds"] for h in p.get("history", {}).get("restart", [])) \
+        if s.get("init_from") else 0
     epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
     quantized = q["accuracy"]["quantized"]
     return dict(model=model, folder=folder, params=p["params"]["total"],

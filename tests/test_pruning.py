@@ -394,6 +394,9 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network
     ([f"--data_root={__file__}"], f"mnist train set not found under {__file__}"),
+    # settings are checked before the data loads (here it would fail)
+    (["--optimizer=rmsprop", f"--data_root={__file__}"], "unknown optimizer 'rmsprop'; choose one of adam, sgd"),
+    (["--sensitivity={'fc1': 1.0}", f"--data_root={__file__}"], "sensitivity: no value for layer 'fc2'"),
 ])
 def test_pruning_script_bad_input(tmp_path, args, message):
     r = run_script("pruning.py", f"--out_dir={tmp_path}", *args, timeout=120)

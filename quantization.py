@@ -28,7 +28,7 @@ from prune import MaskedConv2d, MaskedLinear, layer_kind, layer_value, masked_la
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18: reads {out_dir}/{model}_pruned.pt
 data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; the data set is stage 1's
 out_dir = "out"             # where stage 1 wrote its checkpoint; the quantized one goes there too
-bits = {"fc1": 3, "*": 4}   # bits per layer, 2**bits shared values (section 3 used 8 for conv, 5 for fc layers)
+bits = {"fc1": 3, "fc2": 3, "*": 4}  # bits per layer, 2**bits shared values (section 3 used 8 for conv, 5 for fc layers)
 bias_bits = {"*": 5}        # per layer: after fine-tuning, share the bias among 2**bias_bits values (stage 3
                             # then stores a value table and Huffman-coded indices); 0 = keep float32 biases
 fold_bn = True              # after fine-tuning, fold each batch-norm's running statistics into its scale and

@@ -97,8 +97,10 @@ def lever_table(runs, chosen, budget):
         bold = "**" if r["label"] == chosen else ""
         lines.append(f"| {r['round']}: {bold}{r['label']}{bold} | {bold}{r['val_error']:.2f}%{bold} "
                      f"| {r['error']['decoded']:.2f}% | {r['compressed_bytes']:,} | {r['ratio']:.1f}x |")
-    lines.append(f"\nChosen on validation (the highest ratio at most {budget:.2f}% decoded validation error): "
-                 f"**{chosen}**.")
+    best = next(r for r in runs if r["label"] == chosen)
+    rule = (f"the highest ratio at most {budget:.2f}% decoded validation error" if best["val_error"] <= budget else
+            f"no run was within {budget:.2f}% decoded validation error, so the lowest validation error")
+    lines.append(f"\nChosen on validation ({rule}): **{chosen}**.")
     return "\n".join(lines)
 
 

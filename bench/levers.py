@@ -36,6 +36,7 @@ threads = 0                 # torch threads per run (0 = cores / jobs)
 readme = "README.md"        # whose lever table for this recipe is replaced ('' = leave it)
 out = ""                    # the JSON ('' = bench/results/levers_{recipe}.json)
 reuse = False               # keep a run whose folder holds summaries made with the same settings
+render = False              # only rewrite the README's table from the recorded JSON (no runs)
 base = ""                   # a stage-1 run folder of the recipe (seed 0) to start from: the recipe's stages 2-3
                             # quantize its network, stage-1 levers prune its dense network ('' = run stage 1 too)
 # -----------------------------------------------------------------------------
@@ -104,7 +105,20 @@ def lever_table(runs, chosen, budget):
     return "\n".join(lines)
 
 
+def write_table(readme, name, text):
+    replace_block(readme, text, f"<!-- levers:{name}:begin -->", f"<!-- levers:{name}:end -->")
+
+
 def main(cfg):
+    out = cfg["out"] or os.path.join(HERE, "results", f"levers_{cfg['recipe']}.json")
+    if cfg["render"]:
+        util.require(os.path.isfile(out), f"no {out}: run bench/levers.py --recipe={cfg['recipe']} first")
+        done = json.load(open(out))
+        text = lever_table(done["runs"], done["chosen"], done["budget"])
+        print(text)
+        if cfg["readme"]:
+            write_table(cfg["readme"], cfg["recipe"], text)
+        return
     util.require(cfg["recipe"] in LEVERS, f"no levers for {cfg['recipe']!r}; choose from {', '.join(LEVERS)}")
     recipes = read_recipes(cfg["recipe_dir"])
     util.require(cfg["recipe"] in recipes, f"no recipe {cfg['recipe']}.py in {cfg['recipe_dir']}")
@@ -154,11 +168,11 @@ def main(cfg):
     text = lever_table(runs, best["label"], budget)
     print(text)
     print(f"chosen settings on top of config/{name}.py: {json.dumps(best['overrides'])}")
-    util.write_json(cfg["out"] or os.path.join(HERE, "results", f"levers_{name}.json"),
+    util.write_json(out,
                     dict(recipe=name, start=recipe, budget=budget, chosen=best["label"], overrides=best["overrides"],
                          runs=runs, hardware=this_machine()))
     if cfg["readme"]:
-        replace_block(cfg["readme"], text, f"<!-- levers:{name}:begin -->", f"<!-- levers:{name}:end -->")
+        write_table(cfg["readme"], name, text)
 
 
 if __name__ == "__main__":

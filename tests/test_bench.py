@@ -175,3 +175,7 @@ def test_levers_rounds_build_on_the_best_run(fake_mnist, tmp_path, monkeypatch):
     assert pruned["params"]["nonzero"] == json.load(open(os.path.join(
         harder["folder"], "lenet_300_100_pruned.json")))["params"]["nonzero"]
     assert "| 2: **2-bit** |" in readme.read_text()
+    table = readme.read_text()
+    readme.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
+    util.run_stage(levers.main, levers.SETTINGS, ["--recipe=tiny", "--render=True", f"--readme={readme}", f"--out={out}"])
+    assert readme.read_text() == table  # the table is rebuilt from the recorded runs alone

@@ -10,7 +10,7 @@ minibatches of 250: at 1000, ResNet-20's activations (65 MB) are mapped and unma
 call and evaluation runs 2.5x slower on the CPU. Bits chosen on validation (README)."""
 model = "resnet20"
 pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "epochs": 60,
-           "restart_epochs": 40, "restart_lr": 0.05, "augment": "crop_flip", "precision": "auto",
+           "restart_epochs": 40, "restart_lr": 0.05, "augment": "auto", "precision": "auto",
            "test_batch_size": 250, "prune_method": "dns", "dns_threshold": "scaled", "retrain_lr": 0.02,
            "retrain_epochs": 30, "sensitivity": {
                "conv1": 1.25, "layer1.0.conv1": 1.5, "layer1.0.conv2": 2.0, "layer1.1.conv1": 2.0,

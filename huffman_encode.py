@@ -656,7 +656,7 @@ def _test(net, test, device):
     """Print the test line of `net`; returns its accuracy in percent."""
     loss, correct, total = util.evaluate(net.to(device), test)
     print(util.test_line(loss, correct, total))
-    return 100 * correct / max(total, 1)
+    return util.percent(correct, total)
 
 
 def encode_main(cfg, dev):

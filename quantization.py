@@ -353,9 +353,9 @@ def main(cfg):
     def report(header, key):
         # Validation accuracy is what settings are chosen by; the test line is reported only.
         _, val_correct, val_total = util.evaluate(net, val)
-        validation[key] = 100 * val_correct / max(val_total, 1)
+        validation[key] = util.percent(val_correct, val_total)
         loss, correct, total = util.evaluate(net, test)
-        accuracy[key] = 100 * correct / max(total, 1)
+        accuracy[key] = util.percent(correct, total)
         print(f"--- {header} ---")
         print(util.test_line(loss, correct, total))
 

@@ -355,6 +355,11 @@ def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset
 
 # --- train / test ---------------------------------------------------------------------------
 
+def percent(correct, total):
+    """Accuracy in percent; 0 for no examples."""
+    return 100 * correct / max(total, 1)
+
+
 def evaluate(model, batches):
     """-> (mean loss, correct, total) over all batches; empty batches give (0, 0, 0). Always
     float32, whatever the training precision, so every reported accuracy is of the float32
@@ -373,7 +378,7 @@ def evaluate(model, batches):
 
 def test_line(loss, correct, total):
     """The line of the original run: 'Test set: Average loss: 0.0486, Accuracy: 9852/10000 (98.52%)'."""
-    return f"Test set: Average loss: {loss:.4f}, Accuracy: {correct}/{total} ({100 * correct / max(total, 1):.2f}%)"
+    return f"Test set: Average loss: {loss:.4f}, Accuracy: {correct}/{total} ({percent(correct, total):.2f}%)"
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -428,8 +433,8 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
             correct += (out.argmax(1) == yb).sum().item()
             seen += len(yb)
         val_loss, val_correct, val_total = evaluate(model, val)
-        row = dict(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_acc=100 * correct / max(seen, 1),
-                   val_loss=val_loss, val_acc=100 * val_correct / max(val_total, 1), seconds=time.time() - t0)
+        row = dict(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_acc=percent(correct, seen),
+                   val_loss=val_loss, val_acc=percent(val_correct, val_total), seconds=time.time() - t0)
         history.append(row)
         print(f"{label} epoch {epoch:3d}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% "
               f"| val loss {val_loss:.4f} acc {row['val_acc']:6.2f}% | {row['seconds']:.1f} s", flush=True)

@@ -41,7 +41,7 @@ def sensitivity_scan(net, data, sensitivities):
     `net` is left as it was. -> {layer: [{sensitivity, threshold, alive (fraction),
     accuracy (percent)}]}, and the unpruned accuracy."""
     _, correct, total = util.evaluate(net, data)
-    base = 100 * correct / max(total, 1)
+    base = util.percent(correct, total)
     curves = {}
     for name, layer in masked_layers(net):
         curves[name] = []
@@ -51,7 +51,7 @@ def sensitivity_scan(net, data, sensitivities):
             apply_threshold(layer, t)
             _, correct, total = util.evaluate(net, data)
             curves[name].append(dict(sensitivity=s, threshold=t, alive=float(layer.mask.mean()),
-                                     accuracy=100 * correct / max(total, 1)))
+                                     accuracy=util.percent(correct, total)))
             with torch.no_grad():  # undo the pruning before the next trial
                 layer.weight.copy_(weight)
                 layer.mask.copy_(mask)

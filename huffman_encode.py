@@ -75,7 +75,7 @@ SETTINGS = util.settings_from(globals())
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
 VERSION = 3
-READS = (1, 2, 3)             # the versions this reader decodes
+READABLE_VERSIONS = (1, 2, 3)  # the versions this reader decodes
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,  # code = position in this list
@@ -103,7 +103,7 @@ def architecture(model_args, quantized):
                for q in quantized.values()):
         raise ValueError(f"each quantized layer needs 1..{huffman.MAX_ALPHABET} clusters")
     try:
-        args = offline(model_args)
+        args = without_pretrained_download(model_args)
         with torch.device("meta"):
             net = build_model(args["name"], **args["kwargs"])
     except Exception as e:
@@ -127,7 +127,7 @@ def architecture(model_args, quantized):
     return sections, inference
 
 
-def offline(model_args):
+def without_pretrained_download(model_args):
     """model_args {'name', 'kwargs'} that never ask to download pretrained weights: a file
     carries every weight it needs."""
     kwargs = dict(model_args["kwargs"])
@@ -482,8 +482,9 @@ def decode_bytes(blob):
     if len(blob) < len(MAGIC) + 2:
         raise FormatError(f"file of {len(blob)} bytes ends inside its magic bytes and version: truncated")
     version = struct.unpack_from("<H", blob, len(MAGIC))[0]
-    if version not in READS:
-        raise FormatError(f"file format version {version}, but this reader knows versions {READS} only")
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"file format version {version}, but this reader knows versions "
+                          f"{READABLE_VERSIONS} only")
     pos, index = len(MAGIC) + 2, 0
 
     def next_section(what):
@@ -578,7 +579,7 @@ def load_compressed(path, device="cpu", runtime="quantized"):
     if runtime == "sparse" and torch.device(device).type != "cpu":
         raise ValueError("the sparse runtime runs on the CPU: use device='cpu', or runtime='dense' on a GPU")
     state, header = decode_file(path)
-    net = build_quantized_model(offline(header["model"]), header["quantized"])
+    net = build_quantized_model(without_pretrained_download(header["model"]), header["quantized"])
     net.load_state_dict(state)
     net, header = in_runtime(net.eval(), header, runtime)
     return net.to(device), header

@@ -79,7 +79,7 @@ def _init_centroids(xs, k, init, rng):
     return np.array(c)
 
 
-def _fill(xs, cs, cs2, c, k):
+def _reseed_empty_clusters(xs, cs, cs2, c, k):
     """Add centroids to the sorted centroids c until there are k. Each goes to the point
     farthest from its centroid in the cluster with the largest squared error, so it takes
     over part of the worst cluster (scikit-learn moves an empty cluster to a far point too).
@@ -109,8 +109,8 @@ def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
     searchsorted of the midpoints between neighbouring centroids and a cluster's sum is the
     difference of two prefix sums: a Lloyd step costs O(k log n), not O(n k), and running to
     convergence is cheap. An emptied cluster (linear init on pruned weights puts centroids in
-    the empty gap around zero) is re-seeded inside the worst cluster (see _fill), so no code
-    is wasted; clusters are dropped only when there are fewer than k distinct values. Stops
+    the empty gap around zero) is re-seeded inside the worst cluster (_reseed_empty_clusters),
+    so no code is wasted; clusters are dropped only when there are fewer than k distinct values. Stops
     when the assignment repeats, or after max_iter steps.
 
     values: (n,) float tensor on any device (clustered on the CPU); k: number of clusters.
@@ -134,13 +134,13 @@ def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
         cs = np.concatenate([[0.0], np.cumsum(xs)])
         cs2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
         rng = np.random.default_rng(seed)
-        c = _fill(xs, cs, cs2, np.unique(_init_centroids(xs, k, init, rng)), k)
+        c = _reseed_empty_clusters(xs, cs, cs2, np.unique(_init_centroids(xs, k, init, rng)), k)
         previous, exact = None, False
         for _ in range(max_iter):
             b = _boundaries(xs, c)
             counts = np.diff(b)
             if not counts.all():
-                c = _fill(xs, cs, cs2, c[counts > 0], k)
+                c = _reseed_empty_clusters(xs, cs, cs2, c[counts > 0], k)
                 continue
             if previous is not None and np.array_equal(b, previous):
                 if exact:

@@ -346,11 +346,11 @@ def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset
         xt, yt = xt[keep], yt[keep]
     n_val = int(len(order) * val_split)
     tr, va = order[n_val:], order[:n_val]
-    mk = lambda xs, ys, bs, **kw: Batches(xs.to(device), ys.to(device), bs, mean, std, **kw)
+    batches = lambda xs, ys, bs, **kw: Batches(xs.to(device), ys.to(device), bs, mean, std, **kw)
     if augment == "auto":
         augment = "crop_flip" if dataset == "cifar10" else "none"
-    train = mk(x[tr], y[tr], batch_size, shuffle=True, augment=augment, seed=seed)
-    return train, mk(x[va], y[va], test_batch_size), mk(xt, yt, test_batch_size)
+    train = batches(x[tr], y[tr], batch_size, shuffle=True, augment=augment, seed=seed)
+    return train, batches(x[va], y[va], test_batch_size), batches(xt, yt, test_batch_size)
 
 
 # --- train / test ---------------------------------------------------------------------------

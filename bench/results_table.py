@@ -46,9 +46,9 @@ def row(folder, model):
         if s.get("init_from") else 0
     epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
     quantized = q["accuracy"]["quantized"]
+    dense_accuracy = p["accuracy"].get("dense", p["accuracy"].get("initial"))  # "initial": runs before the rename
     return dict(model=model, folder=folder, params=p["params"]["total"],
-                # (runs recorded before the accuracy keys were named as today call dense "initial")
-                error=dict(dense=100 - p["accuracy"].get("dense", p["accuracy"].get("initial")), retrained=100 - p["accuracy"]["retrained"],
+                error=dict(dense=100 - dense_accuracy, retrained=100 - p["accuracy"]["retrained"],
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
                 # the decoded model is the quantized one bit for bit: its validation error is stage 2's
                 val_error=100 - q["validation"]["quantized"],

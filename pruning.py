@@ -163,11 +163,11 @@ def main(cfg):
     if cfg["restart_epochs"]:
         # A warm restart: the learning rate jumps back up and anneals again, which leaves the first
         # cycle's minimum for a better one (SGDR, section 3); the dense cost adds up both cycles.
-        t_restart = time.time()
+        t_restart, before = time.time(), dense or {}
         history["restart"] = util.fit(net, net.parameters(), train, val, cfg["restart_epochs"], cfg["restart_lr"],
                                       label="restart", **train_kw)
-        dense = dict(epochs=(dense or {}).get("epochs", 0) + cfg["restart_epochs"],
-                     seconds=round((dense or {}).get("seconds", 0) + time.time() - t_restart, 1),
+        dense = dict(epochs=before.get("epochs", 0) + cfg["restart_epochs"],
+                     seconds=round(before.get("seconds", 0) + time.time() - t_restart, 1),
                      precision=precision, restart_epochs=cfg["restart_epochs"])
     report("Before pruning", "dense")
     if not cfg["init_from"] or cfg["restart_epochs"]:

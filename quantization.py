@@ -110,8 +110,8 @@ def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
     difference of two prefix sums: a Lloyd step costs O(k log n), not O(n k), and running to
     convergence is cheap. An emptied cluster (linear init on pruned weights puts centroids in
     the empty gap around zero) is re-seeded inside the worst cluster (_reseed_empty_clusters),
-    so no code is wasted; clusters are dropped only when there are fewer than k distinct values. Stops
-    when the assignment repeats, or after max_iter steps.
+    so no code is wasted; clusters are dropped only when there are fewer than k distinct
+    values. Stops when the assignment repeats, or after max_iter steps.
 
     values: (n,) float tensor on any device (clustered on the CPU); k: number of clusters.
     init: 'linear' | 'density' | 'random' | 'kmeans++' (section 3.2); seed: for random inits.

@@ -56,10 +56,11 @@ def per_layer(net, setting, key, which="all"):
         raise UserError(f"{key}: {e.args[0]}") from None
 
 
-def _apply(cfg, defaults, items, where):
-    """cfg updated with `items` ({key: value}), each checked against its default's type. A
-    per-layer setting (a dict default) takes a dict or one value for every layer ({'*': v}).
-    where: what the items came from, for the error message."""
+def _apply(defaults, items, where):
+    """A copy of `defaults` updated with `items` ({key: value}), each checked against its
+    default's type. A per-layer setting (a dict default) takes a dict or one value for every
+    layer ({'*': v}). where: what the items came from, for the error message."""
+    cfg = dict(defaults)
     for key, value in items.items():
         if key not in defaults:
             raise UserError(f"unknown setting {key!r}{where}; valid settings: {', '.join(defaults)}")
@@ -87,7 +88,7 @@ def parse_settings(defaults, argv):
             items[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             items[key] = text
-    return _apply(dict(defaults), defaults, items, "")
+    return _apply(defaults, items, "")
 
 
 # --- recipes: config/<name>.py, read by the stage scripts and bench/pipeline.py -------------
@@ -141,7 +142,7 @@ def stage_settings(defaults, argv, stage):
         path = os.path.join(RECIPE_DIR, cfg["model"] + ".py")
         if not os.path.isfile(path):
             return cfg, None
-    base = _apply(dict(defaults), defaults, read_recipe(path)[stage], f" in {path} ({stage})")
+    base = _apply(defaults, read_recipe(path)[stage], f" in {path} ({stage})")
     return parse_settings(base, argv), path
 
 
@@ -391,7 +392,7 @@ def make_optimizer(name, params, lr, weight_decay):
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise UserError(f"unknown optimizer {name!r}; choose adam or sgd")
+    raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", schedule="cosine",
@@ -406,7 +407,7 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
     channels_last memory format.
     Returns the history
     [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
-    require(schedule in ("cosine", "constant"), f"unknown lr schedule {schedule!r}; use cosine or constant")
+    require(schedule in SCHEDULES, f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     opt = make_optimizer(optimizer, params, lr, weight_decay)
     steps = max(epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(

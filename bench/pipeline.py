@@ -1,6 +1,6 @@
 """Run the whole pipeline, pruning.py -> quantization.py -> huffman_encode.py, for each recipe
-in config/ (the files the stage scripts read), for one or more seeds; then write bench/results/results.json and
-regenerate the README's results table from the stages' JSON summaries.
+in config/ (the files the stage scripts read), for one or more seeds; then write
+bench/results/results.json and regenerate the README's results table from the stages' JSON summaries.
 
     python bench/pipeline.py --data_root=../shared/data                     # every recipe, seed 0
     python bench/pipeline.py --recipes="['lenet_300_100']" --seeds=3 --jobs=2
@@ -55,6 +55,8 @@ def read_recipes(folder):
     names = [n[:-3] for n in os.listdir(folder) if n.endswith(".py")] if os.path.isdir(folder) else []
     names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
     return {n: util.read_recipe(os.path.join(folder, n + ".py")) for n in names}
+
+
 STAGES = util.STAGES
 
 

@@ -215,7 +215,7 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None):
     with torch.no_grad():
         if sensitivities is not None:
             for name in thresholds:
-                thresholds[name] = float(layers[name].weight.float().std() * sensitivities[name])
+                thresholds[name] = layers[name].weight.std() * sensitivities[name]  # a tensor: no GPU wait
         for name, t in thresholds.items():
             m = layers[name]
             a = m.weight.abs()

@@ -37,7 +37,8 @@ jobs = 1                    # pipelines run at once
 threads = 0                 # torch threads per pipeline (0 = cores / jobs)
 readme = "README.md"        # whose table between the result markers is replaced ('' = leave it)
 out = "bench/results/results.json"  # the rows, per seed and per model
-hardware = ""               # what the runs ran on ('' = this machine's CPU and core count)
+hardware = ""               # what this invocation's runs ran on ('' = this machine's CPU and core count); each
+                            # run keeps its own in the results, so rows from another machine stay labelled
 dry_run = False             # print the commands only
 reuse = False               # keep a run whose folder already holds the three summaries, made with the recipe's
                             # settings and seed, instead of running it again (resume; add seeds to a table)
@@ -47,7 +48,8 @@ SETTINGS = util.settings_from(globals())
 # Recipes are the files config/<recipe>.py (a stage given `--model=X` runs config/X.py). Two
 # kinds: '<model>' is ours, past the paper; '<model>_iterative' is the paper's method (Han 2015
 # iterative pruning, no augmentation) with our bits and shared biases.
-ORDER = ("lenet_300_100", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_iterative", "lenet5", "resnet20")
+ORDER = ("lenet_300_100", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_iterative", "lenet5", "resnet20",
+         "resnet18")
 
 
 def read_recipes(folder):
@@ -152,7 +154,7 @@ def summarise(runs):
             val_error=mean(lambda r: r["val_error"]) if all(r.get("val_error") is not None for r in rs) else None,
             dense_bytes=rs[0]["dense_bytes"], compressed_bytes=round(mean(lambda r: r["compressed_bytes"])),
             ratio=mean(lambda r: r["ratio"]), ratio_sd=sd(lambda r: r["ratio"]), epochs=rs[0]["epochs"],
-            minutes=mean(lambda r: r["minutes"])))
+            minutes=mean(lambda r: r["minutes"]), hardware=rs[0]["hardware"]))
     return out
 
 
@@ -169,19 +171,21 @@ def main(cfg):
     if cfg["dry_run"]:
         return
     threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // cfg["jobs"])
+    hw = cfg["hardware"] or this_machine()
     with concurrent.futures.ThreadPoolExecutor(cfg["jobs"]) as pool:
-        runs = list(pool.map(lambda job: run_one(*job, cfg, threads, recipes), todo))
+        runs = [{**r, "hardware": hw} for r in pool.map(lambda job: run_one(*job, cfg, threads, recipes), todo)]
     # Runs of recipes not run this time stay in the results (and the table), so one recipe can
     # be rerun alone; the rows follow the order of the recipes.
     if os.path.isfile(cfg["out"]):
-        kept = [r for r in json.load(open(cfg["out"])).get("runs", []) if r.get("recipe") not in cfg["recipes"]]
+        before = json.load(open(cfg["out"]))
+        kept = [{"hardware": before.get("hardware", hw), **r} for r in before.get("runs", [])
+                if r.get("recipe") not in cfg["recipes"]]
         runs = sorted(kept + runs, key=lambda r: (list(recipes).index(r["recipe"]) if r["recipe"] in recipes
                                                   else len(recipes), r["seed"]))
     rows = summarise(runs)
-    hw = cfg["hardware"] or this_machine()
-    text = table(rows, hw)
+    text = table(rows)
     print(text)
-    util.write_json(cfg["out"], dict(rows=rows, runs=runs, hardware=hw, jobs=cfg["jobs"], threads=threads,
+    util.write_json(cfg["out"], dict(rows=rows, runs=runs, jobs=cfg["jobs"], threads=threads,
                                      recipes={r: recipes[r] for r in dict.fromkeys(x["recipe"] for x in runs)
                                               if r in recipes}))
     if cfg["readme"]:

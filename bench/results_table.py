@@ -59,9 +59,10 @@ def row(folder, model):
                 device=p.get("device", "cpu"))
 
 
-def table(rows, hardware):
-    """The README's results table. A row with 'seeds' > 1 holds means over seeds, and the
-    decoded error and the ratio carry their standard deviation."""
+def table(rows):
+    """The README's results table, each row labelled with its own 'hardware'. A row with
+    'seeds' > 1 holds means over seeds, and the decoded error and the ratio carry their
+    standard deviation."""
     lines = ["| model | parameters | test error: dense -> retrained -> quantized -> decoded | validation error (decoded) "
              "| weights alive | dense bytes | compressed bytes | ratio | epochs | stage time | hardware |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -75,7 +76,7 @@ def table(rows, hardware):
         lines.append(f"| {model} | {r['params']:,} | {e['dense']:.2f}% -> {e['retrained']:.2f}% -> "
                      f"{e['quantized']:.2f}% -> {decoded} | {val} | {r['alive']:.2f}% | {r['dense_bytes']:,} "
                      f"| {r['compressed_bytes']:,} | {ratio} | {r['epochs']} | {r['minutes']:.1f} min "
-                     f"| {hardware} ({r['device']}) |")
+                     f"| {r['hardware']} ({r['device']}) |")
     return "\n".join(lines)
 
 
@@ -88,14 +89,14 @@ def replace_block(readme, text, begin=BEGIN, end=END):
 
 
 def main(cfg):
-    rows = []
+    rows, hw = [], cfg["hardware"] or this_machine()
     for folder in cfg["runs"]:
         for path in sorted(glob.glob(os.path.join(folder, "*_compressed.json"))):
-            rows.append(row(folder, os.path.basename(path)[:-len("_compressed.json")]))
+            rows.append({**row(folder, os.path.basename(path)[:-len("_compressed.json")]), "hardware": hw})
     util.require(rows, f"no *_compressed.json in {cfg['runs']}: run the three stages first")
-    text = table(rows, cfg["hardware"] or this_machine())
+    text = table(rows)
     print(text)
-    util.write_json(cfg["out"], dict(rows=rows, hardware=cfg["hardware"] or this_machine()))
+    util.write_json(cfg["out"], dict(rows=rows))
     if cfg["readme"]:
         replace_block(cfg["readme"], text)
         print(f"updated {cfg['readme']}")

@@ -31,6 +31,13 @@ were 3.7 KB, a tenth of the file.
                index dtype u8 | mask dtype u8 |
                k u32 | codebook k x float32 | span bits b u8 | non-zeros u32 | entries u32 |
                cluster stream (non-zeros symbols) | gap stream (entries symbols)
+    'G'      = (version 4) tensors that share one table, at the place of the first of them: dtype u8 |
+               m u16 | m member positions u16 (indices into the model's tensor order, increasing,
+               the first this one) | k u32 | k values, raw | one index stream of all members'
+               elements in order; the other members then have no section of their own. The
+               encoder groups tensors of one role (the folded batch-norm scales of every layer,
+               their shifts, ...) when that is smaller than their own sections: a table stored
+               once and one code table instead of one per layer
     'E'      = the end marker: the number of sections before it, u32
     stream   = alphabet n u32 | n code lengths, 5 bits each, MSB first | bits u64 | the bits
                (canonical Huffman, see huffman.py)
@@ -74,8 +81,8 @@ export = ""                 # with decode: also write the plain state dict (nn.L
 SETTINGS = util.settings_from(globals())
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # the versions this reader decodes
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # the versions this reader decodes
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,  # code = position in this list
@@ -95,7 +102,9 @@ def architecture(model_args, quantized):
     """The sections a file for this model holds, from the model alone (built on the meta
     device, so nothing is allocated): ([(kind, name, shape, clusters)] in state-dict order,
     the names of the tensors a dense float32 model needs at inference: the parameters and
-    the batch-norm running statistics, not masks or batch counters). kind 'Q': quantized
+    the batch-norm running statistics, not masks or batch counters, and {name: role} of
+    the 'R' tensors, role = the owning module's class and the tensor's leaf name
+    ('BatchNorm2d.weight'): tensors of one role may share a table). kind 'Q': quantized
     layer `name` with `clusters` centroids at the place of name.weight (it carries name.codebook, name.index and name.mask); 'R': the raw tensor
     `name` (clusters None). Raises ValueError when the model cannot be built or lacks the
     quantized layers."""
@@ -112,9 +121,11 @@ def architecture(model_args, quantized):
     missing = [n for n in quantized if f"{n}.weight" not in state or f"{n}.mask" not in state]
     if missing:
         raise ValueError(f"quantized layers {missing} are not masked layers of {model_args['name']}")
-    sections = []
+    sections, roles = [], {}
+    modules = dict(net.named_modules())
     for key, t in state.items():
         layer, _, leaf = key.rpartition(".")
+        roles[key] = f"{type(modules[layer]).__name__}.{leaf}"
         if layer in quantized and leaf == "weight":
             sections.append(("Q", layer, tuple(t.shape), quantized[layer]["clusters"]))
         elif not (layer in quantized and leaf == "mask"):
@@ -124,7 +135,7 @@ def architecture(model_args, quantized):
     # What a dense float32 model needs at inference: its parameters and batch-norm statistics.
     inference = {n for n, _ in net.named_parameters()} | \
         {n for n, _ in net.named_buffers() if n.endswith((".running_mean", ".running_var"))}
-    return sections, inference
+    return sections, inference, {name: roles[name] for kind, name, _, _ in sections if kind == "R"}
 
 
 def without_pretrained_download(model_args):
@@ -318,13 +329,60 @@ def _tabled_payload(name, t):
     has more distinct values than a code can hold."""
     if t.dtype not in DTYPES or t.numel() == 0:
         return None
-    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().view(UINT[t.dtype.itemsize])
-    table, ids = np.unique(flat, return_inverse=True)
+    table, ids = np.unique(_bit_patterns(t), return_inverse=True)
     if len(table) > huffman.MAX_ALPHABET:
         return None
     stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
     return (struct.pack("<BI", DTYPES.index(t.dtype), len(table))
             + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
+
+
+def _bit_patterns(t):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().view(UINT[t.dtype.itemsize])
+
+
+def _group_payload(tensors, positions):
+    """The payload of a 'G' section: the tensors (one dtype) at these section positions as
+    one table of their distinct bit patterns and one index stream, or None when they have
+    more distinct values than a code can hold."""
+    dtype = tensors[0].dtype
+    if dtype not in DTYPES or any(t.dtype != dtype for t in tensors) or len(positions) > 0xFFFF:
+        return None
+    table, ids = np.unique(np.concatenate([_bit_patterns(t) for t in tensors]), return_inverse=True)
+    if len(table) > huffman.MAX_ALPHABET:
+        return None
+    stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
+    return (struct.pack(f"<BH{len(positions)}HI", DTYPES.index(dtype), len(positions), *positions, len(table))
+            + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
+
+
+def _read_group(r, position, sections, taken):
+    """Decode a 'G' section found at section `position` -> {position: (name, tensor)} for
+    every member. sections: the model's layout; taken: later positions an earlier group filled."""
+    dtype = r.dtype(DTYPES)
+    m = r.unpack("<H")[0]
+    members = r.unpack(f"<{m}H")
+    if m < 2 or members[0] != position or any(b <= a for a, b in zip(members, members[1:])) \
+            or members[-1] >= len(sections):
+        raise ValueError(f"member positions {list(members[:8])}... must increase from {position} "
+                         f"within the model's {len(sections)} tensors")
+    if any(sections[p][0] != "R" or p in taken for p in members):
+        raise ValueError("a member that is a quantized layer or was decoded already")
+    sizes = [math.prod(sections[p][2]) for p in members]
+    k = r.unpack("<I")[0]
+    if not 1 <= k <= min(sum(sizes), huffman.MAX_ALPHABET):
+        raise ValueError(f"a table of {k} values for {sum(sizes)} elements")
+    table = np.frombuffer(r.take(k * dtype.itemsize), np.dtype(UINT[dtype.itemsize]).newbyteorder("<"))
+    ids = _read_stream(r, sum(sizes), k)
+    r.done()
+    values = table[ids].astype(UINT[dtype.itemsize])
+    out, start = {}, 0
+    for p, size in zip(members, sizes):
+        _, name, shape, _ = sections[p]
+        chunk = values[start:start + size].view(np.uint8).copy()
+        out[p] = (name, torch.from_numpy(chunk).view(dtype).reshape(shape))
+        start += size
+    return out
 
 
 def _read_tabled(r, name, shape):
@@ -419,30 +477,54 @@ def _read_quantized(r, name, shape, clusters):
 
 # --- whole files ---------------------------------------------------------------------------------
 
-def encode_model(state_dict, model_args, quantized, index_bits=0, info=None):
+def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, share_tables=True):
     """Encode a quantized state dict (the contract of quantization.py: L.codebook, L.index,
     L.mask for each quantized layer L, everything else plain) into the bytes of one file.
 
     model_args: {'name', 'kwargs'} for models.build_model. quantized: {layer: {'bits',
     'clusters'}}. index_bits: span bits, an int or a per-layer dict ('conv' / 'fc' / '*' /
     names, see prune.layer_value); 0 = best_span. info: more JSON-able header fields.
+    share_tables: group the tensors of one role into 'G' sections where that is smaller
+    (False writes what version 3 wrote, a section per tensor).
     Returns (bytes, report) with report = {'layers': [row per section], 'header_bytes',
     'dense_bytes'}; the rows' bytes plus header_bytes make the file's size."""
     try:
-        sections, params = architecture(model_args, quantized)
+        sections, params, roles = architecture(model_args, quantized)
     except ValueError as e:
         raise util.UserError(str(e)) from None
     want, have = set(state_keys(sections)), set(state_dict)
     util.require(want == have, f"state dict does not match {model_args['name']} with quantized layers "
                  f"{list(quantized)}: missing {sorted(want - have)}, unexpected {sorted(have - want)}")
+    for kind, name, shape, _ in sections:
+        t = state_dict[name] if kind == "R" else state_dict[f"{name}.index"]
+        util.require(tuple(t.shape) == shape, f"{name}: shape {tuple(t.shape)} where the model has {shape}")
+
+    # Every other tensor alone: raw, or as a table of its values when that is smaller.
+    alone = {}
+    for name in roles:
+        payload, tabled = _raw_payload(name, state_dict[name]), _tabled_payload(name, state_dict[name])
+        alone[name] = ("T", tabled) if tabled is not None and len(tabled) < len(payload) else ("R", payload)
+    # Tensors of one role (every folded batch-norm's scale, say) as one group where one table
+    # and one code for all of them beat a section each.
+    groups = {}
+    if share_tables:
+        by_role = {}
+        for pos, (kind, name, _, _) in enumerate(sections):
+            if kind == "R":
+                by_role.setdefault((roles[name], state_dict[name].dtype), []).append(pos)
+        for members in by_role.values():
+            names = [sections[p][1] for p in members]
+            payload = _group_payload([state_dict[n] for n in names], members) if len(members) > 1 else None
+            if payload is not None and len(payload) < sum(len(alone[n][1]) + FRAME for n in names) - FRAME:
+                groups[members[0]] = (payload, names)
+
     header = json.dumps(dict(model=model_args, quantized=quantized, **(info or {})), separators=(",", ":"))
     parts = [MAGIC, struct.pack("<H", VERSION), _section("H", header.encode("utf-8"))]
-    rows = []
-    for kind, name, shape, clusters in sections:
+    rows, grouped = [], {n for _, names in groups.values() for n in names}
+    for pos, (kind, name, shape, clusters) in enumerate(sections):
         if kind == "Q":
             t = {leaf: state_dict[f"{name}.{leaf}"] for leaf in ("codebook", "index", "mask")}
-            util.require(tuple(t["index"].shape) == shape and tuple(t["mask"].shape) == shape,
-                         f"{name}: index and mask must have the weight's shape {shape}")
+            util.require(tuple(t["mask"].shape) == shape, f"{name}: the mask must have the weight's shape {shape}")
             util.require(t["codebook"].numel() == clusters,
                          f"{name}: {t['codebook'].numel()} centroids but 'quantized' says {clusters}")
             try:
@@ -451,18 +533,22 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None):
                 raise util.UserError(f"index_bits: {e.args[0]}") from None
             payload, row = _quantized_payload(name, t["codebook"], t["index"], t["mask"], b)
             row["dense_bytes"] = 4 * math.prod(shape)
+        elif pos in groups:
+            kind, (payload, names) = "G", groups[pos]
+            row = dict(name=f"{roles[name]} x {len(names)}", kind="shared", members=names, shape=None,
+                       params=sum(state_dict[n].numel() for n in names), dtype=str(state_dict[name].dtype).split(".")[-1],
+                       bytes=len(payload) + FRAME, dense_bytes=sum(4 * state_dict[n].numel() for n in names if n in params))
+        elif name in grouped:
+            continue
         else:
             t = state_dict[name]
-            util.require(tuple(t.shape) == shape, f"{name}: shape {tuple(t.shape)} where the model has {shape}")
-            payload, tabled = _raw_payload(name, t), _tabled_payload(name, t)
-            if tabled is not None and len(tabled) < len(payload):
-                kind, payload = "T", tabled
+            kind, payload = alone[name]
             row = dict(name=name, kind="raw" if kind == "R" else "tabled", shape=list(shape), params=t.numel(),
                        dtype=str(t.dtype).split(".")[-1], bytes=len(payload) + FRAME,
                        dense_bytes=4 * t.numel() if name in params else 0)
         parts.append(_section(kind, payload))
         rows.append(row)
-    parts.append(_section("E", struct.pack("<I", len(sections) + 1)))
+    parts.append(_section("E", struct.pack("<I", len(parts) - 2)))
     blob = b"".join(parts)
     for row in rows:
         row["ratio"] = row["dense_bytes"] / row["bytes"]
@@ -506,7 +592,7 @@ def decode_bytes(blob):
         """Read the next section with readers[its kind] (kind -> fn(_Reader))."""
         got, payload = next_section(what)
         try:
-            if got not in readers or (got == "T" and version < 2):
+            if got not in readers or (got == "T" and version < 2) or (got == "G" and version < 4):
                 raise ValueError(f"a section of kind {got!r} where {' or '.join(map(repr, readers))} belongs")
             return readers[got](_Reader(payload, version))
         except ValueError as e:
@@ -514,15 +600,24 @@ def decode_bytes(blob):
 
     header = parse("header", {"H": _header})
     try:
-        sections, _ = architecture(header["model"], header["quantized"])
+        sections, _, _ = architecture(header["model"], header["quantized"])
     except ValueError as e:
         raise FormatError(f"section 0 (header): {e}") from None
-    state = {}
-    for kind, name, shape, clusters in sections:
+    state, shared = {}, {}  # shared: {position: (name, tensor)} decoded by an earlier 'G' section
+    for at, (kind, name, shape, clusters) in enumerate(sections):
+        if at in shared:
+            state.update([shared.pop(at)])
+            continue
         readers = ({"Q": functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters)} if kind == "Q"
                    else {"R": functools.partial(_read_raw, name=name, shape=shape),
-                         "T": functools.partial(_read_tabled, name=name, shape=shape)})
-        state.update(parse(name, readers))
+                         "T": functools.partial(_read_tabled, name=name, shape=shape),
+                         "G": lambda r, at=at: _read_group(r, at, sections, set(shared))})
+        got = parse(name, readers)
+        if kind == "R" and all(isinstance(k, int) for k in got):  # a group: this tensor and later ones
+            shared.update(got)
+            state.update([shared.pop(at)])
+        else:
+            state.update(got)
     end = parse("end marker", {"E": _end})
     if end != index - 1 or pos != len(blob):
         raise FormatError(f"end marker counts {end} sections where {index - 1} precede it, "
@@ -639,8 +734,10 @@ def byte_table(report, size):
     lines += [
         "(bits per non-zero; index bits count the fillers; weights and indices include their code tables; "
         "the rest of a total is name, shape, counts and section framing with CRC)",
-        f"other tensors (biases, batch-norm, unquantized): {len(raw)} tensors "
-        f"({sum(r['kind'] == 'tabled' for r in raw)} as value tables), {sum(r['bytes'] for r in raw)} bytes; "
+        f"other tensors (biases, batch-norm, unquantized): "
+        f"{sum(len(r.get('members', [r])) for r in raw)} tensors ({sum(r['kind'] == 'tabled' for r in raw)} as "
+        f"value tables, {sum(len(r['members']) for r in raw if r['kind'] == 'shared')} in "
+        f"{sum(r['kind'] == 'shared' for r in raw)} shared tables), {sum(r['bytes'] for r in raw)} bytes; "
         f"header, format version and end marker: {report['header_bytes']} bytes",
         f"dense float32: {report['dense_bytes']} bytes -> compressed file: {size} bytes "
         f"({report['dense_bytes'] / size:.1f} x)"]

@@ -35,6 +35,8 @@ fold_bn = True              # after fine-tuning, fold each batch-norm's running 
                             # shift (same function at inference; stage 3 then stores 2 vectors of 4)
 bn_bits = 0                 # with fold_bn: share each batch-norm's scale and shift among 2**bn_bits values
                             # (0 = float32); stage 3 stores a value table and Huffman-coded indices
+bn_share = "layer"          # with bn_bits: layer (a table per scale and per shift vector) | network (one
+                            # table for every scale, one for every shift: stage 3 stores each table once)
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
 finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
 lr = 3e-4                   # fine-tuning learning rate (Adam, cosine schedule)
@@ -231,14 +233,17 @@ def quantize_model(net, bits, init="linear", seed=0):
     return out
 
 
-def share_values(tensor, bits, init="linear", seed=0):
-    """Replace a tensor (a bias (out,), a batch-norm scale (C,)) in place by its k-means
-    clustering into at most 2**bits values, each element becoming its cluster's centroid, so
-    stage 3 can store a small table and a short code per element instead of 32 bits.
+def share_values(tensors, bits, init="linear", seed=0):
+    """Replace tensors (a bias (out,), batch-norm scales (C,) of several layers) in place by
+    one k-means clustering of all their elements into at most 2**bits values, each element
+    becoming its cluster's centroid, so stage 3 can store one small table and a short code
+    per element instead of 32 bits. tensors: a tensor or a list of them.
     Returns the number of distinct values."""
-    centroids, labels = kmeans_1d(tensor.detach(), 2 ** bits, init, seed)
+    tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
+    centroids, labels = kmeans_1d(torch.cat([t.detach().reshape(-1) for t in tensors]), 2 ** bits, init, seed)
     with torch.no_grad():
-        tensor.copy_(centroids[labels].view(tensor.shape))
+        for t, part in zip(tensors, centroids[labels].split([t.numel() for t in tensors])):
+            t.copy_(part.view(t.shape))
     return len(centroids)
 
 
@@ -321,6 +326,7 @@ def check_settings(cfg):
                  f"bias_bits must be 0 (float32 biases) or 1..{MAX_BITS}, got {cfg['bias_bits']}")
     util.require(0 <= cfg["bn_bits"] <= MAX_BITS, f"bn_bits must be 0 (float32) or 1..{MAX_BITS}, got {cfg['bn_bits']}")
     util.require(cfg["fold_bn"] or not cfg["bn_bits"], "bn_bits shares folded batch-norms: set --fold_bn=True")
+    util.require(cfg["bn_share"] in ("layer", "network"), f"unknown bn_share {cfg['bn_share']!r}; choose layer or network")
     util.require(cfg["finetune_epochs"] >= 0, f"finetune_epochs must be >= 0, got {cfg['finetune_epochs']}")
     util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
     util.require(cfg["precision"] in util.PRECISIONS,
@@ -387,16 +393,20 @@ def main(cfg):
     # 4. Batch-norm (beyond the paper, whose networks had none): a residual network's
     # batch-norms hold four float32 vectors per conv, 11 KB of ResNet-20, a quarter of a
     # 25x file. At inference two of them suffice (fold_batch_norm), and those can be shared
-    # like the biases.
-    norms = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # like the biases: per vector, or across the network (ResNet-20's 19 layers hold 688
+    # scales; a table per 16-channel vector costs as much as its codes, one table for all
+    # costs 4 bytes a value once).
+    norms = [bn for bn in net.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
     if norms and cfg["fold_bn"]:
-        for name, bn in norms:
+        for bn in norms:
             fold_batch_norm(bn)
-            if cfg["bn_bits"]:
-                for vector in (bn.weight, bn.bias):
-                    share_values(vector, cfg["bn_bits"], cfg["init"], cfg["seed"])
-        report("After folding the batch-norms" + (f" ({cfg['bn_bits']}-bit)" if cfg["bn_bits"] else ""),
-               "bn_folded")
+        if cfg["bn_bits"]:
+            vectors = [bn.weight for bn in norms], [bn.bias for bn in norms]
+            groups = vectors if cfg["bn_share"] == "network" else [[v] for vs in vectors for v in vs]
+            for group in groups:
+                share_values(group, cfg["bn_bits"], cfg["init"], cfg["seed"])
+        report("After folding the batch-norms" + (f" ({cfg['bn_bits']}-bit, shared per {cfg['bn_share']})"
+                                                  if cfg["bn_bits"] else ""), "bn_folded")
     accuracy["quantized"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes
     validation["quantized"] = validation[list(validation)[-1]]
 

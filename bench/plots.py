@@ -97,7 +97,7 @@ def byte_groups(summary):
     the header. -> [{group, nonzero, params, weight_bytes, index_bytes, bytes}]."""
     groups = {}
     for r in summary["layers"]:
-        name = r["name"]
+        name = r["members"][0] if r["kind"] == "shared" else r["name"]  # a group: its members' kind
         if r["kind"] == "quantized":
             key = name.split(".")[0]
         elif any(part.startswith("bn") for part in name.split(".")):

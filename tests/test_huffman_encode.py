@@ -47,8 +47,8 @@ def assert_bit_equal(a, b):
         assert he.bit_equal(a[key], b[key]), key
 
 
-def round_trip(state, model_args, quantized, index_bits=0):
-    blob, report = he.encode_model(state, model_args, quantized, index_bits)
+def round_trip(state, model_args, quantized, index_bits=0, share_tables=True):
+    blob, report = he.encode_model(state, model_args, quantized, index_bits, share_tables=share_tables)
     decoded, header = he.decode_bytes(blob)
     assert_bit_equal(state, decoded)
     assert header["model"] == model_args and header["quantized"] == quantized
@@ -224,7 +224,7 @@ def test_intact_file_decodes(small_file):
 def test_version_2_files_still_decode_bit_for_bit():
     for name, kwargs in (("lenet_300_100", SMALL), ("resnet20", {"in_shape": [3, 32, 32], "num_classes": 10})):
         state, args, quantized = quantized_state(name, kwargs)
-        blob, _ = round_trip(shared_biases(state), args, quantized)
+        blob, _ = round_trip(shared_biases(state), args, quantized, share_tables=False)  # as version 3 wrote
         old = as_version2(blob)
         assert len(old) > len(blob)  # the names and dims version 3 leaves out
         decoded, _ = he.decode_bytes(old)
@@ -233,7 +233,7 @@ def test_version_2_files_still_decode_bit_for_bit():
 
 def test_wrong_magic_and_version(small_file):
     fails(b"PK\x03\x04" + small_file[4:], "magic")
-    fails(small_file[:8] + struct.pack("<H", 4) + small_file[10:], "version 4")
+    fails(small_file[:8] + struct.pack("<H", he.VERSION + 1) + small_file[10:], f"version {he.VERSION + 1}")
     fails(small_file[:8] + struct.pack("<H", 0) + small_file[10:], "version 0")
     fails(b"", "truncated")
 
@@ -269,7 +269,7 @@ def as_version2(blob):
     'Q' payload starts with its tensor's name, and its dims follow the dtype byte(s)."""
     secs = sections(blob)
     header = json.loads(secs[0][2])
-    layout, _ = he.architecture(header["model"], header["quantized"])
+    layout, _, _ = he.architecture(header["model"], header["quantized"])
     replace = {}
     for i, (kind, name, shape, _) in enumerate(layout, start=1):
         payload, n_dtypes = secs[i][2], 2 if kind == "Q" else 1
@@ -336,7 +336,7 @@ def test_tabled_tensors_round_trip_and_pay():
     state, args, quantized = quantized_state("lenet_300_100", SMALL)
     plain, plain_report = round_trip(state, args, quantized)
     shared = shared_biases(state)
-    blob, report = round_trip(shared, args, quantized)
+    blob, report = round_trip(shared, args, quantized, share_tables=False)  # each bias its own table
     rows = {r["name"]: r for r in report["layers"]}
     assert rows["fc1.bias"]["kind"] == "tabled" and rows["fc3.bias"]["kind"] == "raw"  # 10 values: raw is smaller
     assert [k for _, k, _ in sections(blob)] == ["H", "Q", "T", "Q", "T", "Q", "R", "E"]
@@ -349,13 +349,64 @@ def test_tabled_tensors_round_trip_and_pay():
 
 def test_hostile_table_is_rejected():
     state, args, quantized = quantized_state("lenet_300_100", SMALL)
-    blob, _ = he.encode_model(shared_biases(state), args, quantized)
+    blob, _ = he.encode_model(shared_biases(state), args, quantized, share_tables=False)
     t = sections(blob)[2][2]
     k_at = 1  # after the dtype byte
     assert struct.unpack_from("<I", t, k_at)[0] == 5
     fails(rebuild(blob, {2: patch(t, k_at, "<I", 301)}), "table of 301 values")
     fails(rebuild(blob, {2: patch(t, k_at, "<I", 0)}), "table of 0 values")
     fails(rebuild(blob, {2: t[:-1]}), "needs")
+
+
+def resnet20_shared_bn(seed=0):
+    """ResNet-20 in stage 2's contract with every batch-norm folded and its scales (and its
+    shifts) drawn from one network-wide set of 8 values, as quantization.py's bn_share='network'
+    leaves them."""
+    state, args, quantized = quantized_state("resnet20", {"in_shape": [3, 32, 32], "num_classes": 10}, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    scales, shifts = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    for key, t in state.items():
+        if key.endswith(("bn1.weight", "bn2.weight")):
+            state[key] = scales[torch.randint(0, 8, t.shape, generator=g)]
+        elif key.endswith(("bn1.bias", "bn2.bias")):
+            state[key] = shifts[torch.randint(0, 8, t.shape, generator=g)]
+        elif key.endswith("running_var"):
+            state[key] = torch.full_like(t, 1 - 1e-5)
+    return state, args, quantized
+
+
+def test_shared_tables_round_trip_and_pay():
+    state, args, quantized = resnet20_shared_bn()
+    alone, _ = round_trip(state, args, quantized, share_tables=False)
+    blob, report = round_trip(state, args, quantized)
+    kinds = [k for _, k, _ in sections(blob)]
+    shared = [r for r in report["layers"] if r["kind"] == "shared"]
+    # scales, shifts, running means and running variances of the 19 batch-norms: a group each
+    assert kinds.count("G") == len(shared) >= 4 and all(len(r["members"]) == 19 for r in shared)
+    assert len(blob) < len(alone) - 19 * 3 * 4 * 4  # at least each scale's and shift's table saved
+    decoded, _ = he.decode_bytes(blob)
+    layout, _, _ = he.architecture(args, quantized)
+    assert list(decoded) == he.state_keys(layout)  # in the model's order, groups or not
+    # A file of an earlier version cannot hold a group.
+    fails(blob[:8] + struct.pack("<H", 3) + blob[10:], "kind 'G'")
+
+
+def test_hostile_group_is_rejected():
+    state, args, quantized = resnet20_shared_bn()
+    blob, _ = he.encode_model(state, args, quantized)
+    i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[1] == "G")
+    m = struct.unpack_from("<H", g, 1)[0]
+    members = list(struct.unpack_from(f"<{m}H", g, 3))
+    with_members = lambda ps: patch(g, 3, f"<{m}H", *ps)  # noqa: E731
+    layout, _, _ = he.architecture(args, quantized)
+    quantized_at = next(p for p, s in enumerate(layout) if s[0] == "Q" and p > members[0])
+    for ps in ([members[1]] + members[1:], members[:1] + [members[0]] + members[2:],
+               members[:-1] + [len(layout)], sorted(members[:-1] + [quantized_at])):
+        fails(rebuild(blob, {i: with_members(ps)}), "member")
+    k_at = 3 + 2 * m
+    fails(rebuild(blob, {i: patch(g, k_at, "<I", 0)}), "table of 0 values")
+    fails(rebuild(blob, {i: patch(g, 1, "<H", 1)}), "member")
+    fails(rebuild(blob, {i: g[:-1]}), "needs")
 
 
 def test_decode_file_names_the_path(tmp_path, small_file):

@@ -90,6 +90,12 @@ def test_share_values_uses_at_most_2_to_the_bits_values():
     assert len(t.unique()) <= 8
 
 
+def test_share_values_across_tensors_uses_one_table():
+    a, b = torch.tensor([0.0, 0.1, 10.0]), torch.tensor([[10.2, 0.2]])
+    assert quantization.share_values([a, b], 1) == 2
+    assert torch.allclose(a, torch.tensor([0.1, 0.1, 10.1])) and torch.allclose(b, torch.tensor([[10.1, 0.1]]))
+
+
 def test_resnet20_stages_1_2_3_and_decode(fake_cifar, tmp_path):
     """The three stages and --decode on ResNet-20 in bf16, with a hundred images."""
     out = tmp_path / "out"
@@ -102,7 +108,7 @@ def test_resnet20_stages_1_2_3_and_decode(fake_cifar, tmp_path):
     assert pruned["dense"]["epochs"] == 2 and pruned["dense"]["restart_epochs"] == 1  # 1 + a warm restart of 1
     assert [h["epoch"] for h in pruned["history"]["restart"]] == [1]
     r = run_script("quantization.py", *common, "--finetune_epochs=1", "--bits={'conv': 4, 'fc': 5}",
-                   "--bn_bits=4", "--precision=bf16")
+                   "--bn_bits=4", "--bn_share=network", "--precision=bf16")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "resnet20_quantized.json").read_text())
     assert "bn_folded" in summary["accuracy"] and summary["accuracy"]["quantized"] == summary["accuracy"]["bn_folded"]
@@ -110,15 +116,16 @@ def test_resnet20_stages_1_2_3_and_decode(fake_cifar, tmp_path):
     for k, v in ckpt["state_dict"].items():
         if k.endswith(("running_mean",)):
             assert not v.any(), k
-        if k.endswith(("bn1.weight", "bn2.weight")):
-            assert len(v.unique()) <= 16, k
         if v.is_floating_point():
             assert v.dtype == torch.float32, k
+    scales = torch.cat([v for k, v in ckpt["state_dict"].items() if k.endswith(("bn1.weight", "bn2.weight"))])
+    assert len(scales.unique()) <= 16  # one table of 2**4 values for the whole network
     r = run_script("huffman_encode.py", *common)
     assert r.returncode == 0, r.stderr
     assert "bit for bit" in r.stdout
     c = json.loads((out / "resnet20_compressed.json").read_text())
     assert c["accuracy"]["decoded"] == c["accuracy"]["quantized"]
+    assert any(r["kind"] == "shared" and len(r["members"]) == 19 for r in c["layers"])  # the scales, one section
     # dense bytes: the parameters and the batch-norm statistics, as float32
     norms = sum(m.num_features for m in build_model("resnet20").modules() if isinstance(m, nn.BatchNorm2d))
     assert c["dense_bytes"] == 4 * (269_722 + 2 * norms)

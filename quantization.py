@@ -36,7 +36,8 @@ fold_bn = True              # after fine-tuning, fold each batch-norm's running 
 bn_bits = 0                 # with fold_bn: share each batch-norm's scale and shift among 2**bn_bits values
                             # (0 = float32); stage 3 stores a value table and Huffman-coded indices
 bn_share = "layer"          # with bn_bits: layer (a table per scale and per shift vector) | network (one
-                            # table for every scale, one for every shift: stage 3 stores each table once)
+                            # table for every scale, one for every shift, clustered on a log scale: stage 3
+                            # stores each table once)
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
 finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
 lr = 3e-4                   # fine-tuning learning rate (Adam, cosine schedule)
@@ -233,18 +234,32 @@ def quantize_model(net, bits, init="linear", seed=0):
     return out
 
 
-def share_values(tensors, bits, init="linear", seed=0):
+def share_values(tensors, bits, init="linear", seed=0, relative=False):
     """Replace tensors (a bias (out,), batch-norm scales (C,) of several layers) in place by
     one k-means clustering of all their elements into at most 2**bits values, each element
     becoming its cluster's centroid, so stage 3 can store one small table and a short code
     per element instead of 32 bits. tensors: a tensor or a list of them.
+
+    relative: cluster asinh(x / c), c = 1% of the median |x| (logarithmic beyond c, linear
+    within, sign kept), for values that span decades: folded batch-norm scales run from 0.01
+    to 200 across a network, and evenly spaced centroids leave the many small ones one value.
+    The centroids are then rounded to float16 (a relative step of 0.1%, far finer than the
+    clusters'), so stage 3 stores the table in 2 bytes a value.
     Returns the number of distinct values."""
     tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
-    centroids, labels = kmeans_1d(torch.cat([t.detach().reshape(-1) for t in tensors]), 2 ** bits, init, seed)
+    x = torch.cat([t.detach().reshape(-1) for t in tensors])
+    if relative:
+        c = 0.01 * x.abs().median().clamp_min(torch.finfo(x.dtype).tiny)
+        centroids, labels = kmeans_1d(torch.asinh(x / c), 2 ** bits, init, seed)
+        centroids = c * torch.sinh(centroids)
+        half = centroids.half().float()
+        centroids = half if torch.isfinite(half).all() else centroids
+    else:
+        centroids, labels = kmeans_1d(x, 2 ** bits, init, seed)
     with torch.no_grad():
         for t, part in zip(tensors, centroids[labels].split([t.numel() for t in tensors])):
             t.copy_(part.view(t.shape))
-    return len(centroids)
+    return len(centroids.unique())
 
 
 def fold_batch_norm(bn):
@@ -402,9 +417,9 @@ def main(cfg):
             fold_batch_norm(bn)
         if cfg["bn_bits"]:
             vectors = [bn.weight for bn in norms], [bn.bias for bn in norms]
-            groups = vectors if cfg["bn_share"] == "network" else [[v] for vs in vectors for v in vs]
-            for group in groups:
-                share_values(group, cfg["bn_bits"], cfg["init"], cfg["seed"])
+            network = cfg["bn_share"] == "network"
+            for group in vectors if network else [[v] for vs in vectors for v in vs]:
+                share_values(group, cfg["bn_bits"], cfg["init"], cfg["seed"], relative=network)
         report("After folding the batch-norms" + (f" ({cfg['bn_bits']}-bit, shared per {cfg['bn_share']})"
                                                   if cfg["bn_bits"] else ""), "bn_folded")
     accuracy["quantized"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes

@@ -8,8 +8,10 @@ splice pruned weights back in); per-layer sensitivities from bench/sensitivity.p
 on the dense network's validation split (bench/results/sensitivity_resnet20.json). Evaluation in
 minibatches of 250: at 1000, ResNet-20's activations (65 MB) are mapped and unmapped at every
 call and evaluation runs 2.5x slower on the CPU. Quantization chosen on validation by
-bench/levers.py (README): 3-bit convs, 5-bit fc, batch-norm scale and shift shared among 64
-values, 10 epochs of centroid fine-tuning."""
+bench/levers.py (README): 3-bit convs, 5-bit fc, 10 epochs of centroid fine-tuning; then every
+folded batch-norm scale of the network shares one table of 256 values, and every shift another
+(bn_share='network', clustered on a log scale: on seed 0's fine-tuned network validation went
+86.92% -> 86.98%, seed 1's 87.28% -> 87.00%; 7 bits cost 0.9 points; 5.8 KB of the file -> 2.8 KB)."""
 model = "resnet20"
 pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "epochs": 60,
            "restart_epochs": 40, "restart_lr": 0.05, "augment": "auto", "precision": "auto",
@@ -20,6 +22,6 @@ pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 
                "layer2.0.conv2": 1.75, "layer2.1.conv1": 1.5, "layer2.1.conv2": 2.0, "layer2.2.conv1": 1.0,
                "layer2.2.conv2": 3.0, "layer3.0.conv1": 1.25, "layer3.0.conv2": 1.25, "layer3.1.conv1": 1.25,
                "layer3.1.conv2": 1.5, "layer3.2.conv1": 1.0, "layer3.2.conv2": 1.5, "fc": 1.75}}
-quantization = {"bits": {"conv": 3, "fc": 5}, "bias_bits": {"*": 0}, "bn_bits": 6, "finetune_epochs": 10, "lr": 1e-4,
-                "precision": "auto"}
+quantization = {"bits": {"conv": 3, "fc": 5}, "bias_bits": {"*": 0}, "bn_bits": 8, "bn_share": "network",
+                "finetune_epochs": 10, "lr": 1e-4, "precision": "auto"}
 huffman_encode = {}

@@ -4,6 +4,7 @@ user runs them."""
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -264,13 +265,19 @@ def quant_fields(payload):
     return pos, pos + 9
 
 
+def header_of(secs):
+    """The header dict of a version-4 file's sections (zlib-compressed JSON)."""
+    return json.loads(zlib.decompress(secs[0][2]))
+
+
 def as_version2(blob):
-    """The same file in format version 2, as an earlier release wrote it: each 'R', 'T' and
-    'Q' payload starts with its tensor's name, and its dims follow the dtype byte(s)."""
+    """The same file in format version 2, as an earlier release wrote it: the header plain
+    JSON, each 'R', 'T' and 'Q' payload starts with its tensor's name, and its dims follow the
+    dtype byte(s)."""
     secs = sections(blob)
-    header = json.loads(secs[0][2])
+    header = header_of(secs)
     layout, _, _ = he.architecture(header["model"], header["quantized"])
-    replace = {}
+    replace = {0: json.dumps(header).encode()}
     for i, (kind, name, shape, _) in enumerate(layout, start=1):
         payload, n_dtypes = secs[i][2], 2 if kind == "Q" else 1
         raw = name.encode()
@@ -310,12 +317,15 @@ def test_hostile_counts_are_rejected_before_allocating(small_file):
     raw = secs[2][2]
     fails(rebuild(small_file, {2: raw[:-4]}), "needs")
     fails(rebuild(small_file, {2: raw + b"\x00"}), "stray")
-    header = json.loads(secs[0][2])
+    header = header_of(secs)
     huge = dict(header, model=dict(name="lenet_300_100", kwargs={"in_shape": [1, 2**20, 2**20]}))
-    fails(rebuild(small_file, {0: json.dumps(huge).encode()}), "elements")
+    fails(rebuild(small_file, {0: zlib.compress(json.dumps(huge).encode())}), "elements")
     unknown = dict(header, model=dict(name="gpt", kwargs={}))
-    fails(rebuild(small_file, {0: json.dumps(unknown).encode()}), "cannot build")
-    fails(rebuild(small_file, {0: b"\xff{"}), "JSON")
+    fails(rebuild(small_file, {0: zlib.compress(json.dumps(unknown).encode())}), "cannot build")
+    fails(rebuild(small_file, {0: zlib.compress(b"\xff{")}), "JSON")
+    fails(rebuild(small_file, {0: b"\xff{"}), "zlib")
+    fails(rebuild(small_file, {0: zlib.compress(b" " * (he.MAX_HEADER + 1))}), "at most")  # a zip bomb
+    fails(rebuild(small_file, {0: secs[0][2] + b"\x00"}), "one zlib stream")
     fails(rebuild(small_file, {len(secs) - 1: struct.pack("<I", 3)}), "end marker")
     bad_code = bytearray(q)
     bad_code[streams_at + 4] = 0xFF  # first code lengths 31, 31, ...: over the 24-bit limit
@@ -387,25 +397,38 @@ def test_shared_tables_round_trip_and_pay():
     decoded, _ = he.decode_bytes(blob)
     layout, _, _ = he.architecture(args, quantized)
     assert list(decoded) == he.state_keys(layout)  # in the model's order, groups or not
-    # A file of an earlier version cannot hold a group.
-    fails(blob[:8] + struct.pack("<H", 3) + blob[10:], "kind 'G'")
+    # A file of an earlier version (its header plain JSON) cannot hold a group.
+    old = rebuild(blob, {0: json.dumps(header_of(sections(blob))).encode()})
+    fails(old[:8] + struct.pack("<H", 3) + old[10:], "kind 'G'")
+
+
+def test_group_tables_halve_where_float16_holds_every_value():
+    state, args, quantized = resnet20_shared_bn()
+    scales = [k for k in state if k.endswith(("bn1.weight", "bn2.weight"))]
+    for k in scales[:-1]:
+        state[k] = state[k].half().float()  # exactly representable in float16
+    state[scales[-1]] = state[scales[-1]].half().float() * 0 + torch.tensor(-0.0)  # -0.0: float16 keeps it
+    blob, _ = round_trip(state, args, quantized)
+    stored = [he.DTYPES[payload[1]] for _, kind, payload in sections(blob) if kind == "G"]
+    assert torch.float16 in stored and torch.float32 in stored  # running_var 1 - 1e-5 is not a float16
 
 
 def test_hostile_group_is_rejected():
     state, args, quantized = resnet20_shared_bn()
     blob, _ = he.encode_model(state, args, quantized)
     i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[1] == "G")
-    m = struct.unpack_from("<H", g, 1)[0]
-    members = list(struct.unpack_from(f"<{m}H", g, 3))
-    with_members = lambda ps: patch(g, 3, f"<{m}H", *ps)  # noqa: E731
+    m = struct.unpack_from("<H", g, 2)[0]
+    members = list(struct.unpack_from(f"<{m}H", g, 4))
+    with_members = lambda ps: patch(g, 4, f"<{m}H", *ps)  # noqa: E731
     layout, _, _ = he.architecture(args, quantized)
     quantized_at = next(p for p, s in enumerate(layout) if s[0] == "Q" and p > members[0])
     for ps in ([members[1]] + members[1:], members[:1] + [members[0]] + members[2:],
                members[:-1] + [len(layout)], sorted(members[:-1] + [quantized_at])):
         fails(rebuild(blob, {i: with_members(ps)}), "member")
-    k_at = 3 + 2 * m
+    k_at = 4 + 2 * m
     fails(rebuild(blob, {i: patch(g, k_at, "<I", 0)}), "table of 0 values")
-    fails(rebuild(blob, {i: patch(g, 1, "<H", 1)}), "member")
+    fails(rebuild(blob, {i: patch(g, 2, "<H", 1)}), "member")
+    fails(rebuild(blob, {i: patch(g, 1, "<B", he.DTYPES.index(torch.float64))}), "dtype")  # wider than float32
     fails(rebuild(blob, {i: g[:-1]}), "needs")
 
 

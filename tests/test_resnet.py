@@ -90,6 +90,16 @@ def test_share_values_uses_at_most_2_to_the_bits_values():
     assert len(t.unique()) <= 8
 
 
+def test_relative_sharing_keeps_small_values_apart():
+    # folded batch-norm scales span decades: evenly spaced centroids merge all the small ones
+    values = torch.logspace(-2, 2.3, 200)
+    linear, relative = values.clone(), values.clone()
+    quantization.share_values(linear, 4)
+    assert quantization.share_values(relative, 4, relative=True) <= 16 and len(relative.unique()) <= 16
+    error = lambda v: ((v - values).abs() / values).max()  # noqa: E731
+    assert error(relative) < 0.5 < 10 < error(linear)  # neighbours 1.9x apart, against the small ones all merged
+
+
 def test_share_values_across_tensors_uses_one_table():
     a, b = torch.tensor([0.0, 0.1, 10.0]), torch.tensor([[10.2, 0.2]])
     assert quantization.share_values([a, b], 1) == 2

@@ -147,22 +147,27 @@ def percentile_threshold(weights, q):
     return float(a.kthvalue(k + 1).values)  # kthvalue, unlike quantile, has no size limit
 
 
-def apply_threshold(module, threshold):
-    """Zero the mask (and the weight) wherever |w| < threshold; already-pruned stay pruned."""
+def apply_threshold(module, threshold, zero_weights=True):
+    """Zero the mask wherever |w| < threshold (already-pruned stay pruned), and the weight
+    there too unless surgery keeps it to splice back."""
     with torch.no_grad():
         module.mask.mul_((module.weight.abs() >= threshold).to(module.mask.dtype))
-        module.weight.mul_(module.mask)
+        if zero_weights:
+            module.weight.mul_(module.mask)
 
 
 # --- model-level rules: return {layer name: threshold} --------------------------------------
 
-def prune_by_std(model, sensitivity, which="all"):
-    """Per layer: threshold = std(survivors) x sensitivity (a float or per-layer dict)."""
+def prune_by_std(model, sensitivity, which="all", surgery=False):
+    """Per layer: threshold = std(survivors) x sensitivity (a float or per-layer dict).
+    surgery: keep the pruned weights and let the layers splice (prune_dns)."""
     out = {}
     for name, m in masked_layers(model, which):
         s = layer_value(sensitivity, name, layer_kind(m))
         out[name] = std_threshold(m.weight.detach(), m.mask, s)
-        apply_threshold(m, out[name])
+        apply_threshold(m, out[name], zero_weights=not surgery)
+        if surgery:
+            m.splice = True
     return out
 
 
@@ -188,16 +193,10 @@ def prune_global(model, q, which="all"):
 
 
 def prune_dns(model, sensitivity, which="all"):
-    """Start dynamic network surgery (Guo et al. 2016): per layer, threshold t = std(survivors)
-    x sensitivity as for prune_by_std, and mask = |w| >= t, but the weights are kept and the
-    layers splice (see masked_weight) until finish_surgery. Returns {layer name: t}."""
-    out = {}
-    for name, m in masked_layers(model, which):
-        out[name] = std_threshold(m.weight.detach(), m.mask, layer_value(sensitivity, name, layer_kind(m)))
-        with torch.no_grad():
-            m.mask.mul_((m.weight.abs() >= out[name]).to(m.mask.dtype))
-        m.splice = True
-    return out
+    """Start dynamic network surgery (Guo et al. 2016): prune_by_std's thresholds and masks,
+    but the weights are kept and the layers splice (see masked_weight) until finish_surgery.
+    Returns {layer name: t}."""
+    return prune_by_std(model, sensitivity, which, surgery=True)
 
 
 def surgery_step(model, thresholds, band=0.1, sensitivities=None):

@@ -15,8 +15,6 @@ import functools
 import os
 import time
 
-import torch
-
 import util
 from models import MODELS, build_model
 from prune import PRUNE_METHODS, finish_surgery, masked_layers, surgery_step
@@ -108,12 +106,8 @@ def prune(net, cfg):
 
 
 def main(cfg):
-    check_settings(cfg)
     t_start = time.time()
-    dev = util.pick_device(cfg["device"])
-    torch.manual_seed(cfg["seed"])
-    precision = util.resolve_precision(cfg["precision"], dev)
-    print(f"device: {util.describe_device(dev)}, training precision {precision}")
+    dev, precision = util.start_stage(cfg, check_settings, "training")
 
     # The last layer is fitted to the data set's classes when the model is built.
     in_shape, classes = util.DATASETS[cfg["dataset"]][:2]

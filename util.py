@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-class UserError(Exception):
-    """Bad input from the user (setting, file, data): reported as one line, exit code 2."""
+class UserError(ValueError):
+    """Bad input from the user (setting, file, data): reported as one line, exit code 2. A
+    ValueError, as the library modules raise for bad arguments: run_stage reports both."""
 
 
 def require(condition, message):
@@ -148,7 +149,8 @@ def stage_settings(defaults, argv, stage):
 
 def run_stage(main, defaults, argv=None, stage=None):
     """Entry point of a script: settings (for a stage, from its recipe too: stage_settings),
-    run main(cfg), report UserError as one line on stderr with exit code 2."""
+    run main(cfg), report bad input (UserError, or a ValueError from a library module) as one
+    line on stderr with exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if stage:
@@ -157,9 +159,21 @@ def run_stage(main, defaults, argv=None, stage=None):
         else:
             cfg = parse_settings(defaults, argv)
         main(cfg)
-    except UserError as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def start_stage(cfg, check_settings, work="training"):
+    """The first lines of every stage: reject bad settings (before any data loads), pick the
+    device, seed torch, resolve the precision of `work` when the stage has one, and print the
+    device line. -> (device, precision or None)."""
+    check_settings(cfg)
+    dev = pick_device(cfg["device"])
+    torch.manual_seed(cfg.get("seed", 0))
+    precision = resolve_precision(cfg["precision"], dev) if "precision" in cfg else None
+    print(f"device: {describe_device(dev)}" + (f", {work} precision {precision}" if precision else ""))
+    return dev, precision
 
 
 def pick_device(setting):

@@ -16,7 +16,6 @@ norm of the dense output). Prints the tables and writes bench/results/inference.
 """
 import os
 import sys
-import time
 
 import numba
 import numpy as np
@@ -25,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import huffman_encode as he  # noqa: E402
+import dcfile  # noqa: E402
 import runtime as rt  # noqa: E402
 import util  # noqa: E402
 from prune import masked_layers  # noqa: E402
@@ -125,7 +124,7 @@ def main(cfg):
         result["paper_layers"][name] = entry
         del weight, csr
     for path in cfg["files"]:
-        quantized, header = he.load_compressed(path)
+        quantized, header = dcfile.load_compressed(path)
         in_shape = header["model"]["kwargs"]["in_shape"]
         entry = dict(model=header["model"]["name"], layers={})
         for lname, layer in masked_layers(quantized):
@@ -140,8 +139,8 @@ def main(cfg):
                 t = time_layer(weight, csr, n, cfg)
                 entry["layers"][lname]["batches"][str(n)] = t
                 print(row_line(f"{entry['model']} {lname}", density, n, t, mem), flush=True)
-        dense, _ = he.load_compressed(path, runtime="dense")
-        sparse, sh = he.load_compressed(path, runtime="sparse")
+        dense, _ = dcfile.load_compressed(path, runtime="dense")
+        sparse, sh = dcfile.load_compressed(path, runtime="sparse")
         x = torch.randn(1, *in_shape)
         with torch.no_grad():
             ref = dense(x)

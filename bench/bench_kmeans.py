@@ -1,11 +1,11 @@
-"""Benchmark: quantization.kmeans_1d against scikit-learn's KMeans on pruned-like weights.
+"""Benchmark: quantize.kmeans_1d against scikit-learn's KMeans on pruned-like weights.
 
     pip install -r bench/requirements.txt && python bench/bench_kmeans.py
 
 On one seeded set of `values` weights shaped as pruning leaves them (a normal layer with every
 |w| < threshold x std removed: two tails and nothing near zero), clusters into k shared values
 in the same run with
-  1. quantization.kmeans_1d, linear initialisation (section 3.2): one sort, then Lloyd steps of
+  1. quantize.kmeans_1d, linear initialisation (section 3.2): one sort, then Lloyd steps of
      O(k log n) on the sorted data, run until the assignment repeats;
   2. sklearn.cluster.KMeans, algorithm='lloyd', n_init=1, init = the same k linearly spaced
      centroids, tol=0 and the iteration cap lifted (max_iter): it runs, like ours, until the
@@ -28,7 +28,7 @@ from sklearn.cluster import KMeans
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util  # noqa: E402
-from quantization import kmeans_1d  # noqa: E402
+from quantize import kmeans_1d  # noqa: E402
 
 # -----------------------------------------------------------------------------
 values = 1_000_000          # surviving weights clustered
@@ -100,7 +100,7 @@ def main(cfg):
     print(f"data: {cfg['values']} float32 weights ~ N(0, {cfg['std']}^2) with |w| >= {cfg['threshold']} x std "
           f"(two tails); k = {cfg['k']}, linear init for all")
     print(f"{'':26}{'seconds':>10}{'inertia':>14}{'clusters':>10}{'iterations':>12}{'speed-up':>10}{'inertia ratio':>15}")
-    for name, label in (("kmeans_1d", "quantization.kmeans_1d"), ("sklearn_tol0", "sklearn KMeans (tol=0)"),
+    for name, label in (("kmeans_1d", "quantize.kmeans_1d"), ("sklearn_tol0", "sklearn KMeans (tol=0)"),
                         ("sklearn", "sklearn KMeans (tol=1e-4)")):
         r = rows[name]
         extra = (f"{r['iterations']:12d}{r['speedup']:9.1f}x{r['inertia_ratio']:15.4f}"

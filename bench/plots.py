@@ -128,7 +128,7 @@ def byte_groups_table(summary):
 
 
 def main(cfg):
-    from quantization import load_quantized
+    from quantize import load_quantized
 
     stem = os.path.join(cfg["run"], cfg["model"])
     hint = f"run the three stages with --out_dir={cfg['run']} first"

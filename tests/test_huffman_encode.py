@@ -11,7 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import huffman_encode as he
+import dcfile
+import huffman_encode
 import util
 from conftest import run_script
 from models import build_model
@@ -45,12 +46,12 @@ def quantized_state(name, kwargs, density=0.1, clusters=32, seed=0, layers=None)
 def assert_bit_equal(a, b):
     assert list(a) and set(a) == set(b)
     for key in a:
-        assert he.bit_equal(a[key], b[key]), key
+        assert dcfile.bit_equal(a[key], b[key]), key
 
 
 def round_trip(state, model_args, quantized, index_bits=0, share_tables=True):
-    blob, report = he.encode_model(state, model_args, quantized, index_bits, share_tables=share_tables)
-    decoded, header = he.decode_bytes(blob)
+    blob, report = dcfile.encode_model(state, model_args, quantized, index_bits, share_tables=share_tables)
+    decoded, header = dcfile.decode_bytes(blob)
     assert_bit_equal(state, decoded)
     assert header["model"] == model_args and header["quantized"] == quantized
     assert sum(r["bytes"] for r in report["layers"]) + report["header_bytes"] == len(blob)
@@ -61,42 +62,42 @@ def round_trip(state, model_args, quantized, index_bits=0, share_tables=True):
 
 def test_gaps_with_fillers_known_answer():
     # span 2**3 - 1 = 7: gap 20 = 7 + 7 + 6 -> two fillers, then 6
-    assert he.gap_stream(np.array([0, 1, 21]), 3).tolist() == [1, 1, 0, 0, 6]
+    assert dcfile.gap_stream(np.array([0, 1, 21]), 3).tolist() == [1, 1, 0, 0, 6]
     # the first non-zero counts from position -1: position 100 = gap 101 = 33 fillers x 3 + 2
-    first_far = he.gap_stream(np.array([100]), 2)
+    first_far = dcfile.gap_stream(np.array([100]), 2)
     assert first_far.tolist() == [0] * 33 + [2]
-    assert he.positions_from_gaps(first_far, 2, 1, 101).tolist() == [100]
+    assert dcfile.positions_from_gaps(first_far, 2, 1, 101).tolist() == [100]
     # a gap of exactly the span needs no filler; one more needs one
-    assert he.gap_stream(np.array([6, 14]), 3).tolist() == [7, 0, 1]
-    assert he.gap_stream(np.array([], np.int64), 5).tolist() == []
+    assert dcfile.gap_stream(np.array([6, 14]), 3).tolist() == [7, 0, 1]
+    assert dcfile.gap_stream(np.array([], np.int64), 5).tolist() == []
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.sets(st.integers(0, 5000), max_size=200), st.integers(1, he.MAX_INDEX_BITS))
+@given(st.sets(st.integers(0, 5000), max_size=200), st.integers(1, dcfile.MAX_INDEX_BITS))
 def test_gap_stream_round_trip(positions, b):
     positions = np.array(sorted(positions), np.int64)
-    stream = he.gap_stream(positions, b)
-    np.testing.assert_array_equal(he.positions_from_gaps(stream, b, len(positions), 5001), positions)
-    counts = he.span_counts(he.gap_histogram(positions), b)
+    stream = dcfile.gap_stream(positions, b)
+    np.testing.assert_array_equal(dcfile.positions_from_gaps(stream, b, len(positions), 5001), positions)
+    counts = dcfile.span_counts(dcfile.gap_histogram(positions), b)
     np.testing.assert_array_equal(counts, np.bincount(stream, minlength=1 << b))
 
 
 def test_bad_gap_streams_are_rejected():
     with pytest.raises(ValueError, match="non-zeros"):  # a trailing filler
-        he.positions_from_gaps(np.array([1, 0]), 3, 1, 100)
+        dcfile.positions_from_gaps(np.array([1, 0]), 3, 1, 100)
     with pytest.raises(ValueError, match="non-zeros"):  # fewer non-zeros than claimed
-        he.positions_from_gaps(np.array([1, 2]), 3, 3, 100)
+        dcfile.positions_from_gaps(np.array([1, 2]), 3, 3, 100)
     with pytest.raises(ValueError, match="runs past"):
-        he.positions_from_gaps(np.array([0, 0, 5]), 3, 1, 15)
+        dcfile.positions_from_gaps(np.array([0, 0, 5]), 3, 1, 15)
 
 
 def test_best_span_is_the_smallest_stream():
     rng = np.random.default_rng(0)
     for density in (0.02, 0.3, 0.9):
         positions = np.flatnonzero(rng.random(20000) < density)
-        sizes = {b: he._stream_size(c, he.huffman.code_lengths(c))
-                 for b in range(1, 13) for c in [he.span_counts(he.gap_histogram(positions), b)]}
-        assert sizes[he.best_span(positions)] == min(sizes.values())
+        sizes = {b: dcfile._stream_size(c, dcfile.huffman.code_lengths(c))
+                 for b in range(1, 13) for c in [dcfile.span_counts(dcfile.gap_histogram(positions), b)]}
+        assert sizes[dcfile.best_span(positions)] == min(sizes.values())
 
 
 # --- whole files ---------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_lenet_300_100_round_trip(index_bits):
 
 def test_auto_span_beats_every_fixed_span():
     state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.05, seed=1)
-    sizes = {b: {r["name"]: r["bytes"] for r in he.encode_model(state, args, quantized, b)[1]["layers"]}
+    sizes = {b: {r["name"]: r["bytes"] for r in dcfile.encode_model(state, args, quantized, b)[1]["layers"]}
              for b in (0, 1, 2, 3, 4, 5, 6, 8, 12)}
     for layer in quantized:
         assert sizes[0][layer] == min(s[layer] for s in sizes.values())
@@ -152,18 +153,18 @@ def test_resnet18_round_trip_with_batch_norm():
 
 
 def test_loads_into_stage_2_model(tmp_path):
-    import quantization
+    import quantize
     net = build_model("lenet5_caffe", **MNIST)
     with torch.no_grad():
         for _, m in masked_layers(net):
             m.mask.copy_((torch.rand_like(m.mask) < 0.2).float())
             m.weight.mul_(m.mask)
-    quantized = quantization.quantize_model(net, {"conv": 4, "fc": 3})
+    quantized = quantize.quantize_model(net, {"conv": 4, "fc": 3})
     args = dict(name="lenet5_caffe", kwargs=MNIST)
-    blob, _ = he.encode_model(net.state_dict(), args, quantized)
+    blob, _ = dcfile.encode_model(net.state_dict(), args, quantized)
     path = tmp_path / "m.dc"
     path.write_bytes(blob)
-    decoded, header = he.load_compressed(str(path))
+    decoded, header = dcfile.load_compressed(str(path))
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(net.eval()(x), decoded.eval()(x)) and header["model"] == args
 
@@ -174,15 +175,15 @@ def test_contract_violations_are_user_errors():
     bad["fc1.index"] = state["fc1.index"].clone()
     bad["fc1.index"][state["fc1.mask"] == 0] = 1
     with pytest.raises(util.UserError, match="not 0 at pruned"):
-        he.encode_model(bad, args, quantized)
+        dcfile.encode_model(bad, args, quantized)
     bad = dict(state, **{"fc2.mask": state["fc2.mask"] * 0.5})
     with pytest.raises(util.UserError, match="other than 0 and 1"):
-        he.encode_model(bad, args, quantized)
+        dcfile.encode_model(bad, args, quantized)
     bad = {k: v for k, v in state.items() if k != "fc3.bias"}
     with pytest.raises(util.UserError, match="missing.*fc3.bias"):
-        he.encode_model(bad, args, quantized)
+        dcfile.encode_model(bad, args, quantized)
     with pytest.raises(util.UserError, match="centroids"):
-        he.encode_model(state, args, {**quantized, "fc1": dict(bits=6, clusters=64)})
+        dcfile.encode_model(state, args, {**quantized, "fc1": dict(bits=6, clusters=64)})
 
 
 # --- truncated, corrupt and hostile files: one clear error each ----------------------------------
@@ -190,36 +191,36 @@ def test_contract_violations_are_user_errors():
 @pytest.fixture(scope="module")
 def small_file():
     state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
-    return he.encode_model(state, args, quantized)[0]
+    return dcfile.encode_model(state, args, quantized)[0]
 
 
 def sections(blob):
     """[(offset, kind, payload)] of a file's sections."""
-    out, pos = [], len(he.MAGIC) + 2
+    out, pos = [], len(dcfile.MAGIC) + 2
     while pos < len(blob):
         length, kind = struct.unpack_from("<IB", blob, pos)
         out.append((pos, chr(kind), bytes(blob[pos + 5:pos + 5 + length])))
-        pos += he.FRAME + length
+        pos += dcfile.FRAME + length
     return out
 
 
 def rebuild(blob, replace):
     """The file with section i's payload replaced by replace[i] and every CRC made valid, as
     a hostile writer would do."""
-    parts = [he._section(kind, replace.get(i, payload)) for i, (_, kind, payload) in enumerate(sections(blob))]
-    return he.MAGIC + struct.pack("<H", he.VERSION) + b"".join(parts)
+    parts = [dcfile._section(kind, replace.get(i, payload)) for i, (_, kind, payload) in enumerate(sections(blob))]
+    return dcfile.MAGIC + struct.pack("<H", dcfile.VERSION) + b"".join(parts)
 
 
 def fails(blob, match):
-    with pytest.raises(he.FormatError, match=match) as e:
-        he.decode_bytes(blob)
+    with pytest.raises(dcfile.FormatError, match=match) as e:
+        dcfile.decode_bytes(blob)
     assert "\n" not in str(e.value)
     return str(e.value)
 
 
 def test_intact_file_decodes(small_file):
     assert [k for _, k, _ in sections(small_file)] == ["H", "Q", "R", "Q", "R", "Q", "R", "E"]
-    he.decode_bytes(small_file)
+    dcfile.decode_bytes(small_file)
 
 
 def test_version_2_files_still_decode_bit_for_bit():
@@ -228,13 +229,13 @@ def test_version_2_files_still_decode_bit_for_bit():
         blob, _ = round_trip(shared_biases(state), args, quantized, share_tables=False)  # as version 3 wrote
         old = as_version2(blob)
         assert len(old) > len(blob)  # the names and dims version 3 leaves out
-        decoded, _ = he.decode_bytes(old)
+        decoded, _ = dcfile.decode_bytes(old)
         assert_bit_equal(shared_biases(state), decoded)
 
 
 def test_wrong_magic_and_version(small_file):
     fails(b"PK\x03\x04" + small_file[4:], "magic")
-    fails(small_file[:8] + struct.pack("<H", he.VERSION + 1) + small_file[10:], f"version {he.VERSION + 1}")
+    fails(small_file[:8] + struct.pack("<H", dcfile.VERSION + 1) + small_file[10:], f"version {dcfile.VERSION + 1}")
     fails(small_file[:8] + struct.pack("<H", 0) + small_file[10:], "version 0")
     fails(b"", "truncated")
 
@@ -276,7 +277,7 @@ def as_version2(blob):
     dtype byte(s)."""
     secs = sections(blob)
     header = header_of(secs)
-    layout, _, _ = he.architecture(header["model"], header["quantized"])
+    layout, _, _ = dcfile.architecture(header["model"], header["quantized"])
     replace = {0: json.dumps(header).encode()}
     for i, (kind, name, shape, _) in enumerate(layout, start=1):
         payload, n_dtypes = secs[i][2], 2 if kind == "Q" else 1
@@ -324,7 +325,7 @@ def test_hostile_counts_are_rejected_before_allocating(small_file):
     fails(rebuild(small_file, {0: zlib.compress(json.dumps(unknown).encode())}), "cannot build")
     fails(rebuild(small_file, {0: zlib.compress(b"\xff{")}), "JSON")
     fails(rebuild(small_file, {0: b"\xff{"}), "zlib")
-    fails(rebuild(small_file, {0: zlib.compress(b" " * (he.MAX_HEADER + 1))}), "at most")  # a zip bomb
+    fails(rebuild(small_file, {0: zlib.compress(b" " * (dcfile.MAX_HEADER + 1))}), "at most")  # a zip bomb
     fails(rebuild(small_file, {0: secs[0][2] + b"\x00"}), "one zlib stream")
     fails(rebuild(small_file, {len(secs) - 1: struct.pack("<I", 3)}), "end marker")
     bad_code = bytearray(q)
@@ -359,7 +360,7 @@ def test_tabled_tensors_round_trip_and_pay():
 
 def test_hostile_table_is_rejected():
     state, args, quantized = quantized_state("lenet_300_100", SMALL)
-    blob, _ = he.encode_model(shared_biases(state), args, quantized, share_tables=False)
+    blob, _ = dcfile.encode_model(shared_biases(state), args, quantized, share_tables=False)
     t = sections(blob)[2][2]
     k_at = 1  # after the dtype byte
     assert struct.unpack_from("<I", t, k_at)[0] == 5
@@ -394,9 +395,9 @@ def test_shared_tables_round_trip_and_pay():
     # scales, shifts, running means and running variances of the 19 batch-norms: a group each
     assert kinds.count("G") == len(shared) >= 4 and all(len(r["members"]) == 19 for r in shared)
     assert len(blob) < len(alone) - 19 * 3 * 4 * 4  # at least each scale's and shift's table saved
-    decoded, _ = he.decode_bytes(blob)
-    layout, _, _ = he.architecture(args, quantized)
-    assert list(decoded) == he.state_keys(layout)  # in the model's order, groups or not
+    decoded, _ = dcfile.decode_bytes(blob)
+    layout, _, _ = dcfile.architecture(args, quantized)
+    assert list(decoded) == dcfile.state_keys(layout)  # in the model's order, groups or not
     # A file of an earlier version (its header plain JSON) cannot hold a group.
     old = rebuild(blob, {0: json.dumps(header_of(sections(blob))).encode()})
     fails(old[:8] + struct.pack("<H", 3) + old[10:], "kind 'G'")
@@ -409,18 +410,18 @@ def test_group_tables_halve_where_float16_holds_every_value():
         state[k] = state[k].half().float()  # exactly representable in float16
     state[scales[-1]] = state[scales[-1]].half().float() * 0 + torch.tensor(-0.0)  # -0.0: float16 keeps it
     blob, _ = round_trip(state, args, quantized)
-    stored = [he.DTYPES[payload[1]] for _, kind, payload in sections(blob) if kind == "G"]
+    stored = [dcfile.DTYPES[payload[1]] for _, kind, payload in sections(blob) if kind == "G"]
     assert torch.float16 in stored and torch.float32 in stored  # running_var 1 - 1e-5 is not a float16
 
 
 def test_hostile_group_is_rejected():
     state, args, quantized = resnet20_shared_bn()
-    blob, _ = he.encode_model(state, args, quantized)
+    blob, _ = dcfile.encode_model(state, args, quantized)
     i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[1] == "G")
     m = struct.unpack_from("<H", g, 2)[0]
     members = list(struct.unpack_from(f"<{m}H", g, 4))
     with_members = lambda ps: patch(g, 4, f"<{m}H", *ps)  # noqa: E731
-    layout, _, _ = he.architecture(args, quantized)
+    layout, _, _ = dcfile.architecture(args, quantized)
     quantized_at = next(p for p, s in enumerate(layout) if s[0] == "Q" and p > members[0])
     for ps in ([members[1]] + members[1:], members[:1] + [members[0]] + members[2:],
                members[:-1] + [len(layout)], sorted(members[:-1] + [quantized_at])):
@@ -428,7 +429,7 @@ def test_hostile_group_is_rejected():
     k_at = 4 + 2 * m
     fails(rebuild(blob, {i: patch(g, k_at, "<I", 0)}), "table of 0 values")
     fails(rebuild(blob, {i: patch(g, 2, "<H", 1)}), "member")
-    fails(rebuild(blob, {i: patch(g, 1, "<B", he.DTYPES.index(torch.float64))}), "dtype")  # wider than float32
+    fails(rebuild(blob, {i: patch(g, 1, "<B", dcfile.DTYPES.index(torch.float64))}), "dtype")  # wider than float32
     fails(rebuild(blob, {i: g[:-1]}), "needs")
 
 
@@ -436,7 +437,7 @@ def test_decode_file_names_the_path(tmp_path, small_file):
     path = tmp_path / "cut.dc"
     path.write_bytes(small_file[:-3])
     with pytest.raises(util.UserError, match="cut.dc: .*truncated"):
-        he.decode_file(str(path))
+        dcfile.decode_file(str(path))
 
 
 # --- the stages as a user runs them --------------------------------------------------------------
@@ -462,7 +463,7 @@ def test_stages_1_2_3_and_decode(tmp_path, fake_mnist, capsys):
 
     # Decoding the file alone (in this process: the subprocesses above cover the entry point).
     decode = [f"--decode={path}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}"]
-    util.run_stage(he.main, he.SETTINGS, decode)
+    util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, decode)
     assert f"({summary['accuracy']['decoded']:.2f}%)" in capsys.readouterr().out
     assert util.load_checkpoint(str(tmp_path / "lenet_300_100_decoded.pt"), "quantized", "cpu", "")
 
@@ -470,6 +471,6 @@ def test_stages_1_2_3_and_decode(tmp_path, fake_mnist, capsys):
     blob[len(blob) // 2] ^= 1
     open(path, "wb").write(blob)
     with pytest.raises(SystemExit) as e:  # a flipped bit: one line on stderr, exit code 2
-        util.run_stage(he.main, he.SETTINGS, decode)
+        util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, decode)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "CRC" in err and len(err.strip().splitlines()) == 1

@@ -15,8 +15,8 @@ import util
 from conftest import run_script
 from models import build_model
 from prune import MaskedConv2d, MaskedLinear, masked_layers, prune_by_percentile
-from quantization import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, build_quantized_model,
-                          index_dtype, kmeans_1d, load_quantized, quantize_model, to_quantized)
+from quantize import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, build_quantized_model,
+                      index_dtype, kmeans_1d, load_quantized, quantize_model, to_quantized)
 
 CPU = torch.device("cpu")
 

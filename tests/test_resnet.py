@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import prune
-import quantization
+import quantize
 import util
 from conftest import run_script
 from models import _BasicBlockA, build_model
@@ -79,14 +79,14 @@ def test_fold_batch_norm_keeps_the_function():
         bn.running_var.uniform_(0.1, 3)
     x = torch.randn(4, 8, 5, 5)
     before = bn(x)
-    quantization.fold_batch_norm(bn)
+    quantize.fold_batch_norm(bn)
     assert not bn.running_mean.any() and (bn.running_var == 1 - bn.eps).all()
     assert torch.allclose(bn(x), before, rtol=1e-5, atol=1e-6)
 
 
 def test_share_values_uses_at_most_2_to_the_bits_values():
     t = torch.randn(64)
-    assert quantization.share_values(t, 3) <= 8
+    assert quantize.share_values(t, 3) <= 8
     assert len(t.unique()) <= 8
 
 
@@ -94,15 +94,15 @@ def test_relative_sharing_keeps_small_values_apart():
     # folded batch-norm scales span decades: evenly spaced centroids merge all the small ones
     values = torch.logspace(-2, 2.3, 200)
     linear, relative = values.clone(), values.clone()
-    quantization.share_values(linear, 4)
-    assert quantization.share_values(relative, 4, relative=True) <= 16 and len(relative.unique()) <= 16
+    quantize.share_values(linear, 4)
+    assert quantize.share_values(relative, 4, relative=True) <= 16 and len(relative.unique()) <= 16
     error = lambda v: ((v - values).abs() / values).max()  # noqa: E731
     assert error(relative) < 0.5 < 10 < error(linear)  # neighbours 1.9x apart, against the small ones all merged
 
 
 def test_share_values_across_tensors_uses_one_table():
     a, b = torch.tensor([0.0, 0.1, 10.0]), torch.tensor([[10.2, 0.2]])
-    assert quantization.share_values([a, b], 1) == 2
+    assert quantize.share_values([a, b], 1) == 2
     assert torch.allclose(a, torch.tensor([0.1, 0.1, 10.1])) and torch.allclose(b, torch.tensor([[10.1, 0.1]]))
 
 

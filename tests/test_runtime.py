@@ -9,12 +9,13 @@ import torch
 import torch.nn as nn
 import torchvision
 
-import huffman_encode as he
+import dcfile
+import huffman_encode
 import runtime as rt
 import util
 from models import build_model
 from prune import masked_layers
-from quantization import build_quantized_model
+from quantize import build_quantized_model
 from test_huffman_encode import SMALL, quantized_state
 
 
@@ -105,7 +106,7 @@ def test_plain_export_of_a_lenet_loads_into_its_mask_free_model():
 
 def write_file(tmp_path, name, kwargs, density=0.1):
     state, args, quantized = quantized_state(name, kwargs, density=density)
-    blob, _ = he.encode_model(state, args, quantized,
+    blob, _ = dcfile.encode_model(state, args, quantized,
                               info=dict(data=dict(dataset="mnist", subset=40, test_batch_size=20)))
     path = tmp_path / f"{name}.dc"
     path.write_bytes(blob)
@@ -116,9 +117,9 @@ def write_file(tmp_path, name, kwargs, density=0.1):
                                          ("lenet5_caffe", {"in_shape": [1, 28, 28], "num_classes": 10})])
 def test_three_runtimes_give_the_same_outputs(tmp_path, name, kwargs):
     path = write_file(tmp_path, name, kwargs)
-    quantized, _ = he.load_compressed(path)
-    dense, _ = he.load_compressed(path, runtime="dense")
-    sparse, header = he.load_compressed(path, runtime="sparse")
+    quantized, _ = dcfile.load_compressed(path)
+    dense, _ = dcfile.load_compressed(path, runtime="dense")
+    sparse, header = dcfile.load_compressed(path, runtime="sparse")
     assert set(header["runtime"]) == {n for n, _ in masked_layers(quantized)}
     assert all(header["runtime"][n] == "sparse" for n, m in masked_layers(quantized) if isinstance(m, nn.Linear))
     x = torch.randn(4, 1, 28, 28)
@@ -127,7 +128,7 @@ def test_three_runtimes_give_the_same_outputs(tmp_path, name, kwargs):
         torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
     with pytest.raises(ValueError, match="unknown runtime"):
-        he.load_compressed(path, runtime="csr")
+        dcfile.load_compressed(path, runtime="csr")
 
 
 def test_export_and_runtime_from_the_command_line(tmp_path, fake_mnist, capsys):
@@ -135,8 +136,8 @@ def test_export_and_runtime_from_the_command_line(tmp_path, fake_mnist, capsys):
     out = tmp_path / "plain.pt"
     args = [f"--decode={path}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--device=cpu"]
     accuracies = []
-    for runtime in he.RUNTIMES:
-        util.run_stage(he.main, he.SETTINGS, args + [f"--runtime={runtime}", f"--export={out}"])
+    for runtime in dcfile.RUNTIMES:
+        util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, args + [f"--runtime={runtime}", f"--export={out}"])
         text = capsys.readouterr().out
         accuracies.append(text.split("Accuracy: ")[1].split()[0])
     assert len(set(accuracies)) == 1  # the same test accuracy in all three runtimes
@@ -149,9 +150,9 @@ def test_export_and_runtime_from_the_command_line(tmp_path, fake_mnist, capsys):
     bad.write_bytes(open(path, "rb").read()[:-5])
     fresh = tmp_path / "fresh.pt"
     with pytest.raises(SystemExit) as e:
-        util.run_stage(he.main, he.SETTINGS, [f"--decode={bad}", f"--export={fresh}", f"--out_dir={tmp_path}"])
+        util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, [f"--decode={bad}", f"--export={fresh}", f"--out_dir={tmp_path}"])
     assert e.value.code == 2 and "truncated" in capsys.readouterr().err
     assert not os.path.exists(fresh)
     with pytest.raises(SystemExit) as e:
-        util.run_stage(he.main, he.SETTINGS, [f"--export={fresh}"])
+        util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, [f"--export={fresh}"])
     assert e.value.code == 2 and "give --decode" in capsys.readouterr().err

@@ -1,0 +1,282 @@
+"""The math of stage 2 (Han, Mao & Dally 2016, section 3): k-means weight sharing on scalars,
+quantized layers (a codebook and an index per weight, the pruning mask kept), shared values for
+biases and batch-norm, batch-norm folding, and the quantized checkpoint's model. Computes and
+returns; quantization.py runs the stage."""
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import util
+from models import build_model
+from prune import MaskedConv2d, MaskedLinear, layer_kind, layer_value, masked_layers
+
+
+KMEANS_INITS = ("linear", "density", "random", "kmeans++")
+MAX_BITS = 16  # the paper uses 2 to 8 bits; past 16, sharing barely shrinks a 32-bit weight
+
+
+# --- k-means on scalars ---------------------------------------------------------------------
+
+def _boundaries(xs, c):
+    """Cluster j of sorted data xs (n,) for sorted centroids c (k,) is xs[b[j]:b[j+1]].
+
+    In 1-D the points nearest a centroid form the interval between the midpoints to its
+    neighbours, so one searchsorted of the k-1 midpoints assigns all n points (a point on a
+    midpoint goes right). Returns b: (k+1,) int64, b[0] = 0, b[k] = n."""
+    return np.concatenate([[0], np.searchsorted(xs, (c[1:] + c[:-1]) / 2), [len(xs)]])
+
+
+def _init_centroids(xs, k, init, rng):
+    """Initial centroids (k,) for sorted data xs (n,), section 3.2 (repeats are possible)."""
+    n = len(xs)
+    if init == "linear":  # evenly spaced between the smallest and largest weight
+        return np.linspace(xs[0], xs[-1], k)
+    if init == "density":  # evenly spaced on the CDF's y axis, read back on the x axis
+        return xs[np.linspace(0, n - 1, k).round().astype(np.int64)]
+    if init == "random":  # Forgy: k observations drawn at random
+        return xs[rng.choice(n, k, replace=False)]
+    # kmeans++ (Arthur & Vassilvitskii 2007): each next centroid drawn with probability ~ D(x)^2
+    c = [xs[rng.integers(n)]]
+    d2 = (xs - c[0]) ** 2
+    for _ in range(k - 1):
+        cum = np.cumsum(d2)
+        c.append(xs[min(np.searchsorted(cum, rng.random() * cum[-1]), n - 1)])
+        d2 = np.minimum(d2, (xs - c[-1]) ** 2)
+    return np.array(c)
+
+
+def _reseed_empty_clusters(xs, cs, cs2, c, k):
+    """Add centroids to the sorted centroids c until there are k. Each goes to the point
+    farthest from its centroid in the cluster with the largest squared error, so it takes
+    over part of the worst cluster (scikit-learn moves an empty cluster to a far point too).
+
+    xs: (n,) sorted data with more than k distinct values; cs, cs2: (n+1,) prefix sums of
+    xs and xs**2. Returns (k,) sorted and distinct, each the nearest centroid of some point."""
+    n = len(xs)
+    while len(c) < k:
+        b = _boundaries(xs, c)
+        lo, hi = b[:-1], b[1:]
+        s1 = cs[hi] - cs[lo]
+        sse = cs2[hi] - cs2[lo] - s1 * s1 / np.maximum(hi - lo, 1)
+        first, last = xs[np.minimum(lo, n - 1)], xs[np.maximum(hi - 1, 0)]
+        # An empty cluster or one of a single repeated value cannot be split; since there are
+        # more distinct values than clusters, some other cluster can.
+        j = np.argmax(np.where(last > first, sse, -1.0))
+        far = first[j] if c[j] - first[j] >= last[j] - c[j] else last[j]
+        c = np.sort(np.append(c, far))
+    return c
+
+
+def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
+    """Lloyd's k-means on scalars (section 3.1, eq. 1: minimise the within-cluster sum of
+    squares), exact and fast because weights are 1-D.
+
+    After one sort every cluster is a contiguous run of the sorted data, so assignment is one
+    searchsorted of the midpoints between neighbouring centroids and a cluster's sum is the
+    difference of two prefix sums: a Lloyd step costs O(k log n), not O(n k), and running to
+    convergence is cheap. An emptied cluster (linear init on pruned weights puts centroids in
+    the empty gap around zero) is re-seeded inside the worst cluster (_reseed_empty_clusters),
+    so no code is wasted; clusters are dropped only when there are fewer than k distinct
+    values. Stops when the assignment repeats, or after max_iter steps.
+
+    values: (n,) float tensor on any device (clustered on the CPU); k: number of clusters.
+    init: 'linear' | 'density' | 'random' | 'kmeans++' (section 3.2); seed: for random inits.
+    Returns, on values' device, centroids (k',) float32 ascending, k' = min(k, distinct
+    values), and labels (n,) int64 in 0..k'-1: each point's nearest centroid, every cluster
+    used."""
+    if init not in KMEANS_INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(KMEANS_INITS)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, not {k}")
+    x = values.detach().reshape(-1).cpu().numpy()
+    # One sort in the input's precision (numpy's sort is ~3x torch's on the CPU); sums in
+    # float64 so that prefix-sum differences stay exact enough over millions of weights.
+    xs = np.sort(x).astype(np.float64)
+    x = x.astype(np.float64)
+    first_of_run = np.ones(len(xs), dtype=bool)
+    first_of_run[1:] = xs[1:] != xs[:-1]
+    c = xs[first_of_run]  # the distinct values, ascending
+    if len(c) > k:  # else every distinct value is its own cluster: the exact optimum
+        cs = np.concatenate([[0.0], np.cumsum(xs)])
+        cs2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
+        rng = np.random.default_rng(seed)
+        c = _reseed_empty_clusters(xs, cs, cs2, np.unique(_init_centroids(xs, k, init, rng)), k)
+        previous, exact = None, False
+        for _ in range(max_iter):
+            b = _boundaries(xs, c)
+            counts = np.diff(b)
+            if not counts.all():
+                c = _reseed_empty_clusters(xs, cs, cs2, c[counts > 0], k)
+                continue
+            if previous is not None and np.array_equal(b, previous):
+                if exact:
+                    break
+                # A prefix-sum difference loses values far below the running sum (a layer
+                # whose weights span more than ~1e15 in magnitude), so the assignment found
+                # with them is checked, and if need be refined, with sums taken per cluster.
+                exact = True
+            previous = b
+            sums = np.add.reduceat(xs, b[:-1]) if exact else cs[b[1:]] - cs[b[:-1]]
+            c = sums / counts
+        c = c[np.diff(_boundaries(xs, c)) > 0]  # stopped by max_iter: drop a cluster just emptied
+    labels = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="right")  # the rule of _boundaries
+    return (torch.from_numpy(c.astype(np.float32)).to(values.device),
+            torch.from_numpy(labels.astype(np.int64)).to(values.device))
+
+
+# --- layers with shared weights -------------------------------------------------------------
+
+def index_dtype(k):
+    """Smallest integer dtype for cluster indices 0..k-1: uint8 up to 256 clusters, else the
+    smallest signed one (int16, int32)."""
+    return next(d for d in (torch.uint8, torch.int16, torch.int32, torch.int64)
+                if k - 1 <= torch.iinfo(d).max)
+
+
+class _SharedWeight:
+    """A masked layer whose weight is shared (section 3.3): a `codebook` Parameter (k,) of
+    centroids and a fixed integer `index` buffer of the weight's shape replace the weight.
+
+    The weight is rebuilt at every use as codebook[index] * mask. The backward pass of the
+    lookup adds up the gradients of all weights of a cluster into its centroid, which is
+    eq. 3 of the paper; index and mask are buffers, so the assignment and the pruning stay
+    fixed. (The layer's forward multiplies by the mask once more, which changes nothing.)"""
+
+    @property
+    def weight(self):
+        # index_select is codebook[index]; its backward (index_add) ran 2-4x faster than
+        # plain indexing's on the CPU.
+        return self.codebook.index_select(0, self.index.reshape(-1).long()).view(self.index.shape) * self.mask
+
+
+class QuantizedLinear(_SharedWeight, MaskedLinear):
+    """MaskedLinear with weight (out, in) = codebook[index] * mask and no weight Parameter."""
+
+
+class QuantizedConv2d(_SharedWeight, MaskedConv2d):
+    """MaskedConv2d with weight (out, in/groups, kh, kw) = codebook[index] * mask."""
+
+
+QUANTIZED = {MaskedLinear: QuantizedLinear, MaskedConv2d: QuantizedConv2d}
+
+
+def to_quantized(layer, codebook, index):
+    """Turn a MaskedLinear / MaskedConv2d into its quantized class in place, so it keeps its
+    place in any nested model, its bias and its mask. Its weight Parameter is dropped for
+    `codebook` (k,) float (a Parameter) and `index` (the weight's shape, integer dtype,
+    0 where pruned; a buffer). Returns the layer."""
+    quantized_class = QUANTIZED[type(layer)]
+    del layer.weight
+    layer.__class__ = quantized_class
+    layer.codebook = nn.Parameter(codebook.float().to(layer.mask.device))
+    layer.register_buffer("index", index.to(layer.mask.device))
+    return layer
+
+
+def quantize_layer(layer, bits, init="linear", seed=0):
+    """Cluster the layer's surviving weights (mask == 1) into at most 2**bits shared values
+    (section 3.1) and make it a quantized layer. Pruned weights are never clustered: they get
+    index 0 and stay exactly 0 through the mask. Returns the codebook size."""
+    alive = layer.mask.bool()
+    centroids, labels = kmeans_1d(layer.weight.detach()[alive], 2 ** bits, init, seed)
+    if len(centroids) == 0:  # every weight pruned: one unused code keeps the codebook valid
+        centroids = centroids.new_zeros(1)
+    index = torch.zeros(alive.shape, dtype=index_dtype(len(centroids)), device=alive.device)
+    index[alive] = labels.to(index.dtype)
+    to_quantized(layer, centroids, index)
+    return len(centroids)
+
+
+def quantize_model(net, bits, init="linear", seed=0):
+    """Quantize every masked layer of `net` in place, at any depth. bits: an int or a per-layer
+    dict (prune.layer_value). Returns {layer name: {'bits', 'clusters' (codebook size)}}."""
+    out = {}
+    for name, m in tqdm(masked_layers(net), desc="k-means", leave=False):
+        b = layer_value(bits, name, layer_kind(m))
+        out[name] = dict(bits=b, clusters=quantize_layer(m, b, init, seed))
+    return out
+
+
+def share_values(tensors, bits, init="linear", seed=0, relative=False):
+    """Replace tensors (a bias (out,), batch-norm scales (C,) of several layers) in place by
+    one k-means clustering of all their elements into at most 2**bits values, each element
+    becoming its cluster's centroid, so stage 3 can store one small table and a short code
+    per element instead of 32 bits. tensors: a tensor or a list of them.
+
+    relative: cluster asinh(x / c), c = 1% of the median |x| (logarithmic beyond c, linear
+    within, sign kept), for values that span decades: folded batch-norm scales run from 0.01
+    to 200 across a network, and evenly spaced centroids leave the many small ones one value.
+    The centroids are then rounded to float16 (a relative step of 0.1%, far finer than the
+    clusters'), so stage 3 stores the table in 2 bytes a value.
+    Returns the number of distinct values."""
+    tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
+    x = torch.cat([t.detach().reshape(-1) for t in tensors])
+    if relative:
+        c = 0.01 * x.abs().median().clamp_min(torch.finfo(x.dtype).tiny)
+        centroids, labels = kmeans_1d(torch.asinh(x / c), 2 ** bits, init, seed)
+        centroids = c * torch.sinh(centroids)
+        half = centroids.half().float()
+        centroids = half if torch.isfinite(half).all() else centroids
+    else:
+        centroids, labels = kmeans_1d(x, 2 ** bits, init, seed)
+    with torch.no_grad():
+        for t, part in zip(tensors, centroids[labels].split([t.numel() for t in tensors])):
+            t.copy_(part.view(t.shape))
+    return len(centroids.unique())
+
+
+def fold_batch_norm(bn):
+    """Fold an inference-mode batch-norm's running statistics into its scale and shift, in
+    place: y = (x - mean) / sqrt(var + eps) * weight + bias becomes y = x * weight' + bias'
+    with weight' = weight / sqrt(var + eps), bias' = bias - mean * weight', running_mean 0 and
+    running_var 1 - eps. The layer computes the same function (to float32 rounding) and stays
+    an ordinary nn.BatchNorm2d, but two of its four vectors become constant, which stage 3
+    stores in a few bytes. Only for inference: training mode uses the batch's statistics."""
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bn.bias.sub_(bn.running_mean * scale)
+        bn.weight.copy_(scale)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1 - bn.eps)
+
+
+def build_quantized_model(model_args, quantized):
+    """The model of a quantized checkpoint, uninitialised, ready for load_state_dict.
+
+    model_args: the checkpoint's 'model' entry {'name', 'kwargs'}; quantized: its 'quantized'
+    entry {layer name: {'bits', 'clusters'}}."""
+    net = build_model(model_args["name"], **model_args["kwargs"])
+    layers = dict(masked_layers(net))
+    for name, q in quantized.items():
+        k = q["clusters"]
+        to_quantized(layers[name], torch.zeros(k), torch.zeros(layers[name].weight.shape, dtype=index_dtype(k)))
+    return net
+
+
+def load_quantized(path, device):
+    """-> (model on `device` with the checkpoint's weights, checkpoint dict) for a
+    {model}_quantized.pt file; a missing or wrong-stage file raises util.UserError."""
+    ckpt = util.load_checkpoint(path, "quantized", device, "run quantization.py first")
+    net = build_quantized_model(ckpt["model"], ckpt["quantized"]).to(device)
+    net.load_state_dict(ckpt["state_dict"])
+    return net, ckpt
+
+
+# --- the per-layer table --------------------------------------------------------------------
+
+def layer_rows(net, quantized, zeros):
+    """[{name, shape, total, nonzero, bits, clusters (used by surviving weights), distinct
+    (non-zero weight values), zeros_kept}] for the quantized layers of `net`, in model order.
+
+    zeros: {layer name: bool tensor, True where the pruned model's weight was 0}; zeros_kept
+    says whether the quantized weight is 0 at exactly those places."""
+    rows = []
+    for name, m in masked_layers(net):
+        w, alive = m.weight.detach(), m.mask.bool()
+        used = torch.bincount(m.index[alive].long().cpu(), minlength=len(m.codebook))
+        rows.append(dict(name=name, shape=list(w.shape), total=w.numel(), nonzero=int((w != 0).sum()),
+                         bits=quantized[name]["bits"], clusters=int(used.count_nonzero()),
+                         distinct=len(np.unique(w[w != 0].cpu().numpy())),
+                         zeros_kept=bool(torch.equal(w == 0, zeros[name]))))
+    return rows

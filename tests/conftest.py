@@ -69,3 +69,21 @@ def run_script(script, *args, cwd=ROOT, timeout=300):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(stage, *args, capsys):
+    """Run a stage script's main in this process as its command line would (defaults, recipe,
+    overrides, one-line errors), on the CPU -> (exit code, stdout, stderr). For tests where a
+    new interpreter adds nothing but start-up time; each stage keeps one subprocess test."""
+    import importlib
+
+    import util
+
+    module = importlib.import_module(stage)
+    code = 0
+    try:
+        util.run_stage(module.main, module.SETTINGS, [*args, "--device=cpu"], stage=stage)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -10,7 +10,7 @@ import torchvision
 
 import prune
 import util
-from conftest import SHARED_DATA, run_script
+from conftest import SHARED_DATA, run_here, run_script
 from models import build_model
 from prune import MaskedConv2d, MaskedLinear
 
@@ -352,24 +352,25 @@ def test_pruning_script_end_to_end(fake_mnist, tmp_path):
     assert os.path.isfile(out / "lenet5_initial.pt")
 
 
-def test_a_layer_without_a_sensitivity_is_one_line(fake_mnist, tmp_path):
-    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--subset=100",
-                   "--sensitivity={'fc1': 1.0}", timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == "error: sensitivity: no value for layer 'fc2' (add a '*' default)"
+def test_a_layer_without_a_sensitivity_is_one_line(fake_mnist, tmp_path, capsys):
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--subset=100",
+                            "--sensitivity={'fc1': 1.0}", capsys=capsys)
+    assert code == 2 and err.strip() == "error: sensitivity: no value for layer 'fc2' (add a '*' default)"
     assert os.listdir(tmp_path) == []
 
 
-def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
+def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     dense = tmp_path / "dense"
-    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400", "--epochs=2",
-                   "--retrain_epochs=1", "--lr=0.01")
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
+                            "--epochs=2", "--retrain_epochs=1", "--lr=0.01", capsys=capsys)
+    assert code == 0, err
     out = tmp_path / "dns"
-    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
-                   f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns", "--sensitivity=1.0",
-                   "--retrain_epochs=2", "--retrain_lr=0.01", "--optimizer=sgd")
-    assert r.returncode == 0, r.stderr
-    assert "dense network from" in r.stdout and not (out / "lenet_300_100_initial.pt").exists()
+    code, stdout, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
+                                 f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns",
+                                 "--sensitivity=1.0", "--retrain_epochs=2", "--retrain_lr=0.01", "--optimizer=sgd",
+                                 capsys=capsys)
+    assert code == 0, err
+    assert "dense network from" in stdout and not (out / "lenet_300_100_initial.pt").exists()
     first = json.loads((dense / "lenet_300_100_pruned.json").read_text())
     summary = json.loads((out / "lenet_300_100_pruned.json").read_text())
     assert summary["accuracy"]["dense"] == first["accuracy"]["dense"]  # the same dense network
@@ -379,9 +380,9 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
     for layer in ("fc1", "fc2", "fc3"):
         w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
         assert torch.equal(w != 0, m == 1) and 0 < m.mean() < 0.6  # surgery ended: zeros exactly where pruned
-    r = run_script("pruning.py", f"--data_root={fake_mnist}", f"--out_dir={out}", "--model=lenet5",
-                   f"--init_from={dense}/lenet_300_100_initial.pt", timeout=120)
-    assert r.returncode == 2 and "not the" in r.stderr and "lenet5" in r.stderr
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--model=lenet5",
+                            f"--init_from={dense}/lenet_300_100_initial.pt", capsys=capsys)
+    assert code == 2 and "not the" in err and "lenet5" in err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -398,19 +399,19 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path):
     (["--optimizer=rmsprop", f"--data_root={__file__}"], "unknown optimizer 'rmsprop'; choose one of adam, sgd"),
     (["--sensitivity={'fc1': 1.0}", f"--data_root={__file__}"], "sensitivity: no value for layer 'fc2'"),
 ])
-def test_pruning_script_bad_input(tmp_path, args, message):
-    r = run_script("pruning.py", f"--out_dir={tmp_path}", *args, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip()[7:]}"]  # one line
-    assert message in r.stderr
+def test_pruning_script_bad_input(tmp_path, args, message, capsys):
+    code, _, err = run_here("pruning", f"--out_dir={tmp_path}", *args, capsys=capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {err.strip()[7:]}"]  # one line
+    assert message in err
     assert os.listdir(tmp_path) == []  # nothing written
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "MNIST")), reason="no ../shared/data")
-def test_pruning_script_on_real_mnist_subset(tmp_path):
-    r = run_script("pruning.py", "--model=lenet_300_100", f"--data_root={SHARED_DATA}", f"--out_dir={tmp_path}",
-                   "--subset=6000", "--epochs=3", "--retrain_epochs=2", "--sensitivity=1.0")
-    assert r.returncode == 0, r.stderr
+def test_pruning_script_on_real_mnist_subset(tmp_path, capsys):
+    code, _, err = run_here("pruning", "--model=lenet_300_100", f"--data_root={SHARED_DATA}", f"--out_dir={tmp_path}",
+                            "--subset=6000", "--epochs=3", "--retrain_epochs=2", "--sensitivity=1.0", capsys=capsys)
+    assert code == 0, err
     summary = json.loads((tmp_path / "lenet_300_100_pruned.json").read_text())
     assert summary["accuracy"]["dense"] > 88  # 5,400 real digits, 3 epochs
     assert summary["accuracy"]["retrained"] > summary["accuracy"]["pruned"] - 1

@@ -8,7 +8,7 @@ import huffman_encode
 import pruning
 import quantization
 import util
-from conftest import ROOT, run_script
+from conftest import ROOT, run_here
 
 STAGE_MODULES = dict(pruning=pruning, quantization=quantization, huffman_encode=huffman_encode)
 
@@ -57,9 +57,9 @@ def test_a_bad_recipe_is_a_one_line_error(tmp_path, capsys, stage, text, message
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1
 
 
-def test_a_bad_recipe_stops_the_stage_script(tmp_path):
+def test_a_bad_recipe_stops_the_stage_script(tmp_path, capsys):
     path = tmp_path / "bad.py"
     path.write_text("model = 'lenet_300_100'\npruning = {'retrain_epochs': -1.5}\n")
-    done = run_script("pruning.py", str(path), f"--out_dir={tmp_path}")
-    assert done.returncode == 2 and "retrain_epochs expects int" in done.stderr
+    code, _, err = run_here("pruning", str(path), f"--out_dir={tmp_path}", capsys=capsys)
+    assert code == 2 and "retrain_epochs expects int" in err
     assert os.listdir(tmp_path) == ["bad.py"]  # nothing written

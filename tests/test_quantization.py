@@ -1,5 +1,7 @@
 """Stage 2: k-means on scalars, layers with shared weights, and quantization.py run as a user
 runs it (after pruning.py), on LeNet and on ResNet-18's nested blocks."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 import pruning
 import quantization
 import util
-from conftest import run_script
+from conftest import run_here, run_script
 from models import build_model
 from prune import MaskedConv2d, MaskedLinear, masked_layers, prune_by_percentile
 from quantize import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, build_quantized_model,
@@ -215,12 +217,13 @@ def test_fine_tuning_moves_centroids_only(fake_mnist):
 
 @pytest.fixture(scope="module")
 def stage1(fake_mnist, tmp_path_factory):
-    """out_dir holding stage 1's lenet_300_100_pruned.pt, made by pruning.py in a subprocess."""
+    """out_dir holding stage 1's lenet_300_100_pruned.pt, made by pruning.py's main."""
     out = str(tmp_path_factory.mktemp("stage1"))
-    r = run_script("pruning.py", "--model=lenet_300_100", f"--data_root={fake_mnist}", f"--out_dir={out}",
-                   "--subset=400", "--epochs=2", "--retrain_epochs=1", "--lr=0.01", "--retrain_lr=0.001",
-                   "--sensitivity=1.0")
-    assert r.returncode == 0, r.stderr
+    with contextlib.redirect_stdout(io.StringIO()):
+        util.run_stage(pruning.main, pruning.SETTINGS, [
+            "--model=lenet_300_100", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400", "--epochs=2",
+            "--retrain_epochs=1", "--lr=0.01", "--retrain_lr=0.001", "--sensitivity=1.0", "--device=cpu"],
+            stage="pruning")
     return out
 
 
@@ -252,12 +255,12 @@ def test_stage1_to_stage2_smoke(fake_mnist, stage1):
     assert 100 * correct / total == pytest.approx(summary["accuracy"]["finetuned"])
 
 
-def test_shared_biases_have_at_most_2_to_the_bias_bits_values(fake_mnist, stage1, tmp_path):
+def test_shared_biases_have_at_most_2_to_the_bias_bits_values(fake_mnist, stage1, tmp_path, capsys):
     shutil.copy(os.path.join(stage1, "lenet_300_100_pruned.pt"), tmp_path)
-    r = run_script("quantization.py", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--finetune_epochs=0",
-                   "--bias_bits={'*': 2, 'fc3': 0}")
-    assert r.returncode == 0, r.stderr
-    assert "--- After sharing the biases ---" in r.stdout and "biases shared" in r.stdout
+    code, out, err = run_here("quantization", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}",
+                              "--finetune_epochs=0", "--bias_bits={'*': 2, 'fc3': 0}", capsys=capsys)
+    assert code == 0, err
+    assert "--- After sharing the biases ---" in out and "biases shared" in out
     net, ckpt = load_quantized(str(tmp_path / "lenet_300_100_quantized.pt"), CPU)
     pruned = util.load_checkpoint(str(tmp_path / "lenet_300_100_pruned.pt"), "pruned", CPU, "")["state_dict"]
     for name in ("fc1", "fc2"):

@@ -42,6 +42,8 @@ hardware = ""               # what this invocation's runs ran on ('' = this mach
 dry_run = False             # print the commands only
 reuse = False               # keep a run whose folder already holds the three summaries, made with the recipe's
                             # settings and seed, instead of running it again (resume; add seeds to a table)
+overrides = {}              # {stage: {setting: value}} over the recipe for every run: collecting runs that took
+                            # an earlier dense network, e.g. "{'pruning': {'restart_epochs': 0}}"
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -129,9 +131,9 @@ def run_stages(name, argv, folder, model, threads):
 def run_one(recipe, seed, cfg, threads, recipes):
     """Run one recipe's pipeline for one seed. Returns the result row (stage_seconds None for
     a reused run)."""
-    folder, argv = commands(recipe, seed, cfg)
+    folder, argv = commands(recipe, seed, cfg, cfg["overrides"])
     model = recipes[recipe]["pruning"]["model"]
-    if cfg["reuse"] and finished(folder, recipes[recipe], seed):
+    if cfg["reuse"] and finished(folder, recipes[recipe], seed, cfg["overrides"]):
         r = row(folder, model)
         print(f"{recipe} seed {seed}: reused {folder}: error {r['error']['decoded']:.2f}% at {r['ratio']:.1f}x",
               flush=True)
@@ -164,9 +166,10 @@ def main(cfg):
     util.require(not unknown, f"no recipe {unknown} in {cfg['recipe_dir']}; choose from {', '.join(recipes)}")
     util.require(cfg["seeds"] >= 1 and cfg["jobs"] >= 1, "seeds and jobs must be at least 1")
     todo = [(m, s) for m in cfg["recipes"] for s in range(cfg["seeds"])]
+    util.require(set(cfg["overrides"]) <= set(STAGES), f"overrides: stages are {', '.join(STAGES)}")
     for recipe, seed in todo:
         print(f"# {recipe}, seed {seed}")
-        for cmd in commands(recipe, seed, cfg)[1]:
+        for cmd in commands(recipe, seed, cfg, cfg["overrides"])[1]:
             print(shell(cmd))
     if cfg["dry_run"]:
         return

@@ -185,6 +185,7 @@ def main(cfg):
                                            cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw)
         if surgery:
             finish_surgery(net)
+        util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun
         report("After Retraining", "retrained")
 
     stats = util.layer_stats(net)

@@ -108,6 +108,7 @@ def main(cfg):
 
     # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
     quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
+    util.same_on_every_rank([t for _, m in masked_layers(net) for t in (m.codebook, m.index)], "the codebooks")
     report(f"After clustering ({cfg['init']} init)", "clustered")
 
     # 2. Fine-tune the centroids (section 3.3). The parameters left are the codebooks, the

@@ -167,10 +167,11 @@ def run_stage(main, defaults, argv=None, stage=None):
 def start_stage(cfg, check_settings, work="training"):
     """The first lines of every stage: reject bad settings (before any data loads), pick the
     device, seed torch, resolve the precision of `work` when the stage has one, and print the
-    device line. -> (device, precision or None)."""
+    device line. Under torchrun, join the other ranks first (join_ranks).
+    -> (device, precision or None)."""
     check_settings(cfg)
-    dev = pick_device(cfg["device"])
-    torch.manual_seed(cfg.get("seed", 0))
+    dev = join_ranks(pick_device(cfg["device"]))
+    torch.manual_seed(cfg.get("seed", 0))  # the same on every rank: the same initial network
     precision = resolve_precision(cfg["precision"], dev) if "precision" in cfg else None
     print(f"device: {describe_device(dev)}" + (f", {work} precision {precision}" if precision else ""))
     return dev, precision
@@ -194,6 +195,66 @@ def pick_device(setting):
 def describe_device(dev):
     """'cuda:0 (NVIDIA H100 ...)' or 'cpu (2 threads)': the line each stage prints first."""
     return f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+
+
+# --- several processes (torchrun) -----------------------------------------------------------
+
+def rank_and_world():
+    """(this process's rank, the number of ranks): torchrun sets RANK and WORLD_SIZE; (0, 1)
+    for a plain `python stage.py`."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main():
+    """Whether this process prints and writes: rank 0, or the only process."""
+    return rank_and_world()[0] == 0
+
+
+def join_ranks(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU and nccl on
+    CUDA with one GPU per rank (LOCAL_RANK), and silence the other ranks' stdout (rank 0
+    prints the tables; errors still reach stderr). -> the device this rank uses. Alone:
+    `device` unchanged."""
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    if world == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        require(local < torch.cuda.device_count(), f"rank {rank} would take GPU {local}, but this machine has "
+                f"{torch.cuda.device_count()}: give torchrun --nproc_per_node <= {torch.cuda.device_count()}")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def all_sum(values, device):
+    """Sum a list of numbers over the ranks (alone: unchanged) -> list of floats."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def same_on_every_rank(tensors, what):
+    """Check that `tensors` are bit-identical on every rank (masks after surgery, k-means
+    codebooks); raises RuntimeError naming `what` if any rank differs. Alone: nothing to do."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    local = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    if not all(torch.equal(g, local) for g in gathered):
+        raise RuntimeError(f"{what} differ between ranks")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -275,13 +336,16 @@ class Batches:
         require(augment in AUGMENTS, f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment = shuffle, augment
+        # Under torchrun a shuffled (training) set is split: every rank draws the same order
+        # (same seed) and takes every world-th image of it, batch_size of them a step.
+        self.rank, self.world = rank_and_world() if shuffle else (0, 1)
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, device=x.device).view(shape) * 255
         self.std = torch.tensor(std, device=x.device).view(shape) * 255
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def __len__(self):
-        return math.ceil(len(self.y) / self.batch_size)
+        return math.ceil(len(self.y) // self.world / self.batch_size)
 
     def _augment(self, xb):
         n, _, h, w = xb.shape
@@ -299,7 +363,10 @@ class Batches:
 
     def __iter__(self):
         n = len(self.y)
-        order = torch.randperm(n, generator=self.gen).to(self.x.device) if self.shuffle else None
+        # every rank takes as many images: the ranks step together (their last images wait for the next epoch)
+        order = torch.randperm(n, generator=self.gen)[:n - n % self.world][self.rank::self.world].to(self.x.device) \
+            if self.shuffle else None
+        n = len(order) if order is not None else n
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
             xb = self.x[idx].float()
@@ -431,15 +498,19 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
         opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if schedule == "cosine" else (lambda s: 1.0))
     require(precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 here, not {precision!r}")
     fmt = memory_format(model)
+    model = model.to(memory_format=fmt)
     device = next(model.parameters()).device
+    net = model
+    if torch.distributed.is_initialized():  # under torchrun: gradients averaged over the ranks every step
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     history = []
     for epoch in range(1, epochs + 1):
-        t0, model = time.time(), model.to(memory_format=fmt).train()
+        t0, _ = time.time(), model.train()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
-        bar = tqdm(train, desc=f"{label} {epoch}/{epochs}", leave=False, mininterval=0.5)
+        bar = tqdm(train, desc=f"{label} {epoch}/{epochs}", leave=False, mininterval=0.5, disable=not is_main())
         for xb, yb in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = model(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
+                out = net(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
             loss = F.cross_entropy(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -450,8 +521,9 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
             loss_sum += loss.detach() * len(yb)  # on the device: no wait for the GPU at every step
             correct += (out.argmax(1) == yb).sum()
             seen += len(yb)
+        loss_sum, correct, seen = all_sum([loss_sum, correct, seen], device)  # every rank's images
         val_loss, val_correct, val_total = evaluate(model, val)
-        row = dict(epoch=epoch, train_loss=loss_sum.item() / max(seen, 1), train_acc=percent(int(correct), seen),
+        row = dict(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_acc=percent(correct, seen),
                    val_loss=val_loss, val_acc=percent(val_correct, val_total), seconds=time.time() - t0)
         history.append(row)
         print(f"{label} epoch {epoch:3d}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% "
@@ -487,7 +559,10 @@ def layer_table(stats):
 # --- files: checkpoints and JSON, always written to a temporary file and renamed ------------
 
 def _atomic_write(path, write):
-    """Call write(tmp_path), then rename into `path`, so a crash never leaves half a file."""
+    """Call write(tmp_path), then rename into `path`, so a crash never leaves half a file.
+    Under torchrun only rank 0 writes (every rank holds the same network)."""
+    if not is_main():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))

@@ -1,0 +1,75 @@
+"""The stages under torchrun: two CPU ranks (gloo, one thread each) train like one process
+with the same global batch, keep their masks and codebooks identical, and only rank 0 prints
+and writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import util
+from conftest import ROOT, run_script
+
+
+def torchrun(script, *args, ranks=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           os.path.join(ROOT, script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_two_ranks_prune_and_quantize_as_one_process(fake_mnist, tmp_path):
+    common = [f"--data_root={fake_mnist}", "--subset=400", "--epochs=4", "--retrain_epochs=1", "--lr=0.02",
+              "--sensitivity=1.0", "--prune_method=dns", "--device=cpu"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = torchrun("pruning.py", *common, "--batch_size=32", f"--out_dir={two}")  # 2 x 32 a step
+    assert r.returncode == 0, r.stderr
+    # rank 0 alone prints and writes; pruning.py checks that the ranks' masks are identical
+    assert r.stdout.count("--- Before pruning ---") == 1 and r.stdout.count("train epoch   4/4") == 1
+    assert sorted(os.listdir(two)) == ["lenet_300_100_initial.pt", "lenet_300_100_pruned.json",
+                                       "lenet_300_100_pruned.pt"]
+    r = torchrun("quantization.py", f"--data_root={fake_mnist}", f"--out_dir={two}", "--finetune_epochs=1",
+                 "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- After clustering") == 1 and os.path.isfile(two / "lenet_300_100_quantized.json")
+    r = run_script("pruning.py", *common, "--batch_size=64", f"--out_dir={one}")  # one process, 64 a step
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((d / "lenet_300_100_pruned.json").read_text()) for d in (two, one))
+    assert a["params"]["total"] == b["params"]["total"]
+    # the same steps over the same images, in another order: close, not equal
+    assert abs(a["accuracy"]["dense"] - b["accuracy"]["dense"]) < 10 and min(a["accuracy"]["dense"],
+                                                                            b["accuracy"]["dense"]) > 30  # chance: 10%
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    r = torchrun("pruning.py", f"--out_dir={tmp_path}", "--data_root=/nonexistent/file", "--subset=10")
+    assert r.returncode != 0 and "error: mnist train set not found" in r.stderr  # and no hang: the timeout
+    assert os.listdir(tmp_path) == []
+
+
+def _rank(rank, world, port, differ, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        util.same_on_every_rank([torch.arange(5.0) + (rank if differ else 0)], "the masks")
+        result[rank] = "same"
+    except RuntimeError as e:
+        result[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_same_on_every_rank(differ):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_rank, args=(2, port, differ, result), nprocs=2)
+    assert set(result.values()) == ({"the masks differ between ranks"} if differ else {"same"})

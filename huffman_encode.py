@@ -81,7 +81,8 @@ def byte_table(report, size):
 def _test_set(data, data_root, device):
     """The test Batches the earlier stages used. data: {'dataset', 'subset', 'test_batch_size'}."""
     return util.load_data(data["dataset"], data_root, data["test_batch_size"], data["test_batch_size"],
-                          0.0, data["subset"], device, 0)[2]
+                          0.0, data["subset"], device, 0, image_size=data.get("image_size", util.IMAGE_SIZE),
+                          workers=data.get("workers", 4))[2]
 
 
 def _test(net, test, device):
@@ -96,7 +97,8 @@ def encode_main(cfg, dev):
     quantized_net, ckpt = load_quantized(stem + "_quantized.pt", "cpu")
     p = ckpt["settings"]["pruning"]
     # The header keeps what rebuilds and tests the model elsewhere, and no local paths.
-    data = dict(dataset=p["dataset"], subset=p["subset"], test_batch_size=p["test_batch_size"])
+    data = dict(dataset=p["dataset"], subset=p["subset"], test_batch_size=p["test_batch_size"],
+                **(dict(image_size=p["image_size"], workers=p["workers"]) if p["dataset"] == "imagenet" else {}))
 
     t0 = time.time()
     # The decoder needs each layer's codebook size only; stage 2's other notes stay in its JSON.

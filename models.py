@@ -161,8 +161,40 @@ def resnet18(in_shape=(3, 224, 224), num_classes=10, pretrained=False, cifar_ste
     return to_masked(net)
 
 
+def _imagenet_model(name, weights, num_classes, pretrained):
+    """torchvision's `name` with every Conv2d / Linear masked; pretrained: torchvision's
+    ImageNet weights (`weights`, downloaded once into $TORCH_HOME). A head for other than
+    1,000 classes is refitted (new last Linear)."""
+    import torchvision
+
+    try:
+        net = getattr(torchvision.models, name)(weights=weights if pretrained else None)
+    except Exception as e:  # no network and no cached file
+        raise RuntimeError(f"could not load ImageNet weights for {name} ({type(e).__name__}): connect to the "
+                           "internet once, put the file under $TORCH_HOME/hub/checkpoints, or set "
+                           "--pretrained=False") from None
+    if num_classes != net.classifier[-1].out_features:
+        net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
+    return to_masked(net)
+
+
+def alexnet(in_shape=(3, 224, 224), num_classes=1000, pretrained=False):
+    """AlexNet (torchvision's single-tower variant, 61,100,840 parameters), the paper's first
+    ImageNet network (Table 4: 35x); every conv and fc masked."""
+    import torchvision
+    return _imagenet_model("alexnet", torchvision.models.AlexNet_Weights.IMAGENET1K_V1, num_classes, pretrained)
+
+
+def vgg16(in_shape=(3, 224, 224), num_classes=1000, pretrained=False):
+    """VGG-16 (torchvision's, 138,357,544 parameters), the paper's Table 5 network (49x);
+    every conv and fc masked."""
+    import torchvision
+    return _imagenet_model("vgg16", torchvision.models.VGG16_Weights.IMAGENET1K_V1, num_classes, pretrained)
+
+
 MODELS = {"lenet_300_100": LeNet300100, "lenet5": LeNet5, "lenet5_caffe": LeNet5Caffe,
-          "resnet18": resnet18, "resnet20": resnet20, "resnet56": resnet56}
+          "resnet18": resnet18, "resnet20": resnet20, "resnet56": resnet56, "alexnet": alexnet, "vgg16": vgg16}
+PRETRAINED = ("resnet18", "alexnet", "vgg16")  # the models with torchvision's ImageNet weights
 
 
 def build_model(name, **kwargs):

@@ -16,15 +16,15 @@ import os
 import time
 
 import util
-from models import MODELS, build_model
+from models import MODELS, PRETRAINED, build_model
 from prune import PRUNE_METHODS, finish_surgery, masked_layers, surgery_step
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18
-dataset = "mnist"           # mnist | cifar10
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18 | alexnet | vgg16
+dataset = "mnist"           # mnist | cifar10 | imagenet (data_root/imagenet/{train,val}/<class>/*.JPEG)
 data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; downloaded into if absent
 out_dir = "out"             # checkpoints and JSON summaries go here
-pretrained = False          # resnet18: start from torchvision's ImageNet weights
+pretrained = False          # resnet18, alexnet, vgg16: start from torchvision's ImageNet weights
 cifar_stem = False          # resnet18: 3x3 stride-1 first conv, no max-pool (32x32 inputs)
 batch_size = 128            # training minibatch
 test_batch_size = 1000      # evaluation minibatch
@@ -32,6 +32,9 @@ val_split = 0.1             # fraction of the training set held out for per-epoc
 augment = "shift"           # training images: none | shift (up to 2 px) | crop_flip | auto (cifar10 crop_flip,
                             # mnist none); stage 2 fine-tunes with the same
 subset = 0                  # use only this many train and test images (0 = all); for quick runs
+image_size = 224            # imagenet: the crop the networks see (RandomResizedCrop in training, resize + centre
+                            # crop in evaluation)
+workers = 4                 # imagenet: DataLoader processes decoding JPEGs (the other data sets sit in memory)
 init_from = ""              # a {model}_initial.pt to prune instead of training anew ('' = train; epochs unused)
 epochs = 20                 # dense training epochs
 lr = 0.05                   # dense training learning rate
@@ -74,10 +77,13 @@ def check_settings(cfg):
                  f"percent must be in 0..100, got {cfg['percent']}")
     util.require(cfg["prune_method"] != "global" or set(cfg["percent"]) == {"*"},
                  "prune_method=global uses one percent for all layers: give --percent=<number>")
-    for key in ("epochs", "restart_epochs", "retrain_epochs", "prune_iterations", "batch_size", "test_batch_size"):
-        util.require(cfg[key] >= (1 if "batch" in key else 0), f"{key} must be positive, got {cfg[key]}")
-    util.require(cfg["model"] == "resnet18" or not (cfg["pretrained"] or cfg["cifar_stem"]),
-                 "pretrained and cifar_stem apply to resnet18 only")
+    for key in ("epochs", "restart_epochs", "retrain_epochs", "prune_iterations", "batch_size", "test_batch_size",
+                "image_size", "workers"):
+        util.require(cfg[key] >= (1 if "batch" in key or key == "image_size" else 0),
+                     f"{key} must be positive, got {cfg[key]}")
+    util.require(cfg["model"] in PRETRAINED or not cfg["pretrained"],
+                 f"pretrained applies to {', '.join(PRETRAINED)} only")
+    util.require(cfg["model"] == "resnet18" or not cfg["cifar_stem"], "cifar_stem applies to resnet18 only")
     util.require(cfg["augment"] in ("auto",) + util.AUGMENTS,
                  f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(util.AUGMENTS)}")
     util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
@@ -89,6 +95,8 @@ def check_settings(cfg):
                  f"unknown optimizer {cfg['optimizer']!r}; choose one of {', '.join(util.OPTIMIZERS)}")
     util.require(cfg["schedule"] in util.SCHEDULES,
                  f"unknown schedule {cfg['schedule']!r}; choose one of {', '.join(util.SCHEDULES)}")
+    if cfg["dataset"] == "imagenet":  # before a pretrained network downloads
+        util.imagenet_folders(cfg["data_root"])
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
     util.require(not (cfg["init_from"] and cfg["restart_epochs"]) or os.path.abspath(cfg["init_from"])
@@ -112,8 +120,10 @@ def main(cfg):
     # The last layer is fitted to the data set's classes when the model is built.
     in_shape, classes = util.DATASETS[cfg["dataset"]][:2]
     kwargs = dict(in_shape=list(in_shape), num_classes=classes)
+    if cfg["model"] in PRETRAINED:
+        kwargs.update(pretrained=cfg["pretrained"])
     if cfg["model"] == "resnet18":
-        kwargs.update(pretrained=cfg["pretrained"], cifar_stem=cfg["cifar_stem"])
+        kwargs.update(cifar_stem=cfg["cifar_stem"])
     try:
         net = build_model(cfg["model"], **kwargs).to(dev)
     except RuntimeError as e:
@@ -122,7 +132,8 @@ def main(cfg):
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
         util.per_layer(net, cfg[key], key, cfg["prune_layers"])
     train, val, test = util.load_data(cfg["dataset"], cfg["data_root"], cfg["batch_size"], cfg["test_batch_size"],
-                                      cfg["val_split"], cfg["subset"], dev, cfg["seed"], cfg["augment"])
+                                      cfg["val_split"], cfg["subset"], dev, cfg["seed"], cfg["augment"],
+                                      cfg["image_size"], cfg["workers"])
     print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
     stem = os.path.join(cfg["out_dir"], cfg["model"])
     train_kw = dict(weight_decay=cfg["weight_decay"], optimizer=cfg["optimizer"], schedule=cfg["schedule"],

@@ -91,7 +91,8 @@ def main(cfg):
 
     p = pruned["settings"]  # stage 1's data, so that the accuracies compare with its own
     train, val, test = util.load_data(p["dataset"], cfg["data_root"], p["batch_size"], p["test_batch_size"],
-                                      p["val_split"], p["subset"], dev, cfg["seed"], p.get("augment", "auto"))
+                                      p["val_split"], p["subset"], dev, cfg["seed"], p.get("augment", "auto"),
+                                      p.get("image_size", util.IMAGE_SIZE), p.get("workers", 4))
     print(f"data: {p['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
     accuracy, validation = {}, {}
 

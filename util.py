@@ -2,6 +2,7 @@
 per-layer table, checkpoints and JSON summaries. Nothing here prints except the loops' bars,
 the per-epoch summary lines and the test line."""
 import ast
+import copy
 import json
 import math
 import os
@@ -316,7 +317,9 @@ def best_time(fn, reps):
 DATASETS = {  # in_shape, classes, normalisation mean / std per channel
     "mnist": ((1, 28, 28), 10, (0.1307,), (0.3081,)),
     "cifar10": ((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+IMAGE_SIZE = 224  # ImageNet's crop; image_size changes it (small synthetic folders in tests)
 SPLIT_SEED = 0  # the validation split and subsets are fixed, whatever the training seed
 
 
@@ -410,15 +413,83 @@ def _load_split(dataset, root, train):
                         f"--data_root at a folder that has it") from None
 
 
-def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset, device, seed, augment="auto"):
-    """Train, validation and test Batches on `device`.
+class FolderBatches:
+    """Minibatches read from an image folder by DataLoader workers, for data sets that do not
+    fit in memory (ImageNet). dataset: a torchvision ImageFolder; indices: the images used.
+    Training (shuffle): torchvision's RandomResizedCrop(image_size) and a horizontal flip, and
+    a DistributedSampler that gives each torchrun rank its share of every epoch (the same
+    order on every rank, a new one each epoch); evaluation: resize to image_size x 256/224,
+    centre crop. Yields (float (B, 3, S, S) normalised images, (B,) labels) on `device`."""
+
+    def __init__(self, dataset, indices, batch_size, mean, std, device, shuffle=False, seed=0, image_size=IMAGE_SIZE,
+                 workers=4):
+        import torchvision.transforms as T
+
+        resize = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if shuffle else \
+            [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+        folder = copy.copy(dataset)  # its own transform
+        folder.transform = T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+        part = torch.utils.data.Subset(folder, indices.tolist())
+        self.y = torch.tensor(dataset.targets)[indices]
+        self.device, self.epoch = device, 0
+        rank, world = rank_and_world() if shuffle else (0, 1)
+        self.sampler = torch.utils.data.distributed.DistributedSampler(
+            part, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+        self.loader = torch.utils.data.DataLoader(part, batch_size, sampler=self.sampler, num_workers=workers,
+                                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for xb, yb in self.loader:
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+
+def imagenet_folders(data_root):
+    """(train, val) folders of ImageNet under data_root, checked to exist (there is no download:
+    ImageNet's licence asks for a sign-up) -> two paths."""
+    folders = [os.path.join(data_root, "imagenet", split) for split in ("train", "val")]
+    for folder in folders:
+        require(os.path.isdir(folder), f"no ImageNet folder {os.path.abspath(folder)}: put the training and "
+                                       f"validation images under {os.path.abspath(os.path.join(data_root, 'imagenet'))}"
+                                       "/{train,val}/<class>/*.JPEG, or point --data_root at the folder holding them")
+    return folders
+
+
+def _imagenet(data_root, batch_size, test_batch_size, val_split, subset, device, seed, image_size, workers):
+    """load_data for ImageNet: data_root/imagenet/train and .../val, one folder per class."""
+    import torchvision
+
+    train_set, test_set = (torchvision.datasets.ImageFolder(f) for f in imagenet_folders(data_root))
+    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(len(train_set), generator=split_gen)
+    test_idx = torch.arange(len(test_set))
+    if subset:
+        order, test_idx = order[:subset], torch.randperm(len(test_set), generator=split_gen)[:subset].sort().values
+    n_val = int(len(order) * val_split)
+    _, _, mean, std = DATASETS["imagenet"]
+    kw = dict(mean=mean, std=std, device=device, image_size=image_size, workers=workers)
+    return (FolderBatches(train_set, order[n_val:], batch_size, shuffle=True, seed=seed, **kw),
+            FolderBatches(train_set, order[:n_val], test_batch_size, **kw),
+            FolderBatches(test_set, test_idx, test_batch_size, **kw))
+
+
+def load_data(dataset, data_root, batch_size, test_batch_size, val_split, subset, device, seed, augment="auto",
+              image_size=IMAGE_SIZE, workers=4):
+    """Train, validation and test Batches on `device` (FolderBatches for ImageNet, read by
+    `workers` DataLoader processes at `image_size`).
 
     val_split: fraction of the training set held out (fixed split). subset: use only this many
     training and test images (0 = all), for quick runs. augment: of the training batches, see
-    Batches; 'auto' = 'crop_flip' for CIFAR-10, 'none' for MNIST."""
+    Batches; 'auto' = 'crop_flip' for CIFAR-10, 'none' for MNIST (ImageNet's is FolderBatches')."""
     require(dataset in DATASETS, f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     require(0 <= val_split < 1, f"val_split must be in [0, 1), not {val_split}")
     require(subset >= 0, f"subset must be >= 0 (0 = all), not {subset}")
+    if dataset == "imagenet":
+        return _imagenet(data_root, batch_size, test_batch_size, val_split, subset, device, seed, image_size, workers)
     _, _, mean, std = DATASETS[dataset]
     split_gen = torch.Generator().manual_seed(SPLIT_SEED)
     x, y = _load_split(dataset, data_root, train=True)

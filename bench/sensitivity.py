@@ -110,7 +110,8 @@ def main(cfg):
     s = ckpt["settings"]
     util.require(s["val_split"] > 0, f"{path} was trained with val_split=0: no validation set to scan on")
     _, val, _ = util.load_data(s["dataset"], cfg["data_root"], s["batch_size"], s["test_batch_size"],
-                               s["val_split"], s["subset"], dev, s["seed"])
+                               s["val_split"], s["subset"], dev, s["seed"], image_size=s.get("image_size", util.IMAGE_SIZE),
+                               workers=s.get("workers", 4))
     print(f"device: {util.describe_device(dev)}; {len(val.y)} validation images")
     curves, base = sensitivity_scan(net.eval(), val, cfg["sensitivities"])
     print(f"unpruned validation accuracy {base:.2f}%")

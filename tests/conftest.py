@@ -87,3 +87,16 @@ def run_here(stage, *args, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def write_fake_imagenet(root, classes=4, train=8, val=3, size=64):
+    """Write imagenet/{train,val}/<class>/*.JPEG: a few dozen small images in ImageNet's folder layout."""
+    from PIL import Image
+
+    for split, n, seed in (("train", train, 5), ("val", val, 6)):
+        images, labels = _patterns(classes * n, (size, size, 3), seed)
+        for i, img in enumerate(images):
+            folder = os.path.join(root, "imagenet", split, f"n{i % classes:08d}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(folder, f"{i:04d}.JPEG"), quality=90)
+    return root

@@ -387,7 +387,7 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--model=vgg"], "unknown model 'vgg'"),
-    (["--dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset=svhn"], "unknown dataset 'svhn'"),
     (["--sensitivty=1"], "unknown setting 'sensitivty'; valid settings: model, dataset"),
     (["--epochs=ten"], "setting epochs expects int"),
     (["--sensitivity=-0.5"], "sensitivity must be >= 0"),

@@ -73,3 +73,15 @@ def test_same_on_every_rank(differ):
     result = mp.Manager().dict()
     mp.spawn(_rank, args=(2, port, differ, result), nprocs=2)
     assert set(result.values()) == ({"the masks differ between ranks"} if differ else {"same"})
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch):
+    # rank 1 of 2 on a machine with one GPU: refused before any process group or device is touched
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(util.UserError, match=r"rank 1 would take GPU 1, but this machine has 1: give torchrun "
+                                             r"--nproc_per_node <= 1"):
+        util.join_ranks(torch.device("cuda"))
+    assert not dist.is_initialized()

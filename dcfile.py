@@ -278,7 +278,7 @@ class _Reader:
         return DTYPES[code]
 
     def shape(self, expected):
-        if not self.named:  # version 3: the model's shape, from the header
+        if not self.named:  # version 3 on: the model's shape, from the header
             return expected
         shape = self.unpack(f"<{self.unpack('<B')[0]}I")
         if shape != expected:

@@ -518,7 +518,10 @@ def percent(correct, total):
 def evaluate(model, batches):
     """-> (mean loss, correct, total) over all batches; empty batches give (0, 0, 0). Always
     float32, whatever the training precision, so every reported accuracy is of the float32
-    model that the checkpoint and the compressed file hold."""
+    model that the checkpoint and the compressed file hold. Under torchrun only rank 0
+    evaluates (every rank holds the same network); the others get no examples, (0, 0, 0)."""
+    if not is_main():
+        return 0.0, 0, 0
     fmt = memory_format(model)
     model.to(memory_format=fmt).eval()
     # Sums stay on the device until the end: a .item() per batch would wait for the GPU each time.

@@ -28,7 +28,7 @@ def test_two_ranks_prune_and_quantize_as_one_process(fake_mnist, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     r = torchrun("pruning.py", *common, "--batch_size=32", f"--out_dir={two}")  # 2 x 32 a step
     assert r.returncode == 0, r.stderr
-    # rank 0 alone prints and writes; pruning.py checks that the ranks' masks are identical
+    # rank 0 alone prints, evaluates and writes; pruning.py checks that the ranks' masks are identical
     assert r.stdout.count("--- Before pruning ---") == 1 and r.stdout.count("train epoch   4/4") == 1
     assert sorted(os.listdir(two)) == ["lenet_300_100_initial.pt", "lenet_300_100_pruned.json",
                                        "lenet_300_100_pruned.pt"]

@@ -344,9 +344,10 @@ def _group_payload(tensors, positions):
                         *positions, len(table)) + raw + stream)
 
 
-def _read_group(r, position, sections, taken):
-    """Decode a 'G' section found at section `position` -> {position: (name, tensor)} for
-    every member. sections: the model's layout; taken: later positions an earlier group filled."""
+def _read_group(r, position, sections, later):
+    """Decode a 'G' section found at section `position` -> {name: tensor} of the tensor there;
+    the other members go into `later` ({position: (name, tensor)}, filled by earlier groups
+    too), for the decoder to take at their places. sections: the model's layout."""
     dtype = r.dtype(DTYPES)
     stored = r.dtype([dtype] + ([torch.float16] if dtype == torch.float32 else []))
     m = r.unpack("<H")[0]
@@ -355,7 +356,7 @@ def _read_group(r, position, sections, taken):
             or members[-1] >= len(sections):
         raise ValueError(f"member positions {list(members[:8])}... must increase from {position} "
                          f"within the model's {len(sections)} tensors")
-    if any(sections[p][0] != "R" or p in taken for p in members):
+    if any(sections[p][0] != "R" or p in later for p in members):
         raise ValueError("a member that is a quantized layer or was decoded already")
     sizes = [math.prod(sections[p][2]) for p in members]
     k = r.unpack("<I")[0]
@@ -367,13 +368,13 @@ def _read_group(r, position, sections, taken):
     ids = _read_stream(r, sum(sizes), k)
     r.done()
     values = table[ids].astype(UINT[dtype.itemsize])
-    out, start = {}, 0
+    start = 0
     for p, size in zip(members, sizes):
         _, name, shape, _ = sections[p]
         chunk = values[start:start + size].view(np.uint8).copy()
-        out[p] = (name, torch.from_numpy(chunk).view(dtype).reshape(shape))
+        later[p] = (name, torch.from_numpy(chunk).view(dtype).reshape(shape))
         start += size
-    return out
+    return dict([later.pop(position)])
 
 
 def _read_tabled(r, name, shape):
@@ -594,21 +595,16 @@ def decode_bytes(blob):
         sections, _, _ = architecture(header["model"], header["quantized"])
     except ValueError as e:
         raise FormatError(f"section 0 (header): {e}") from None
-    state, shared = {}, {}  # shared: {position: (name, tensor)} decoded by an earlier 'G' section
+    state, later = {}, {}  # later: {position: (name, tensor)} decoded by an earlier 'G' section
     for at, (kind, name, shape, clusters) in enumerate(sections):
-        if at in shared:
-            state.update([shared.pop(at)])
+        if at in later:
+            state.update([later.pop(at)])
             continue
         readers = ({"Q": functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters)} if kind == "Q"
                    else {"R": functools.partial(_read_raw, name=name, shape=shape),
                          "T": functools.partial(_read_tabled, name=name, shape=shape),
-                         "G": lambda r, at=at: _read_group(r, at, sections, set(shared))})
-        got = parse(name, readers)
-        if kind == "R" and all(isinstance(k, int) for k in got):  # a group: this tensor and later ones
-            shared.update(got)
-            state.update([shared.pop(at)])
-        else:
-            state.update(got)
+                         "G": functools.partial(_read_group, position=at, sections=sections, later=later)})
+        state.update(parse(name, readers))
     end = parse("end marker", {"E": _end})
     if end != index - 1 or pos != len(blob):
         raise FormatError(f"end marker counts {end} sections where {index - 1} precede it, "

@@ -143,15 +143,7 @@ def resnet18(in_shape=(3, 224, 224), num_classes=10, pretrained=False, cifar_ste
     pretrained: load torchvision's ImageNet weights (downloaded once into $TORCH_HOME).
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs. The last layer is
     always refitted to num_classes."""
-    import torchvision
-
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
-    try:
-        net = torchvision.models.resnet18(weights=weights)
-    except Exception as e:  # no network and no cached file
-        raise RuntimeError(f"could not load ImageNet weights for resnet18 ({type(e).__name__}): "
-                           "connect to the internet once, put the file under $TORCH_HOME/hub/"
-                           "checkpoints, or set --pretrained=False") from None
+    net = _torchvision("resnet18", pretrained)
     if cifar_stem:
         net.conv1 = nn.Conv2d(in_shape[0], 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -161,18 +153,24 @@ def resnet18(in_shape=(3, 224, 224), num_classes=10, pretrained=False, cifar_ste
     return to_masked(net)
 
 
-def _imagenet_model(name, weights, num_classes, pretrained):
-    """torchvision's `name` with every Conv2d / Linear masked; pretrained: torchvision's
-    ImageNet weights (`weights`, downloaded once into $TORCH_HOME). A head for other than
-    1,000 classes is refitted (new last Linear)."""
+def _torchvision(name, pretrained):
+    """torchvision's model `name`, with its ImageNet weights (IMAGENET1K_V1, downloaded once
+    into $TORCH_HOME) when `pretrained`, else freshly initialised."""
     import torchvision
 
+    weights = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"] if pretrained else None
     try:
-        net = getattr(torchvision.models, name)(weights=weights if pretrained else None)
+        return torchvision.models.get_model(name, weights=weights)
     except Exception as e:  # no network and no cached file
         raise RuntimeError(f"could not load ImageNet weights for {name} ({type(e).__name__}): connect to the "
                            "internet once, put the file under $TORCH_HOME/hub/checkpoints, or set "
                            "--pretrained=False") from None
+
+
+def _imagenet_model(name, num_classes, pretrained):
+    """torchvision's `name` (a network whose head is `classifier`) with every Conv2d / Linear
+    masked; a head for other than 1,000 classes is refitted (new last Linear)."""
+    net = _torchvision(name, pretrained)
     if num_classes != net.classifier[-1].out_features:
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
     return to_masked(net)
@@ -181,15 +179,13 @@ def _imagenet_model(name, weights, num_classes, pretrained):
 def alexnet(in_shape=(3, 224, 224), num_classes=1000, pretrained=False):
     """AlexNet (torchvision's single-tower variant, 61,100,840 parameters), the paper's first
     ImageNet network (Table 4: 35x); every conv and fc masked."""
-    import torchvision
-    return _imagenet_model("alexnet", torchvision.models.AlexNet_Weights.IMAGENET1K_V1, num_classes, pretrained)
+    return _imagenet_model("alexnet", num_classes, pretrained)
 
 
 def vgg16(in_shape=(3, 224, 224), num_classes=1000, pretrained=False):
     """VGG-16 (torchvision's, 138,357,544 parameters), the paper's Table 5 network (49x);
     every conv and fc masked."""
-    import torchvision
-    return _imagenet_model("vgg16", torchvision.models.VGG16_Weights.IMAGENET1K_V1, num_classes, pretrained)
+    return _imagenet_model("vgg16", num_classes, pretrained)
 
 
 MODELS = {"lenet_300_100": LeNet300100, "lenet5": LeNet5, "lenet5_caffe": LeNet5Caffe,

@@ -579,7 +579,8 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     history = []
     for epoch in range(1, epochs + 1):
-        t0, _ = time.time(), model.train()
+        t0 = time.time()
+        model.train()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
         bar = tqdm(train, desc=f"{label} {epoch}/{epochs}", leave=False, mininterval=0.5, disable=not is_main())
         for xb, yb in bar:

@@ -11,6 +11,7 @@ first, else config/<model>.py when there is one), then --key=value overrides.
 Writes {out_dir}/{model}_initial.pt (dense, trained), {out_dir}/{model}_pruned.pt (pruned and
 retrained, the input of quantization.py) and {out_dir}/{model}_pruned.json.
 """
+import copy
 import functools
 import os
 import time
@@ -42,6 +43,9 @@ restart_epochs = 0          # then a second cosine cycle of this many epochs fro
 restart_lr = 0.05           # SGDR, Loshchilov & Hutter 2017); with init_from, continues that network (0 = none)
 retrain_epochs = 30         # retraining epochs after each pruning step
 retrain_lr = 0.01           # Han 2015 retrains at 1/10 of the training rate (surgery splices better at 1/5)
+distill = 0.0               # retraining: weight of the dense network's softened outputs in the loss (knowledge
+                            # distillation, Hinton et al. 2015; 0 = cross-entropy only, as the paper)
+distill_temperature = 4.0   # softmax temperature of that term
 weight_decay = 5e-4         # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
 optimizer = "sgd"           # adam | sgd (momentum 0.9, Nesterov)
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
@@ -87,6 +91,9 @@ def check_settings(cfg):
     util.require(cfg["augment"] in ("auto",) + util.AUGMENTS,
                  f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(util.AUGMENTS)}")
     util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
+    util.require(0 <= cfg["distill"] <= 1, f"distill must be in [0, 1], got {cfg['distill']}")
+    util.require(cfg["distill_temperature"] > 0,
+                 f"distill_temperature must be > 0, got {cfg['distill_temperature']}")
     util.require(cfg["dns_threshold"] in ("fixed", "scaled"),
                  f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed or scaled")
     util.require(cfg["precision"] in util.PRECISIONS,
@@ -179,6 +186,11 @@ def main(cfg):
         util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg,
                              dict(accuracy=dict(accuracy), validation=dict(validation), dense=dense))
 
+    # The dense network, frozen, teaches the pruned one while it retrains (distill > 0): its
+    # softened outputs carry more of what the pruned weights knew than the labels alone.
+    teacher = copy.deepcopy(net) if cfg["distill"] else None
+    distill_kw = dict(teacher=teacher, distill=cfg["distill"], temperature=cfg["distill_temperature"])
+
     # 2-3. Prune the small weights, then retrain the survivors with the masks fixed; iterating
     # with the threshold recomputed on the survivors prunes further each cycle (section 3.3).
     # Dynamic network surgery instead re-evaluates the masks after every step of retraining.
@@ -193,7 +205,8 @@ def main(cfg):
                 if cfg["dns_threshold"] == "scaled" else None
             surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
-                                           cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw)
+                                           cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw,
+                                           **distill_kw)
         if surgery:
             finish_surgery(net)
         util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun

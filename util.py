@@ -554,7 +554,7 @@ def make_optimizer(name, params, lr, weight_decay):
 
 
 def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", schedule="cosine",
-        label="train", after_step=None, precision="fp32"):
+        label="train", after_step=None, precision="fp32", teacher=None, distill=0.0, temperature=4.0):
     """Train `params` of `model` for `epochs`, printing one summary line per epoch.
 
     schedule: 'cosine' (to 0 over the run) or 'constant'. after_step: called with no
@@ -563,6 +563,10 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
     in bfloat16; the parameters, their gradients, the optimizer state and the masks stay
     float32, so a pruned weight still gets exactly zero gradient). Conv networks train in
     channels_last memory format.
+    teacher: a frozen network whose softened outputs the model also learns (knowledge
+    distillation, Hinton et al. 2015): loss = (1 - distill) x cross-entropy + distill x T^2 x
+    KL(softmax(teacher / T) || softmax(model / T)), T = temperature; the T^2 keeps the soft
+    term's gradients on the scale of the hard one's (section 2).
     Returns the history
     [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
     require(schedule in SCHEDULES, f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
@@ -571,7 +575,12 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if schedule == "cosine" else (lambda s: 1.0))
     require(precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 here, not {precision!r}")
+    require(0 <= distill <= 1 and temperature > 0, f"distill must be in [0, 1] and temperature > 0, "
+            f"got {distill} and {temperature}")
+    require(teacher is not None or distill == 0, "distill > 0 needs a teacher network")
     fmt = memory_format(model)
+    if teacher is not None:
+        teacher = teacher.to(memory_format=fmt).eval().requires_grad_(False)
     model = model.to(memory_format=fmt)
     device = next(model.parameters()).device
     net = model
@@ -585,8 +594,16 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
         bar = tqdm(train, desc=f"{label} {epoch}/{epochs}", leave=False, mininterval=0.5, disable=not is_main())
         for xb, yb in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = net(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
+                xb = xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb
+                out = net(xb)
+                if distill:
+                    with torch.no_grad():
+                        soft = teacher(xb).float()
             loss = F.cross_entropy(out.float(), yb)
+            if distill:
+                loss = (1 - distill) * loss + distill * temperature ** 2 * F.kl_div(
+                    F.log_softmax(out.float() / temperature, 1), F.log_softmax(soft / temperature, 1),
+                    reduction="batchmean", log_target=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

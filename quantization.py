@@ -20,10 +20,16 @@ import torch.nn as nn
 import util
 from models import MODELS, build_model
 from prune import masked_layers
-from quantize import KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, share_values
+from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, share_values, to_ternary,
+                      ternary_to_quantized)
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18: reads {out_dir}/{model}_pruned.pt
+model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18: reads {out_dir}/{model}_{source}.pt
+source = "pruned"           # stage 1's checkpoint to start from: pruned (Deep Compression) | initial (the dense
+                            # network: TTQ's paper starts there)
+method = "kmeans"           # kmeans (Deep Compression: 2**bits shared values per layer, centroids fine-tuned)
+                            # | ttq (trained ternary quantization, Zhu et al. 2017: {-wn, 0, wp} per layer, the
+                            # two scales and the latent weights trained)
 data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; the data set is stage 1's
 out_dir = "out"             # where stage 1 wrote its checkpoint; the quantized one goes there too
 bits = {"fc1": 3, "fc2": 3, "*": 4}  # bits per layer, 2**bits shared values (section 3 used 8 for conv, 5 for fc layers)
@@ -36,9 +42,12 @@ bn_bits = 0                 # with fold_bn: share each batch-norm's scale and sh
 bn_share = "layer"          # with bn_bits: layer (a table per scale and per shift vector) | network (one
                             # table for every scale, one for every shift, clustered on a log scale: stage 3
                             # stores each table once)
+ttq_threshold = {"*": 0.05} # ttq, per layer: a weight is 0 where |latent| <= t x max|latent| (the paper: 0.05)
+ttq_float = {"*": False, "first": True, "last": True}  # ttq, per layer: keep it float32 ('first' / 'last' name
+                            # the first and last quantizable layer; the paper keeps both)
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
 finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
-lr = 3e-4                   # fine-tuning learning rate (Adam, cosine schedule)
+lr = 3e-4                   # fine-tuning (kmeans) or training (ttq) learning rate (Adam, cosine schedule)
 seed = 0                    # torch seed (batch order) and k-means seed (random and kmeans++ inits)
 precision = "fp32"          # fine-tuning arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); codebooks, k-means, checkpoints and evaluation stay float32
@@ -46,10 +55,20 @@ device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
+def ternary_layers(net, cfg):
+    """{layer name: threshold t} of the layers TTQ makes ternary: every masked layer that the
+    per-layer ttq_float leaves out ('first' / 'last' there name the first and last layer)."""
+    names = [n for n, _ in masked_layers(net)]
+    keep = {names[0] if k == "first" else names[-1] if k == "last" else k: v for k, v in cfg["ttq_float"].items()}
+    keep = util.per_layer(net, keep, "ttq_float")
+    thresholds = util.per_layer(net, cfg["ttq_threshold"], "ttq_threshold")
+    return {n: thresholds[n] for n in names if not keep[n]}
+
+
 def quant_table(rows):
     """The per-layer table of this stage, as one string."""
     width = max([6] + [len(r["name"]) + 1 for r in rows])
-    lines = [f"{'layer':<{width}}| {'shape':<18}| {'non-zeros':^19} | bits | clusters | distinct | zeros as pruned"]
+    lines = [f"{'layer':<{width}}| {'shape':<18}| {'non-zeros':^19} | bits | clusters | distinct | pruned stay 0"]
     for r in rows:
         lines.append(f"{r['name']:<{width}}| {str(tuple(r['shape'])):<18}| {r['nonzero']:8} / {r['total']:8} "
                      f"| {r['bits']:4} | {r['clusters']:8} | {r['distinct']:8} | {'yes' if r['zeros_kept'] else 'NO'}")
@@ -61,6 +80,11 @@ def quant_table(rows):
 def check_settings(cfg):
     """Reject bad settings before any work, each with one line that names the fix."""
     util.require(cfg["model"] in MODELS, f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    util.require(cfg["source"] in ("pruned", "initial"),
+                 f"unknown source {cfg['source']!r}; choose pruned or initial")
+    util.require(cfg["method"] in ("kmeans", "ttq"), f"unknown method {cfg['method']!r}; choose kmeans or ttq")
+    util.require(all(0 <= v < 1 for v in cfg["ttq_threshold"].values()),
+                 f"ttq_threshold must be in [0, 1), got {cfg['ttq_threshold']}")
     util.require(cfg["init"] in KMEANS_INITS,
                  f"unknown init {cfg['init']!r}; choose one of {', '.join(KMEANS_INITS)}")
     util.require(all(1 <= v <= MAX_BITS for v in cfg["bits"].values()),
@@ -81,11 +105,12 @@ def main(cfg):
     dev, precision = util.start_stage(cfg, check_settings, "fine-tuning")
 
     stem = os.path.join(cfg["out_dir"], cfg["model"])
-    pruned = util.load_checkpoint(stem + "_pruned.pt", "pruned", dev,
+    pruned = util.load_checkpoint(f"{stem}_{cfg['source']}.pt", cfg["source"], dev,
                                   f"run pruning.py --model={cfg['model']} --out_dir={cfg['out_dir']} first")
     net = build_model(pruned["model"]["name"], **pruned["model"]["kwargs"]).to(dev)
     net.load_state_dict(pruned["state_dict"])
     layer_bits = util.per_layer(net, cfg["bits"], "bits")
+    ternary = ternary_layers(net, cfg) if cfg["method"] == "ttq" else {}
     bias_bits = util.per_layer(net, cfg["bias_bits"], "bias_bits")
     zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}
 
@@ -105,28 +130,49 @@ def main(cfg):
         print(f"--- {header} ---")
         print(util.test_line(loss, correct, total))
 
-    report("Pruned and retrained (stage 1)", "retrained")
+    start = "retrained" if cfg["source"] == "pruned" else "dense"
+    report("Pruned and retrained (stage 1)" if start == "retrained" else "Dense (stage 1)", start)
 
-    # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
-    quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
-    util.same_on_every_rank([t for _, m in masked_layers(net) for t in (m.codebook, m.index)], "the codebooks")
-    report(f"After clustering ({cfg['init']} init)", "clustered")
+    if cfg["method"] == "kmeans":
+        # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
+        quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
+        util.same_on_every_rank([t for _, m in masked_layers(net) for t in (m.codebook, m.index)], "the codebooks")
+        report(f"After clustering ({cfg['init']} init)", "clustered")
 
-    # 2. Fine-tune the centroids (section 3.3). The parameters left are the codebooks, the
-    # biases and batch-norm's scales and shifts; the biases and batch-norm are trained too
-    # (batch-norm's running statistics follow the new weights): stage 3 stores them
-    # uncompressed, so tuning them costs no space and lets them absorb part of the
-    # quantization error. Indices and masks are buffers and do not move.
-    history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"],
-                       weight_decay=0.0, label="finetune", precision=precision)
-    report("After fine-tuning the centroids", "finetuned")
+        # 2. Fine-tune the centroids (section 3.3). The parameters left are the codebooks, the
+        # biases and batch-norm's scales and shifts; the biases and batch-norm are trained too
+        # (batch-norm's running statistics follow the new weights): stage 3 stores them
+        # uncompressed, so tuning them costs no space and lets them absorb part of the
+        # quantization error. Indices and masks are buffers and do not move.
+        history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"],
+                           weight_decay=0.0, label="finetune", precision=precision)
+        report("After fine-tuning the centroids", "finetuned")
+    else:
+        # 1-2 (TTQ instead). Each chosen layer becomes {-wn, 0, wp}; the latent weights, the two
+        # scales per layer and everything left in float32 train together, the zeros moving as
+        # latent weights cross the threshold (Zhu et al. 2017, section 3). Then each ternary
+        # layer is frozen into a quantized one: a 2-value codebook, the zeros in its mask.
+        for name, m in masked_layers(net):
+            if name in ternary:
+                to_ternary(m, ternary[name])
+        report("Ternary (scales fitted, before training)", "clustered")
+        history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"],
+                           weight_decay=0.0, label="ttq", precision=precision)
+        quantized = {}
+        for name, m in masked_layers(net):
+            if name in ternary:
+                ternary_to_quantized(m)
+                quantized[name] = dict(bits=2, clusters=2)  # 3 levels: 2 bits a weight, dense
+        util.same_on_every_rank([t for _, m in masked_layers(net) if hasattr(m, "index")
+                                 for t in (m.codebook, m.index, m.mask)], "the ternary layers")
+        report("After training the ternary network", "finetuned")
 
     # 3. Share the biases too (beyond the paper, which stores them raw): an fc layer of LeNet
     # has a bias per output, 1.6-2.4 KB in all, a tenth of a 20 KB file; a few shared values
     # per layer cost almost nothing in accuracy. Done last so that fine-tuning cannot undo it.
     if any(bias_bits.values()):
         for name, m in masked_layers(net):
-            if bias_bits[name] and m.bias is not None:
+            if name in quantized and bias_bits[name] and m.bias is not None:
                 quantized[name].update(bias_bits=bias_bits[name],
                                        bias_values=share_values(m.bias, bias_bits[name], cfg["init"], cfg["seed"]))
         report("After sharing the biases", "bias_shared")
@@ -154,11 +200,11 @@ def main(cfg):
     rows = layer_rows(net, quantized, zeros)
     print(quant_table(rows))
     final = accuracy["quantized"]
-    print(f"Accuracy: retrained {accuracy['retrained']:.2f}% | after clustering {accuracy['clustered']:.2f}% | "
+    print(f"Accuracy: {start} {accuracy[start]:.2f}% | {'ternary' if ternary else 'after clustering'} {accuracy['clustered']:.2f}% | "
           f"after fine-tuning {accuracy['finetuned']:.2f}%"
           + (f" | biases shared {accuracy['bias_shared']:.2f}%" if "bias_shared" in accuracy else "")
           + (f" | batch-norm folded {accuracy['bn_folded']:.2f}%" if "bn_folded" in accuracy else "")
-          + f" ({final - accuracy['retrained']:+.2f} points)")
+          + f" ({final - accuracy[start]:+.2f} points)")
 
     settings = {**cfg, "pruning": p}
     summary = dict(

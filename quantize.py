@@ -241,6 +241,103 @@ def fold_batch_norm(bn):
         bn.running_var.fill_(1 - bn.eps)
 
 
+# --- trained ternary quantization (Zhu, Han, Mao & Dally 2017) -----------------------------
+
+class _Ternarize(torch.autograd.Function):
+    """w_t = W_p where latent > delta, -W_n where latent < -delta, 0 between, delta = t x
+    max|latent| (section 3, eq. 6 and the threshold heuristic of eq. 9).
+
+    Backward (section 3): the scales get the summed gradients of the weights they stand for,
+    dL/dW_p = sum over I_p of dL/dw_t and dL/dW_n = -(sum over I_n of dL/dw_t), the minus sign
+    from w_t = -W_n (eq. 7 prints the sum without it; with W_n > 0 that would move W_n the wrong
+    way); the latent weights get the gradient scaled by their scale, dL/dlatent = W_p x dL/dw_t
+    on I_p, 1 x dL/dw_t on I_z, W_n x dL/dw_t on I_n (eq. 8)."""
+
+    @staticmethod
+    def forward(ctx, latent, wp, wn, t):
+        delta = t * latent.detach().abs().max()
+        pos, neg = latent > delta, latent < -delta
+        ctx.save_for_backward(pos, neg, wp, wn)
+        return torch.where(pos, wp, torch.where(neg, -wn, torch.zeros_like(latent)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, neg, wp, wn = ctx.saved_tensors
+        grad_latent = grad * torch.where(pos, wp, torch.where(neg, wn, torch.ones_like(grad)))
+        return grad_latent, grad[pos].sum().reshape(wp.shape), -grad[neg].sum().reshape(wn.shape), None
+
+
+def ternarize(latent, wp, wn, t):
+    """The ternary weight (latent's shape) of latent weights `latent`, scales wp, wn (1,) and
+    threshold fraction t, with TTQ's gradients (see _Ternarize)."""
+    return _Ternarize.apply(latent, wp, wn, t)
+
+
+class _TernaryWeight:
+    """A masked layer trained ternary: a `latent` Parameter of the weight's shape (the
+    full-precision weights, scaled so that max|latent| = 1 when made), Parameters `wp` and `wn`
+    (1,) (the positive and negative scales, in weight units) and a float `threshold` t replace
+    the weight, rebuilt at every use as ternarize(latent, wp, wn, t) * mask. Pruned weights
+    stay zero through the mask."""
+
+    @property
+    def weight(self):
+        return ternarize(self.latent, self.wp, self.wn, self.threshold) * self.mask
+
+
+class TernaryLinear(_TernaryWeight, MaskedLinear):
+    """MaskedLinear with weight (out, in) in {-wn, 0, wp}."""
+
+
+class TernaryConv2d(_TernaryWeight, MaskedConv2d):
+    """MaskedConv2d with weight (out, in/groups, kh, kw) in {-wn, 0, wp}."""
+
+
+TERNARY = {MaskedLinear: TernaryLinear, MaskedConv2d: TernaryConv2d}
+
+
+def to_ternary(layer, t):
+    """Make a MaskedLinear / MaskedConv2d ternary in place (kept in its model, its bias and
+    mask kept). The latent weights are the layer's weights divided by their largest magnitude
+    (section 4: weights normalised to [-1, 1]); the scales start at the mean magnitude of the
+    weights above and below the threshold (the least-squares fit of a ternary code given its
+    zeros, Li & Liu 2016), so the first forward pass is the best ternary copy of the layer."""
+    with torch.no_grad():
+        w = layer.weight.detach() * layer.mask
+        top = w.abs().max().clamp_min(torch.finfo(w.dtype).tiny)
+        latent = w / top
+        pos, neg = latent > t, latent < -t
+        wp = w[pos].mean() if pos.any() else t * top
+        wn = -w[neg].mean() if neg.any() else t * top
+    del layer.weight
+    layer.__class__ = TERNARY[type(layer)]
+    layer.latent = nn.Parameter(latent)
+    layer.wp = nn.Parameter(wp.reshape(1).float())
+    layer.wn = nn.Parameter(wn.reshape(1).float())
+    layer.threshold = float(t)
+    return layer
+
+
+def ternary_to_quantized(layer):
+    """Freeze a ternary layer into the quantized layer stage 3 stores: codebook [-wn, wp],
+    index 1 where the weight is wp, 0 where -wn, and the mask cut to the non-zero weights (so
+    the file codes their positions as relative indices and a 1-bit code each). Computes the same
+    weight. Returns the layer."""
+    with torch.no_grad():
+        w = ternarize(layer.latent, layer.wp, layer.wn, layer.threshold) * layer.mask
+        codebook = torch.cat([-layer.wn, layer.wp]).detach()
+        index = (w > 0).to(torch.uint8)
+        mask = (w != 0).to(layer.mask.dtype)
+    masked_class = next(k for k, v in TERNARY.items() if v is type(layer))
+    for name in ("latent", "wp", "wn"):
+        delattr(layer, name)
+    del layer.threshold
+    layer.__class__ = masked_class
+    layer.weight = nn.Parameter(torch.zeros_like(layer.mask))  # to_quantized takes the weight's place
+    layer.mask.copy_(mask)
+    return to_quantized(layer, codebook, index)
+
+
 def build_quantized_model(model_args, quantized):
     """The model of a quantized checkpoint, uninitialised, ready for load_state_dict.
 
@@ -270,13 +367,15 @@ def layer_rows(net, quantized, zeros):
     (non-zero weight values), zeros_kept}] for the quantized layers of `net`, in model order.
 
     zeros: {layer name: bool tensor, True where the pruned model's weight was 0}; zeros_kept
-    says whether the quantized weight is 0 at exactly those places."""
+    says whether every one of those weights is still 0 (ternary layers add zeros of their own)."""
     rows = []
     for name, m in masked_layers(net):
+        if name not in quantized:  # left in float32 (TTQ's first and last layers)
+            continue
         w, alive = m.weight.detach(), m.mask.bool()
         used = torch.bincount(m.index[alive].long().cpu(), minlength=len(m.codebook))
         rows.append(dict(name=name, shape=list(w.shape), total=w.numel(), nonzero=int((w != 0).sum()),
                          bits=quantized[name]["bits"], clusters=int(used.count_nonzero()),
                          distinct=len(np.unique(w[w != 0].cpu().numpy())),
-                         zeros_kept=bool(torch.equal(w == 0, zeros[name]))))
+                         zeros_kept=bool((w[zeros[name]] == 0).all())))
     return rows

@@ -17,8 +17,9 @@ import util
 from conftest import run_here, run_script
 from models import build_model
 from prune import MaskedConv2d, MaskedLinear, masked_layers, prune_by_percentile
-from quantize import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, build_quantized_model,
-                      index_dtype, kmeans_1d, load_quantized, quantize_model, to_quantized)
+from quantize import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, TernaryConv2d, build_quantized_model,
+                      index_dtype, kmeans_1d, load_quantized, quantize_model, ternarize, ternary_to_quantized,
+                      to_quantized, to_ternary)
 
 CPU = torch.device("cpu")
 
@@ -213,6 +214,57 @@ def test_fine_tuning_moves_centroids_only(fake_mnist):
     check_quantized(net, {n: 3 for n in zeros}, zeros)
 
 
+# --- trained ternary quantization -------------------------------------------------------------
+
+def test_ternary_gradients_by_hand():
+    """TTQ section 3 on a 2x3 tensor: t = 0.5 of max|latent| = 1.0 gives delta 0.5."""
+    latent = torch.tensor([[1.0, 0.6, -0.2], [-0.8, 0.4, -0.55]], requires_grad=True)
+    wp, wn = torch.tensor([2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    w = ternarize(latent, wp, wn, 0.5)
+    assert w.tolist() == [[2.0, 2.0, 0.0], [-3.0, 0.0, -3.0]]
+    g = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    (w * g).sum().backward()
+    # dL/dwp: the sum over the positive set, 0.1 + 0.2; dL/dwn: minus the sum over the negative
+    # set (w = -wn there), -(0.4 + 0.6); the latent weights: wp x g, 1 x g, wn x g (eq. 8).
+    assert wp.grad.item() == pytest.approx(0.3) and wn.grad.item() == pytest.approx(-1.0)
+    assert torch.allclose(latent.grad, torch.tensor([[0.2, 0.4, 0.3], [1.2, 0.5, 1.8]]))
+
+
+def test_ternary_gradients_match_finite_differences_of_the_scales():
+    torch.manual_seed(0)
+    layer = to_ternary(MaskedConv2d(3, 4, 3), 0.05)
+    x = torch.randn(2, 3, 6, 6)
+    layer(x).square().sum().backward()
+    for p in (layer.wp, layer.wn):  # the loss is smooth in the scales: the code is fixed
+        with torch.no_grad():
+            p += 1e-3
+            up = layer(x).square().sum()
+            p -= 2e-3
+            down = layer(x).square().sum()
+            p += 1e-3
+        assert p.grad.item() == pytest.approx(((up - down) / 2e-3).item(), rel=1e-2)
+
+
+def test_ternary_layer_keeps_pruned_zeros_and_freezes_to_the_same_weight():
+    torch.manual_seed(0)
+    layer = MaskedConv2d(4, 8, 3)
+    layer.mask.copy_((torch.rand_like(layer.mask) < 0.5).float())
+    dense = (layer.weight * layer.mask).detach().clone()
+    to_ternary(layer, 0.05)
+    assert isinstance(layer, TernaryConv2d) and isinstance(layer, MaskedConv2d)
+    assert {n for n, _ in layer.named_parameters()} == {"latent", "wp", "wn", "bias"}
+    w = layer.weight.detach()
+    assert len(w.unique()) <= 3 and (w[layer.mask == 0] == 0).all()
+    # the scales start at the mean magnitude of the weights they stand for
+    top = dense.abs().max()
+    assert layer.wp.item() == pytest.approx(dense[dense > 0.05 * top].mean().item())
+    assert layer.wn.item() == pytest.approx(-dense[dense < -0.05 * top].mean().item())
+    pruned = layer.mask == 0
+    ternary_to_quantized(layer)
+    assert isinstance(layer, QuantizedConv2d) and torch.equal(layer.weight.detach(), w)
+    assert layer.codebook.numel() == 2 and layer.mask.sum() == (w != 0).sum() and (layer.mask[pruned] == 0).all()
+
+
 # --- quantization.py as a user runs it ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -344,3 +396,31 @@ def test_resnet18_quantizes_end_to_end(fake_mnist, tmp_path):
     assert all(l["distinct"] <= 2 ** l["bits"] and l["zeros_kept"] for l in summary["layers"])
     assert len(summary["history"]["finetune"]) == 1
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_ttq_from_the_dense_network_then_stage_3(fake_mnist, tmp_path, capsys):
+    """method=ttq from stage 1's dense checkpoint: the inner layers hold at most 3 values, the
+    first and last stay float32 and train, and stage 3 round-trips the result bit for bit."""
+    code, out, err = run_here("pruning", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}",
+                              "--subset=400", "--epochs=1", "--retrain_epochs=0", "--device=cpu", capsys=capsys)
+    assert code == 0, err
+    initial = util.load_checkpoint(str(tmp_path / "lenet5_initial.pt"), "initial", CPU, "")["state_dict"]
+    code, out, err = run_here("quantization", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}",
+                              "--source=initial", "--method=ttq", "--finetune_epochs=1", "--lr=1e-3",
+                              "--ttq_threshold={'*': 0.05, 'fc1': 0.1}", capsys=capsys)
+    assert code == 0, err
+    assert "--- Dense (stage 1) ---" in out and "Accuracy: dense " in out
+    net, ckpt = load_quantized(str(tmp_path / "lenet5_quantized.pt"), CPU)
+    layers = dict(masked_layers(net))
+    assert list(ckpt["quantized"]) == ["conv2", "conv3", "fc1"]  # conv1 and fc2: first and last, float32
+    for name in ckpt["quantized"]:
+        w = layers[name].weight.detach()
+        assert len(w.unique()) <= 3 and 0 < (w == 0).float().mean() < 1
+    for name in ("conv1", "fc2"):
+        w = layers[name].weight
+        assert w.dtype == torch.float32 and len(w.unique()) > 3 and not torch.equal(w, initial[name + ".weight"])
+    code, out, err = run_here("huffman_encode", "--model=lenet5", f"--data_root={fake_mnist}",
+                              f"--out_dir={tmp_path}", capsys=capsys)
+    assert code == 0, err
+    assert "all 18 tensors equal the quantized checkpoint's bit for bit" in out
+    assert "(equal)" in out

@@ -6,7 +6,8 @@ too: version 2 starts each 'R', 'T' and 'Q' payload with the tensor's name and d
 (`name | ... dtype ... | ndim u8 | dims u32...`, see the readers), version 1 is version 2
 without 'T' sections. Version 3 drops both: the header's model fixes every section's tensor
 and shape, and each section's CRC its integrity; on a residual network the names and dims
-were 3.7 KB, a tenth of the file. Version 4 compresses the header and adds 'G' sections.
+were 3.7 KB, a tenth of the file. Version 4 compresses the header and adds 'G' sections;
+version 5 adds a 'Q' section's dense codes (span bits 0).
 
     file     = MAGIC (8 bytes) | version u16 | section ... | end section
     section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
@@ -22,7 +23,18 @@ were 3.7 KB, a tenth of the file. Version 4 compresses the header and adds 'G' s
     'Q'      = a pruned, quantized layer L (it rebuilds L.codebook, L.index and L.mask):
                index dtype u8 | mask dtype u8 |
                k u32 | codebook k x float32 | span bits b u8 | non-zeros u32 | entries u32 |
-               cluster stream (non-zeros symbols) | gap stream (entries symbols)
+               cluster stream (non-zeros symbols) | gap stream (entries symbols);
+               or, from version 5, with span bits 0 (dense codes): entries = numel and one stream of
+               numel symbols in 0..k, 0 where the mask is 0, 1 + the cluster index elsewhere (the
+               encoder's choice where it is smaller: layers with few zeros, ternary ones)
+    'A'      = (version 5; coder='ans') a quantized layer L as 'Q' rebuilds it, coded with ANS
+               (constriction's AnsCoder, words u32) under context models, in place of its 'Q' where
+               smaller: index dtype u8 | mask dtype u8 | k u32 | codebook k x float32 |
+               non-zeros u32 | k cluster frequencies u16 | row counts (Huffman stream, R symbols) |
+               column counts (C symbols) | presence words (n u32 | n x u32: a bit for every place
+               of a live row and column, p = row count x column count / non-zeros) | cluster
+               words (n u32 | n x u32: the non-zeros' clusters in order, p = frequency / sum);
+               rows = the weight's first dim, columns = the rest flattened
     'G'      = (version 4) tensors that share one table, at the place of the first of them: dtype u8 |
                table dtype u8 (the dtype, or float16 for a float32 table whose every value
                float16 holds exactly) | m u16 | m member positions u16 (indices into the model's
@@ -50,6 +62,7 @@ import os
 import struct
 import zlib
 
+import constriction
 import numpy as np
 import torch
 
@@ -61,8 +74,9 @@ from quantize import build_quantized_model
 
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # the versions this reader decodes
+VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # the versions this reader decodes
+CODERS = ("huffman", "ans")  # encode_model's coder: the paper's Huffman codes | ANS under context models ('A')
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,  # code = position in this list
@@ -248,7 +262,7 @@ class _Reader:
     """Reads a payload front to back; every read is checked against the bytes left."""
 
     def __init__(self, buf, version=VERSION):
-        self.buf, self.pos = memoryview(buf), 0
+        self.buf, self.pos, self.version = memoryview(buf), 0, version
         self.named = version < 3  # versions 1-2 name each tensor and give its dims
 
     def take(self, n):
@@ -403,9 +417,10 @@ def _read_raw(r, name, shape):
     return {name: torch.from_numpy(data).view(dtype).reshape(shape)}
 
 
-def _quantized_payload(name, codebook, index, mask, b):
-    """Encode layer `name`: codebook (k,) float32, index and mask of the weight's shape.
-    b: span bits, 0 = best_span. -> (payload bytes, report row)."""
+def _layer_arrays(name, codebook, index, mask):
+    """Check a quantized layer against the contract -> (k, the payload's first fields (dtypes,
+    k, codebook), flat mask (numel,), flat index (numel,), positions (nnz,) of mask == 1 and
+    their clusters (nnz,) int32)."""
     k = codebook.numel()
     util.require(codebook.dtype == torch.float32 and codebook.dim() == 1 and 1 <= k <= huffman.MAX_ALPHABET,
                  f"{name}.codebook must be float32 of 1..{huffman.MAX_ALPHABET} centroids")
@@ -422,22 +437,171 @@ def _quantized_payload(name, codebook, index, mask, b):
                  f"{name}.index is not 0 at pruned positions")
     util.require(not len(clusters) or (clusters.min() >= 0 and clusters.max() < k),
                  f"{name}.index holds values outside 0..{k - 1}")
-    clusters = clusters.astype(np.int32)
+    head = (struct.pack("<BBI", DTYPES.index(index.dtype), DTYPES.index(mask.dtype), k)
+            + codebook.detach().cpu().numpy().astype("<f4").tobytes())
+    return k, head, flat_mask, flat_index, positions, clusters.astype(np.int32)
+
+
+def _quantized_payload(name, codebook, index, mask, b):
+    """Encode layer `name`: codebook (k,) float32, index and mask of the weight's shape.
+    b: span bits, 0 = best_span. -> (payload bytes, report row)."""
+    k, head, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
+    util.require(0 <= b <= MAX_INDEX_BITS, f"{name}: index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, not {b}")
+    nnz = max(len(clusters), 1)
+    row = dict(name=name, kind="quantized", shape=list(mask.shape), params=mask.numel(), nonzero=len(clusters),
+               clusters=k, weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=4 * k)
+    # A dense layer (a ternary one: 60-90% non-zero) codes every position, 0 for a pruned weight
+    # and 1 + its cluster for the others: a relative index and a cluster code each cost a whole
+    # bit at least, 2 bits a weight, where one symbol of 3 costs 1.3-1.6.
+    symbols = np.where(flat_mask == 1, flat_index.astype(np.int32) + 1, 0).astype(np.int32)
+    dense_bytes, dense_bits = _write_stream(symbols, k + 1) if not b else (None, None)
     b = b or best_span(positions)
-    util.require(1 <= b <= MAX_INDEX_BITS, f"{name}: index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, not {b}")
     gaps = gap_stream(positions, b)
     cluster_bytes, cluster_bits = _write_stream(clusters, k)
     gap_bytes, gap_bits = _write_stream(gaps, 1 << b)
-    payload = (struct.pack("<BBI", DTYPES.index(index.dtype), DTYPES.index(mask.dtype), k)
-               + codebook.detach().cpu().numpy().astype("<f4").tobytes()
-               + struct.pack("<BII", b, len(clusters), len(gaps)) + cluster_bytes + gap_bytes)
-    nnz = max(len(clusters), 1)
-    row = dict(name=name, kind="quantized", shape=list(mask.shape), params=mask.numel(), nonzero=len(clusters),
-               clusters=k, weight_bits=max(1, math.ceil(math.log2(k))), weight_bits_huffman=cluster_bits / nnz,
-               index_bits=b, fillers=len(gaps) - len(clusters), index_bits_raw=b * len(gaps) / nnz,
-               index_bits_huffman=gap_bits / nnz, codebook_bytes=4 * k, weight_bytes=len(cluster_bytes),
-               index_bytes=len(gap_bytes), bytes=len(payload) + FRAME)
+    if dense_bytes is not None and len(dense_bytes) < len(cluster_bytes) + len(gap_bytes):
+        payload = head + struct.pack("<BII", 0, len(clusters), len(symbols)) + dense_bytes
+        row.update(weight_bits_huffman=dense_bits / nnz, index_bits=0, fillers=0, index_bits_raw=0.0,
+                   index_bits_huffman=0.0, weight_bytes=len(dense_bytes), index_bytes=0)
+    else:
+        payload = head + struct.pack("<BII", b, len(clusters), len(gaps)) + cluster_bytes + gap_bytes
+        row.update(weight_bits_huffman=cluster_bits / nnz, index_bits=b, fillers=len(gaps) - len(clusters),
+                   index_bits_raw=b * len(gaps) / nnz, index_bits_huffman=gap_bits / nnz,
+                   weight_bytes=len(cluster_bytes), index_bytes=len(gap_bytes))
+    row["bytes"] = len(payload) + FRAME
     return payload, row
+
+
+# --- 'A': a quantized layer under a context model, coded with ANS (coder='ans') -----------------
+
+ANS_P_MIN = 2.0 ** -12  # presence probabilities are kept in [p, 1 - p]: a surprise costs 12 bits at most
+
+
+def _presence_model(rows, cols, nnz):
+    """The presence probabilities of the rows x cols matrix of a layer (rows: outputs, cols:
+    inputs x kernel) whose non-zeros number rows (R,) per row and cols (C,) per column:
+    p[i, j] = rows[i] cols[j] / nnz (the independence model given both margins, whose row and
+    column sums are the margins). Only rows and columns that hold a non-zero are coded: a dead
+    neuron or input costs its count alone. -> (alive rows (R',), alive cols (C',), p (R', C'))
+    float64, the same on every machine (integer products, one division, one clip)."""
+    alive_r, alive_c = np.flatnonzero(rows), np.flatnonzero(cols)
+    p = np.outer(rows[alive_r], cols[alive_c]).astype(np.float64) / max(nnz, 1)
+    return alive_r, alive_c, np.clip(p, ANS_P_MIN, 1 - ANS_P_MIN)
+
+
+def _ans_words(encode):
+    """Run encode(coder) on a fresh ANS coder -> its compressed words (n,) uint32 as bytes
+    (u32 count first)."""
+    coder = constriction.stream.stack.AnsCoder()
+    encode(coder)
+    words = coder.get_compressed().astype("<u4")
+    return struct.pack("<I", len(words)) + words.tobytes()
+
+
+def _cluster_model(freqs):
+    return constriction.stream.model.Categorical(freqs.astype(np.float64), perfect=False)
+
+
+def _ans_payload(name, codebook, index, mask):
+    """Encode layer `name` as an 'A' section, or None where its weight matrix is too wide for
+    the counts' Huffman alphabet. The positions: the non-zeros per row and per column (Huffman
+    streams), then a presence bit for every place of a live row and a live column under
+    _presence_model; the clusters: one static distribution per layer (k frequencies u16, scaled
+    so the largest is 65535); both through constriction's ANS coder (Duda 2013), which spends
+    -log2 p bits a symbol where a Huffman code spends whole bits (a presence bit of p = 0.05
+    costs Huffman 1 bit, ANS 0.07). -> (payload, report row) or None."""
+    k, head, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
+    shape = tuple(mask.shape)
+    n_rows = shape[0] if len(shape) else 1
+    n_cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if max(n_rows, n_cols) + 1 > huffman.MAX_ALPHABET or not n_rows * n_cols:
+        return None
+    present = (flat_mask == 1).reshape(n_rows, n_cols)
+    rows, cols = present.sum(1), present.sum(0)
+    alive_r, alive_c, p = _presence_model(rows, cols, len(positions))
+    bits = present[np.ix_(alive_r, alive_c)].astype(np.int32).reshape(-1)
+    freqs = np.zeros(k, np.int64)
+    counts = np.bincount(clusters, minlength=k)
+    if len(clusters):
+        freqs = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype(np.int64)
+    row_bytes, _ = _write_stream(rows.astype(np.int32), n_cols + 1)
+    col_bytes, _ = _write_stream(cols.astype(np.int32), n_rows + 1)
+    presence = _ans_words(lambda c: c.encode_reverse(bits, constriction.stream.model.Bernoulli(perfect=False),
+                                                     p.reshape(-1)) if len(bits) else None)
+    cluster_words = _ans_words(lambda c: c.encode_reverse(clusters, _cluster_model(freqs)) if len(clusters) else None)
+    payload = (head + struct.pack("<I", len(clusters)) + freqs.astype("<u2").tobytes() + row_bytes + col_bytes
+               + presence + cluster_words)
+    nnz = max(len(clusters), 1)
+    index_bytes = len(row_bytes) + len(col_bytes) + len(presence)
+    weight_bytes = 2 * k + len(cluster_words)
+    return payload, dict(name=name, kind="quantized", coder="ans", shape=list(shape), params=mask.numel(),
+                         nonzero=len(clusters), clusters=k, weight_bits=max(1, math.ceil(math.log2(k))),
+                         codebook_bytes=4 * k, weight_bits_huffman=8 * weight_bytes / nnz, index_bits=0, fillers=0,
+                         index_bits_raw=0.0, index_bits_huffman=8 * index_bytes / nnz, weight_bytes=weight_bytes,
+                         index_bytes=index_bytes, bytes=len(payload) + FRAME)
+
+
+def _read_ans_words(r):
+    n = r.unpack("<I")[0]
+    if n > (len(r.buf) - r.pos) // 4:
+        raise ValueError(f"{n} ANS words where {len(r.buf) - r.pos} bytes are left")
+    words = np.frombuffer(r.take(4 * n), "<u4").astype(np.uint32)
+    try:
+        return constriction.stream.stack.AnsCoder(words)
+    except ValueError as e:
+        raise ValueError(f"bad ANS stream ({e})") from None
+
+
+def _ans_decode(coder, count, model, *params):
+    """Decode `count` symbols and check that they used up the stream exactly."""
+    try:
+        out = coder.decode(model, *params) if params else coder.decode(model, count)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"bad ANS stream ({e})") from None
+    if not coder.is_empty():
+        raise ValueError("ANS stream holds more than its symbols: corrupt")
+    return np.asarray(out, np.int64)
+
+
+def _read_ans(r, name, shape, clusters):
+    """Decode an 'A' section (see _ans_payload) -> codebook, index and mask of layer `name`,
+    every count checked against the model's shape before anything is allocated."""
+    index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
+    numel = math.prod(shape)
+    n_rows = shape[0] if len(shape) else 1
+    n_cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    k = r.unpack("<I")[0]
+    if k != clusters:
+        raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
+    codebook = torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
+    nnz = r.unpack("<I")[0]
+    if nnz > numel:
+        raise ValueError(f"{nnz} non-zeros in {numel} elements")
+    freqs = np.frombuffer(r.take(2 * k), "<u2").astype(np.int64)
+    if nnz and not freqs.any():
+        raise ValueError("no cluster has a frequency")
+    rows = _read_stream(r, n_rows, n_cols + 1).astype(np.int64)
+    cols = _read_stream(r, n_cols, n_rows + 1).astype(np.int64)
+    if rows.sum() != nnz or cols.sum() != nnz:
+        raise ValueError(f"row counts sum to {rows.sum()}, column counts to {cols.sum()}, where there are {nnz} non-zeros")
+    alive_r, alive_c, p = _presence_model(rows, cols, nnz)
+    presence = _read_ans_words(r)
+    bits = (_ans_decode(presence, p.size, constriction.stream.model.Bernoulli(perfect=False), p.reshape(-1))
+            if p.size else np.zeros(0, np.int64)).reshape(len(alive_r), len(alive_c))
+    if not (np.array_equal(bits.sum(1), rows[alive_r]) and np.array_equal(bits.sum(0), cols[alive_c])):
+        raise ValueError("presence bits disagree with the row and column counts: corrupt")
+    cluster_coder = _read_ans_words(r)
+    cluster_ids = _ans_decode(cluster_coder, nnz, _cluster_model(freqs)) if nnz else np.zeros(0, np.int64)
+    r.done()
+    present = np.zeros((n_rows, n_cols), bool)
+    present[np.ix_(alive_r, alive_c)] = bits.astype(bool)
+    positions = np.flatnonzero(present)
+    index = np.zeros(numel, INDEX_DTYPES[index_dtype])
+    index[positions] = cluster_ids
+    mask = np.zeros(numel, MASK_DTYPES[mask_dtype])
+    mask[positions] = 1
+    return {f"{name}.codebook": codebook, f"{name}.index": torch.from_numpy(index).reshape(shape),
+            f"{name}.mask": torch.from_numpy(mask).reshape(shape)}
 
 
 def _read_quantized(r, name, shape, clusters):
@@ -451,12 +615,21 @@ def _read_quantized(r, name, shape, clusters):
         raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
     codebook = torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
     b, nnz, entries = r.unpack("<BII")
-    if not 1 <= b <= MAX_INDEX_BITS:
-        raise ValueError(f"span of {b} bits")
-    if nnz > numel or entries > nnz + (numel - nnz) // ((1 << b) - 1):  # fillers move 2**b-1 each
-        raise ValueError(f"{nnz} non-zeros in {entries} entries do not fit {numel} elements")
-    cluster_ids = _read_stream(r, nnz, k)
-    positions = positions_from_gaps(_read_stream(r, entries, 1 << b), b, nnz, numel)
+    if b == 0 and r.version >= 5:  # dense codes: one symbol per element, 0 = pruned, 1 + cluster
+        if entries != numel or nnz > numel:
+            raise ValueError(f"dense codes of {entries} symbols ({nnz} non-zeros) for {numel} elements")
+        symbols = _read_stream(r, numel, k + 1)
+        positions = np.flatnonzero(symbols)
+        if len(positions) != nnz:
+            raise ValueError(f"dense codes hold {len(positions)} non-zeros where the section says {nnz}")
+        cluster_ids = symbols[positions] - 1
+    else:
+        if not 1 <= b <= MAX_INDEX_BITS:
+            raise ValueError(f"span of {b} bits")
+        if nnz > numel or entries > nnz + (numel - nnz) // ((1 << b) - 1):  # fillers move 2**b-1 each
+            raise ValueError(f"{nnz} non-zeros in {entries} entries do not fit {numel} elements")
+        cluster_ids = _read_stream(r, nnz, k)
+        positions = positions_from_gaps(_read_stream(r, entries, 1 << b), b, nnz, numel)
     r.done()
     # numpy: np.zeros takes pages the kernel zeroes on first touch, faster for sparse layers
     index = np.zeros(numel, INDEX_DTYPES[index_dtype])
@@ -469,7 +642,8 @@ def _read_quantized(r, name, shape, clusters):
 
 # --- whole files ---------------------------------------------------------------------------------
 
-def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, share_tables=True):
+def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, share_tables=True,
+                 coder="huffman"):
     """Encode a quantized state dict (the contract of quantization.py: L.codebook, L.index,
     L.mask for each quantized layer L, everything else plain) into the bytes of one file.
 
@@ -477,9 +651,11 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
     'clusters'}}. index_bits: span bits, an int or a per-layer dict ('conv' / 'fc' / '*' /
     names, see prune.layer_value); 0 = best_span. info: more JSON-able header fields.
     share_tables: group the tensors of one role into 'G' sections where that is smaller
-    (False writes what version 3 wrote, a section per tensor).
+    (False writes what version 3 wrote, a section per tensor). coder: 'huffman' (the paper's)
+    | 'ans' (each quantized layer also tried as an 'A' section, which is kept where smaller).
     Returns (bytes, report) with report = {'layers': [row per section], 'header_bytes',
     'dense_bytes'}; the rows' bytes plus header_bytes make the file's size."""
+    util.require(coder in CODERS, f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
     try:
         sections, params, roles = architecture(model_args, quantized)
     except ValueError as e:
@@ -524,6 +700,9 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
             except KeyError as e:
                 raise util.UserError(f"index_bits: {e.args[0]}") from None
             payload, row = _quantized_payload(name, t["codebook"], t["index"], t["mask"], b)
+            ans = _ans_payload(name, t["codebook"], t["index"], t["mask"]) if coder == "ans" else None
+            if ans is not None and len(ans[0]) < len(payload):
+                kind, (payload, row) = "A", ans
             row["dense_bytes"] = 4 * math.prod(shape)
         elif pos in groups:
             kind, (payload, names) = "G", groups[pos]
@@ -584,7 +763,8 @@ def decode_bytes(blob):
         """Read the next section with readers[its kind] (kind -> fn(_Reader))."""
         got, payload = next_section(what)
         try:
-            if got not in readers or (got == "T" and version < 2) or (got == "G" and version < 4):
+            if got not in readers or (got == "T" and version < 2) or (got == "G" and version < 4) or \
+                    (got == "A" and version < 5):
                 raise ValueError(f"a section of kind {got!r} where {' or '.join(map(repr, readers))} belongs")
             return readers[got](_Reader(payload, version))
         except ValueError as e:
@@ -600,7 +780,8 @@ def decode_bytes(blob):
         if at in later:
             state.update([later.pop(at)])
             continue
-        readers = ({"Q": functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters)} if kind == "Q"
+        readers = ({"Q": functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters),
+                    "A": functools.partial(_read_ans, name=name, shape=shape, clusters=clusters)} if kind == "Q"
                    else {"R": functools.partial(_read_raw, name=name, shape=shape),
                          "T": functools.partial(_read_tabled, name=name, shape=shape),
                          "G": functools.partial(_read_group, position=at, sections=sections, later=later)})

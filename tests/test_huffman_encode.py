@@ -125,6 +125,37 @@ def test_auto_span_beats_every_fixed_span():
         assert sizes[0][layer] == min(s[layer] for s in sizes.values())
 
 
+def test_dense_codes_where_few_weights_are_pruned():
+    """A ternary-like layer (85% non-zero, 2 values) is stored as one symbol per weight: smaller
+    than any span of relative indices; a sparse one keeps its relative indices."""
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.85, clusters=2, seed=3)
+    state["fc3.mask"] = (torch.rand(state["fc3.mask"].shape, generator=torch.Generator().manual_seed(1)) < 0.05).float()
+    state["fc3.index"] *= state["fc3.mask"].to(torch.uint8)
+    blob, report = round_trip(state, args, quantized)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["fc1"]["index_bits"] == rows["fc2"]["index_bits"] == 0 and rows["fc1"]["index_bytes"] == 0
+    assert rows["fc3"]["index_bits"] > 0
+    for b in (1, 2, 4):
+        fixed = {r["name"]: r["bytes"] for r in dcfile.encode_model(state, args, quantized, b)[1]["layers"]}
+        assert rows["fc1"]["bytes"] < fixed["fc1"] and rows["fc2"]["bytes"] < fixed["fc2"]
+    # 3 symbols of probabilities .15, .425, .425: a Huffman code spends 1.575 bits a weight
+    assert rows["fc1"]["weight_bytes"] * 8 / rows["fc1"]["params"] == pytest.approx(1.575, abs=0.01)
+
+
+def test_hostile_dense_codes_are_rejected():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.9, clusters=2)
+    blob, report = dcfile.encode_model(state, args, quantized)
+    assert report["layers"][0]["index_bits"] == 0
+    q = sections(blob)[1][2]
+    span_at, _ = quant_fields(q)
+    numel = 64 * 300
+    fails(rebuild(blob, {1: patch(q, span_at + 5, "<I", numel - 1)}), "dense codes of")
+    fails(rebuild(blob, {1: patch(q, span_at + 1, "<I", numel + 1)}), "dense codes of")
+    fails(rebuild(blob, {1: patch(q, span_at + 1, "<I", int(state["fc1.mask"].sum()) - 1)}), "non-zeros where")
+    old = rebuild(blob, {})
+    fails(old[:8] + struct.pack("<H", 4) + old[10:], "span of 0 bits")  # no dense codes before version 5
+
+
 def test_lenet5_caffe_edge_layers_round_trip():
     """An all-pruned layer, a one-centroid codebook, int16 indices (> 256 clusters), a fully
     dense layer, and a masked layer left unquantized (stored raw with its mask)."""

@@ -30,11 +30,13 @@ version 5 adds a 'Q' section's dense codes (span bits 0).
     'A'      = (version 5; coder='ans') a quantized layer L as 'Q' rebuilds it, coded with ANS
                (constriction's AnsCoder, words u32) under context models, in place of its 'Q' where
                smaller: index dtype u8 | mask dtype u8 | k u32 | codebook k x float32 |
-               non-zeros u32 | k cluster frequencies u16 | row counts (Huffman stream, R symbols) |
-               column counts (C symbols) | presence words (n u32 | n x u32: a bit for every place
-               of a live row and column, p = row count x column count / non-zeros) | cluster
-               words (n u32 | n x u32: the non-zeros' clusters in order, p = frequency / sum);
-               rows = the weight's first dim, columns = the rest flattened
+               non-zeros u32 | k cluster frequencies u16 | presence model u8 | presence | cluster
+               words (n u32 | n x u32: the non-zeros' clusters in order, p = frequency / sum).
+               presence, model 0 (uniform): words, a bit for every element, p = non-zeros /
+               elements; model 1 (margins): row counts (Huffman stream, R symbols) | column
+               counts (C symbols) | words, a bit for every place of a live row and column,
+               p = row count x column count / non-zeros; rows = the weight's first dim, columns
+               = the rest flattened
     'G'      = (version 4) tensors that share one table, at the place of the first of them: dtype u8 |
                table dtype u8 (the dtype, or float16 for a float32 table whose every value
                float16 holds exactly) | m u16 | m member positions u16 (indices into the model's
@@ -504,41 +506,50 @@ def _cluster_model(freqs):
 
 def _ans_payload(name, codebook, index, mask):
     """Encode layer `name` as an 'A' section, or None where its weight matrix is too wide for
-    the counts' Huffman alphabet. The positions: the non-zeros per row and per column (Huffman
-    streams), then a presence bit for every place of a live row and a live column under
-    _presence_model; the clusters: one static distribution per layer (k frequencies u16, scaled
-    so the largest is 65535); both through constriction's ANS coder (Duda 2013), which spends
-    -log2 p bits a symbol where a Huffman code spends whole bits (a presence bit of p = 0.05
-    costs Huffman 1 bit, ANS 0.07). -> (payload, report row) or None."""
+    the counts' Huffman alphabet. The positions: a presence bit per place, either all under
+    p = non-zeros / elements ('uniform'), or ('margins') after the non-zeros per row and per
+    column (Huffman streams) under _presence_model, whichever is smaller; the clusters: one
+    static distribution per layer (k frequencies u16, scaled so the largest is 65535); both
+    through constriction's ANS coder (Duda 2013), which spends -log2 p bits a symbol where a
+    Huffman code spends whole bits (a presence bit of p = 0.05 costs Huffman 1 bit, ANS 0.07).
+    -> (payload, report row) or None."""
     k, head, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
     shape = tuple(mask.shape)
-    n_rows = shape[0] if len(shape) else 1
-    n_cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    n_rows, n_cols = _matrix(shape)
     if max(n_rows, n_cols) + 1 > huffman.MAX_ALPHABET or not n_rows * n_cols:
         return None
     present = (flat_mask == 1).reshape(n_rows, n_cols)
+    bernoulli = constriction.stream.model.Bernoulli(perfect=False)
+    # uniform: no counts
+    p = np.full(present.size, np.clip(len(positions) / present.size, ANS_P_MIN, 1 - ANS_P_MIN))
+    uniform = struct.pack("<B", 0) + _ans_words(lambda c: c.encode_reverse(present.reshape(-1).astype(np.int32), bernoulli, p))
+    # margins: counts, then the live rows x live columns
     rows, cols = present.sum(1), present.sum(0)
     alive_r, alive_c, p = _presence_model(rows, cols, len(positions))
     bits = present[np.ix_(alive_r, alive_c)].astype(np.int32).reshape(-1)
+    margins = (struct.pack("<B", 1) + _write_stream(rows.astype(np.int32), n_cols + 1)[0]
+               + _write_stream(cols.astype(np.int32), n_rows + 1)[0]
+               + _ans_words(lambda c: c.encode_reverse(bits, bernoulli, p.reshape(-1)) if len(bits) else None))
+    presence = min(uniform, margins, key=len)
     freqs = np.zeros(k, np.int64)
-    counts = np.bincount(clusters, minlength=k)
     if len(clusters):
+        counts = np.bincount(clusters, minlength=k)
         freqs = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype(np.int64)
-    row_bytes, _ = _write_stream(rows.astype(np.int32), n_cols + 1)
-    col_bytes, _ = _write_stream(cols.astype(np.int32), n_rows + 1)
-    presence = _ans_words(lambda c: c.encode_reverse(bits, constriction.stream.model.Bernoulli(perfect=False),
-                                                     p.reshape(-1)) if len(bits) else None)
     cluster_words = _ans_words(lambda c: c.encode_reverse(clusters, _cluster_model(freqs)) if len(clusters) else None)
-    payload = (head + struct.pack("<I", len(clusters)) + freqs.astype("<u2").tobytes() + row_bytes + col_bytes
-               + presence + cluster_words)
+    payload = head + struct.pack("<I", len(clusters)) + freqs.astype("<u2").tobytes() + presence + cluster_words
     nnz = max(len(clusters), 1)
-    index_bytes = len(row_bytes) + len(col_bytes) + len(presence)
     weight_bytes = 2 * k + len(cluster_words)
-    return payload, dict(name=name, kind="quantized", coder="ans", shape=list(shape), params=mask.numel(),
-                         nonzero=len(clusters), clusters=k, weight_bits=max(1, math.ceil(math.log2(k))),
-                         codebook_bytes=4 * k, weight_bits_huffman=8 * weight_bytes / nnz, index_bits=0, fillers=0,
-                         index_bits_raw=0.0, index_bits_huffman=8 * index_bytes / nnz, weight_bytes=weight_bytes,
-                         index_bytes=index_bytes, bytes=len(payload) + FRAME)
+    return payload, dict(name=name, kind="quantized", coder="ans", presence="uniform" if presence is uniform else "margins",
+                         shape=list(shape), params=mask.numel(), nonzero=len(clusters), clusters=k,
+                         weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=4 * k,
+                         weight_bits_huffman=8 * weight_bytes / nnz, index_bits=0, fillers=0, index_bits_raw=0.0,
+                         index_bits_huffman=8 * len(presence) / nnz, weight_bytes=weight_bytes,
+                         index_bytes=len(presence), bytes=len(payload) + FRAME)
+
+
+def _matrix(shape):
+    """(rows, columns) of a weight of this shape seen as a matrix: outputs x the rest."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)
 
 
 def _read_ans_words(r):
@@ -568,8 +579,7 @@ def _read_ans(r, name, shape, clusters):
     every count checked against the model's shape before anything is allocated."""
     index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
     numel = math.prod(shape)
-    n_rows = shape[0] if len(shape) else 1
-    n_cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    n_rows, n_cols = _matrix(shape)
     k = r.unpack("<I")[0]
     if k != clusters:
         raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
@@ -580,21 +590,32 @@ def _read_ans(r, name, shape, clusters):
     freqs = np.frombuffer(r.take(2 * k), "<u2").astype(np.int64)
     if nnz and not freqs.any():
         raise ValueError("no cluster has a frequency")
-    rows = _read_stream(r, n_rows, n_cols + 1).astype(np.int64)
-    cols = _read_stream(r, n_cols, n_rows + 1).astype(np.int64)
-    if rows.sum() != nnz or cols.sum() != nnz:
-        raise ValueError(f"row counts sum to {rows.sum()}, column counts to {cols.sum()}, where there are {nnz} non-zeros")
-    alive_r, alive_c, p = _presence_model(rows, cols, nnz)
-    presence = _read_ans_words(r)
-    bits = (_ans_decode(presence, p.size, constriction.stream.model.Bernoulli(perfect=False), p.reshape(-1))
-            if p.size else np.zeros(0, np.int64)).reshape(len(alive_r), len(alive_c))
-    if not (np.array_equal(bits.sum(1), rows[alive_r]) and np.array_equal(bits.sum(0), cols[alive_c])):
-        raise ValueError("presence bits disagree with the row and column counts: corrupt")
+    bernoulli = constriction.stream.model.Bernoulli(perfect=False)
+    model = r.unpack("<B")[0]
+    if model == 0:  # uniform
+        p = np.full(numel, np.clip(nnz / max(numel, 1), ANS_P_MIN, 1 - ANS_P_MIN))
+        present = _ans_decode(_read_ans_words(r), numel, bernoulli, p).astype(bool)
+        if present.sum() != nnz:
+            raise ValueError(f"presence bits hold {present.sum()} non-zeros where the section says {nnz}: corrupt")
+    elif model == 1:  # margins
+        rows = _read_stream(r, n_rows, n_cols + 1).astype(np.int64)
+        cols = _read_stream(r, n_cols, n_rows + 1).astype(np.int64)
+        if rows.sum() != nnz or cols.sum() != nnz:
+            raise ValueError(f"row counts sum to {rows.sum()}, column counts to {cols.sum()}, "
+                             f"where there are {nnz} non-zeros")
+        alive_r, alive_c, p = _presence_model(rows, cols, nnz)
+        coder = _read_ans_words(r)
+        bits = (_ans_decode(coder, p.size, bernoulli, p.reshape(-1)) if p.size
+                else np.zeros(0, np.int64)).reshape(len(alive_r), len(alive_c))
+        if not (np.array_equal(bits.sum(1), rows[alive_r]) and np.array_equal(bits.sum(0), cols[alive_c])):
+            raise ValueError("presence bits disagree with the row and column counts: corrupt")
+        present = np.zeros((n_rows, n_cols), bool)
+        present[np.ix_(alive_r, alive_c)] = bits.astype(bool)
+    else:
+        raise ValueError(f"unknown presence model {model}")
     cluster_coder = _read_ans_words(r)
     cluster_ids = _ans_decode(cluster_coder, nnz, _cluster_model(freqs)) if nnz else np.zeros(0, np.int64)
     r.done()
-    present = np.zeros((n_rows, n_cols), bool)
-    present[np.ix_(alive_r, alive_c)] = bits.astype(bool)
     positions = np.flatnonzero(present)
     index = np.zeros(numel, INDEX_DTYPES[index_dtype])
     index[positions] = cluster_ids

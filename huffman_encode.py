@@ -16,7 +16,7 @@ import os
 import time
 
 import util
-from dcfile import (MAX_INDEX_BITS, RUNTIMES, VERSION, bit_equal, decode_file, encode_model, in_runtime,
+from dcfile import (CODERS, MAX_INDEX_BITS, RUNTIMES, VERSION, bit_equal, decode_file, encode_model, in_runtime,
                     load_compressed)
 from models import MODELS
 from quantize import build_quantized_model, load_quantized
@@ -28,6 +28,8 @@ data_root = ""              # folder holding the data set; '' = the one stage 2 
 device = "auto"             # where the models are tested: auto (CUDA if available) | cpu | cuda:N
 index_bits = {"*": 0}       # per layer: relative-index span b (gaps up to 2**b-1, section 2); 0 = the b, or
                             # dense codes (a symbol per weight, 0 = pruned), that make the section smallest; the paper: --index_bits="{'conv': 8, 'fc': 5}"
+coder = "huffman"           # huffman (the paper's: canonical Huffman codes) | ans (each quantized layer also coded
+                            # with ANS under context models, kept where smaller; format 5, needs constriction)
 decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
 runtime = "quantized"       # with decode, the layers tested: quantized (codebook, index, mask) | dense (plain
                             # nn.Linear / nn.Conv2d) | sparse (inference from the compact form, CPU; runtime.py)
@@ -45,6 +47,7 @@ def check_settings(cfg):
     util.require(cfg["runtime"] in RUNTIMES, f"unknown runtime {cfg['runtime']!r}; choose one of {', '.join(RUNTIMES)}")
     util.require(cfg["runtime"] == "quantized" or cfg["decode"], "--runtime applies to --decode=FILE.dc")
     util.require(not cfg["export"] or cfg["decode"], "--export writes a decoded model: give --decode=FILE.dc too")
+    util.require(cfg["coder"] in CODERS, f"unknown coder {cfg['coder']!r}; choose one of {', '.join(CODERS)}")
     util.require(all(0 <= v <= MAX_INDEX_BITS for v in cfg["index_bits"].values()),
                  f"index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, got {cfg['index_bits']}")
 
@@ -62,12 +65,12 @@ def byte_table(report, size):
     for r in q:
         lines.append(
             f"{r['name']:<{w}}| {r['nonzero']:8} / {r['params']:8} | {r['weight_bits']:3d} -> "
-            f"{r['weight_bits_huffman']:5.2f} | {r['index_bits'] or 'none':>4} | {r['index_bits_raw']:4.2f} -> "
+            f"{r['weight_bits_huffman']:5.2f} | {'ans' if r.get('coder') == 'ans' else r['index_bits'] or 'none':>4} | {r['index_bits_raw']:4.2f} -> "
             f"{r['index_bits_huffman']:4.2f} | {r['codebook_bytes']:8} | {r['weight_bytes']:8} | "
             f"{r['index_bytes']:8} | {r['bytes']:8} | {r['ratio']:6.1f}x")
     lines += [
         "(bits per non-zero; index bits count the fillers; span none: dense codes, one symbol per weight, 0 = pruned, "
-        "counted as weights; weights and indices include their code tables; "
+        "counted as weights; span ans: coded with ANS, indices = counts + presence bits; weights and indices include their code tables; "
         "the rest of a total is name, shape, counts and section framing with CRC)",
         f"other tensors (biases, batch-norm, unquantized): "
         f"{sum(len(r.get('members', [r])) for r in raw)} tensors ({sum(r['kind'] == 'tabled' for r in raw)} as "
@@ -105,7 +108,8 @@ def encode_main(cfg, dev):
     # The decoder needs each layer's codebook size only; stage 2's other notes stay in its JSON.
     quantized = {name: dict(bits=q["bits"], clusters=q["clusters"]) for name, q in ckpt["quantized"].items()}
     blob, report = encode_model(ckpt["state_dict"], ckpt["model"], quantized, cfg["index_bits"],
-                                info=dict(data=data, settings=dict(index_bits=cfg["index_bits"])))
+                                info=dict(data=data, settings=dict(index_bits=cfg["index_bits"], coder=cfg["coder"])),
+                                coder=cfg["coder"])
     path = stem + ".dc"
     util.write_bytes(path, blob)
     encode_seconds = time.time() - t0

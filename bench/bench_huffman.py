@@ -1,4 +1,5 @@
-"""Benchmark: Huffman encoding and decoding speed (huffman.py) against a plain Python coder.
+"""Benchmark: Huffman encoding and decoding speed (huffman.py) against a plain Python coder, and
+the ANS coder stage 3 uses with --coder=ans (constriction) on the same stream.
 
     python bench/bench_huffman.py
 
@@ -7,7 +8,9 @@ On one seeded stream of `symbols` symbols drawn from a skewed `alphabet`-symbol 
   1. huffman.py: count, build the canonical code, pack (numba) / decode with a table (numba);
   2. the textbook coder: a string of '0'/'1' characters joined from a dict of code strings,
      and a decoder that walks the string one bit at a time, looking the prefix up in a dict.
-Both use the same code, so their bytes must be identical (checked). Prints the table and
+Both use the same code, so their bytes must be identical (checked).
+  3. constriction's ANS coder under the stream's own static distribution (what an 'A' section
+     does with a layer's clusters), its bits per symbol beside Huffman's. Prints the table and
 writes bench/results/huffman.json. Other processes on the machine slow both alike; the load
 average is recorded next to the figures.
 """
@@ -15,6 +18,7 @@ import os
 import sys
 import time
 
+import constriction
 import numba
 import numpy as np
 
@@ -59,6 +63,14 @@ def python_decode(data, nbits, inverse):
     return out
 
 
+def ans_encode(stream, n):
+    """constriction's ANS coder with the stream's own symbol frequencies -> (words, model)."""
+    model = constriction.stream.model.Categorical(np.bincount(stream, minlength=n).astype(np.float64), perfect=False)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(stream, model)
+    return coder.get_compressed(), model
+
+
 def main(cfg):
     util.require(cfg["symbols"] > 0 and 2 <= cfg["alphabet"] <= huffman.MAX_ALPHABET and 0 < cfg["skew"] <= 1,
                  "need symbols > 0, 2 <= alphabet <= 65536 and 0 < skew <= 1")
@@ -88,6 +100,11 @@ def main(cfg):
     assert py_bits == nbits and py_data == data.tobytes(), "the two encoders disagree"
     assert py_decoded == as_list, "plain Python decoder lost the stream"
 
+    a_enc, (words, model) = util.best_time(lambda: ans_encode(stream, n), cfg["repeats"])
+    a_dec, ans_decoded = util.best_time(lambda: constriction.stream.stack.AnsCoder(words).decode(model, len(stream)),
+                                        cfg["repeats"])
+    assert np.array_equal(ans_decoded, stream), "ANS decoder lost the stream"
+
     mps = lambda seconds: cfg["symbols"] / seconds / 1e6
     result = dict(
         symbols=cfg["symbols"], alphabet=n, skew=cfg["skew"], seed=cfg["seed"],
@@ -96,14 +113,18 @@ def main(cfg):
                       first_call_s=first_call),
         python=dict(encode_msym_s=mps(b_enc), decode_msym_s=mps(b_dec), encode_s=b_enc, decode_s=b_dec),
         speedup=dict(encode=b_enc / t_enc, decode=b_dec / t_dec),
+        ans=dict(encode_msym_s=mps(a_enc), decode_msym_s=mps(a_dec), encode_s=a_enc, decode_s=a_dec,
+                 bits_per_symbol=32 * len(words) / len(stream)),
         cpus=os.cpu_count(), load_average=dict(before=load_before, after=os.getloadavg()),
-        numba=numba.__version__, numpy=np.__version__)
+        numba=numba.__version__, numpy=np.__version__, cpu=util.cpu_model())
     print(f"stream: {len(stream)} symbols, {n}-symbol alphabet, p(i) ~ {cfg['skew']}**i; entropy {entropy:.3f} "
-          f"bits, Huffman {nbits / len(stream):.3f} bits/symbol (longest code {int(lengths.max())} bits)")
+          f"bits, Huffman {nbits / len(stream):.3f} bits/symbol (longest code {int(lengths.max())} bits), "
+          f"ANS {32 * len(words) / len(stream):.3f}")
     print(f"{'':26}{'encode':>16}{'decode':>16}")
-    for name, (e, d) in (("huffman.py (numba)", (t_enc, t_dec)), ("plain Python (str/dict)", (b_enc, b_dec))):
+    for name, (e, d) in (("huffman.py (numba)", (t_enc, t_dec)), ("plain Python (str/dict)", (b_enc, b_dec)),
+                         ("ANS (constriction)", (a_enc, a_dec))):
         print(f"{name:26}{mps(e):10.1f} Msym/s{mps(d):10.1f} Msym/s")
-    print(f"{'speed-up':26}{b_enc / t_enc:15.0f}x{b_dec / t_dec:15.0f}x")
+    print(f"{'speed-up (numba / Python)':26}{b_enc / t_enc:15.0f}x{b_dec / t_dec:15.0f}x")
     print(f"first call (compile or load numba's cache): {first_call:.2f} s; "
           f"load average {load_before[0]:.1f} -> {result['load_average']['after'][0]:.1f} on {os.cpu_count()} CPUs")
     util.write_json(cfg["out"], result)

@@ -156,6 +156,78 @@ def test_hostile_dense_codes_are_rejected():
     fails(old[:8] + struct.pack("<H", 4) + old[10:], "span of 0 bits")  # no dense codes before version 5
 
 
+def ans_layer(mask, index, k):
+    """A lenet_300_100 state whose fc1 has this mask and index (k clusters), fc2 and fc3 as made."""
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.05, clusters=k)
+    state["fc1.mask"], state["fc1.index"] = mask.float(), (index * mask).to(torch.uint8)
+    state["fc1.codebook"] = torch.linspace(-1, 1, k)
+    return state, args, quantized
+
+
+@pytest.mark.parametrize("case", ["empty", "one symbol", "skewed", "uniform", "rows and columns of own densities"])
+def test_ans_round_trip(case):
+    g = torch.Generator().manual_seed(5)
+    shape, k = (300, 784), 8
+    if case == "empty":
+        mask, index = torch.zeros(shape), torch.zeros(shape, dtype=torch.long)
+    elif case == "one symbol":
+        mask, index = torch.rand(shape, generator=g) < 0.1, torch.full(shape, 3)
+    elif case == "skewed":
+        mask = torch.rand(shape, generator=g) < 0.02
+        index = torch.where(torch.rand(shape, generator=g) < 0.9, 4, torch.randint(0, k, shape, generator=g))
+    elif case == "uniform":
+        mask, index = torch.rand(shape, generator=g) < 0.5, torch.randint(0, k, shape, generator=g)
+    else:  # a pruned layer's shape: busy neurons and inputs, quiet ones and dead ones
+        rows, cols = torch.rand(shape[0], 1, generator=g) ** 3, torch.rand(1, shape[1], generator=g) ** 3
+        mask = torch.rand(shape, generator=g) < 0.8 * rows * cols
+        index = torch.randint(0, k, shape, generator=g)
+    state, args, quantized = ans_layer(mask, index, k)
+    blob, report = round_trip(state, args, quantized)
+    ans_blob, ans_report = dcfile.encode_model(state, args, quantized, coder="ans")
+    decoded, _ = dcfile.decode_bytes(ans_blob)
+    assert_bit_equal(state, decoded)
+    assert len(ans_blob) <= len(blob)  # each layer keeps the smaller of its two sections
+    fc1 = {r["name"]: r for r in ans_report["layers"]}["fc1"]
+    if case in ("skewed", "rows and columns of own densities"):
+        # Huffman spends a whole bit at least on each gap and cluster symbol; ANS does not
+        assert fc1.get("coder") == "ans" and fc1["bytes"] < 0.95 * {r["name"]: r for r in report["layers"]}["fc1"]["bytes"]
+
+
+def test_corrupt_or_truncated_ans_sections_are_one_clear_error():
+    g = torch.Generator().manual_seed(6)
+    rows, cols = torch.rand(300, 1, generator=g) ** 3, torch.rand(1, 784, generator=g) ** 3
+    mask = torch.rand(300, 784, generator=g) < 0.8 * rows * cols
+    state, args, quantized = ans_layer(mask, torch.randint(0, 8, (300, 784), generator=g), 8)
+    blob, report = dcfile.encode_model(state, args, quantized, coder="ans")
+    secs = sections(blob)
+    assert secs[1][1] == "A"
+    a = secs[1][2]
+    nnz_at = 2 + 4 + 4 * 8
+    fails(rebuild(blob, {1: a[:-4]}), "needs|ANS")  # truncated inside the cluster words
+    fails(rebuild(blob, {1: a[:len(a) // 2]}), "needs|ANS|counts")
+    fails(rebuild(blob, {1: patch(a, nnz_at, "<I", 300 * 784 + 1)}), "non-zeros in")
+    assert report["layers"][0]["presence"] == "margins"
+    fails(rebuild(blob, {1: patch(a, nnz_at, "<I", int(mask.sum()) + 1)}), "sum to")
+    fails(rebuild(blob, {1: patch(a, nnz_at + 4 + 16, "<B", 2)}), "unknown presence model 2")
+    fails(rebuild(blob, {1: patch(a, 2, "<I", 7)}), "centroids where the header says")
+    fails(rebuild(blob, {1: patch(a, nnz_at + 4, "16s", bytes(16))}), "no cluster has a frequency")
+    # flipped bits inside the ANS words (CRC made valid again): caught by the decoder's checks
+    caught = 0
+    for offset in range(len(a) - 200, len(a), 13):
+        bad = bytearray(a)
+        bad[offset] ^= 0x55
+        try:
+            state2, _ = dcfile.decode_bytes(rebuild(blob, {1: bytes(bad)}))
+        except dcfile.FormatError as e:
+            assert "\n" not in str(e)
+            caught += 1
+        else:  # a flip the model cannot see decodes to other clusters, never to another shape
+            assert state2["fc1.index"].shape == state["fc1.index"].shape
+    assert caught > 0
+    old = rebuild(blob, {})
+    fails(old[:8] + struct.pack("<H", 4) + old[10:], "kind 'A'")  # no 'A' before version 5
+
+
 def test_lenet5_caffe_edge_layers_round_trip():
     """An all-pruned layer, a one-centroid codebook, int16 indices (> 256 clusters), a fully
     dense layer, and a masked layer left unquantized (stored raw with its mask)."""

@@ -12,6 +12,9 @@ from prune import MaskedConv2d, MaskedLinear, to_masked
 class LeNet300100(nn.Module):
     """LeNet-300-100 (Deep Compression Table 2): fc 784-300-100-10, ReLU. 266,610 parameters
     for 1x28x28 inputs. x: (N, C, H, W) -> logits (N, num_classes)."""
+    # The masked layers in forward order, each with the elementwise function on its output
+    # before the next one (pooling and flattening keep a constant constant): prune.drop_dead_units.
+    chain = (("fc1", "relu"), ("fc2", "relu"), ("fc3", None))
 
     def __init__(self, in_shape=(1, 28, 28), num_classes=10):
         super().__init__()
@@ -39,6 +42,7 @@ def _flat_size(in_shape, convs):
 class LeNet5(nn.Module):
     """The LeNet-5 variant of the original PyTorch run (167,566 parameters on 1x28x28):
     conv 1->6 5x5, pool, conv 6->16 5x5, pool, conv 16->120 4x4, fc 120->1024, fc 1024->10."""
+    chain = (("conv1", "relu"), ("conv2", "relu"), ("conv3", "relu"), ("fc1", "relu"), ("fc2", None))
 
     def __init__(self, in_shape=(1, 28, 28), num_classes=10):
         super().__init__()
@@ -58,6 +62,7 @@ class LeNet5(nn.Module):
 class LeNet5Caffe(nn.Module):
     """The paper's LeNet-5 (Caffe's, Deep Compression Table 3; 431,080 parameters on 1x28x28):
     conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, ReLU, fc 500->10."""
+    chain = (("conv1", None), ("conv2", None), ("fc1", "relu"), ("fc2", None))
 
     def __init__(self, in_shape=(1, 28, 28), num_classes=10):
         super().__init__()

@@ -2,13 +2,15 @@
 weight sharing. Each layer's surviving weights are clustered by k-means into 2**bits shared
 values; the network then keeps a codebook of centroids per layer and a fixed index per weight,
 and the centroids are fine-tuned with the cluster assignment and the pruning mask fixed.
+With method=ttq, trained ternary quantization instead (Zhu, Han, Mao & Dally 2017): each layer
+becomes {-wn, 0, wp} with both scales and the latent weights trained.
 
     python quantization.py --model=lenet5_caffe --data_root=../shared/data   # config/lenet5_caffe.py
 
 Settings: the defaults below (equal to config/lenet_300_100.py), then the recipe (the file given
 first, else config/<model>.py when there is one), then --key=value overrides.
 
-Reads {out_dir}/{model}_pruned.pt (written by pruning.py); writes {out_dir}/{model}_quantized.pt
+Reads {out_dir}/{model}_pruned.pt (or _initial.pt with source=initial; written by pruning.py); writes {out_dir}/{model}_quantized.pt
 (the input of stage 3) and {out_dir}/{model}_quantized.json. The data set, batch sizes,
 validation split and subset are those stage 1 used, so the three test figures compare with its.
 """
@@ -19,7 +21,7 @@ import torch.nn as nn
 
 import util
 from models import MODELS, build_model
-from prune import masked_layers
+from prune import drop_dead_units, masked_layers
 from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, share_values, to_ternary,
                       ternary_to_quantized)
 
@@ -45,6 +47,9 @@ bn_share = "layer"          # with bn_bits: layer (a table per scale and per shi
 ttq_threshold = {"*": 0.05} # ttq, per layer: a weight is 0 where |latent| <= t x max|latent| (the paper: 0.05)
 ttq_float = {"*": False, "first": True, "last": True}  # ttq, per layer: keep it float32 ('first' / 'last' name
                             # the first and last quantizable layer; the paper keeps both)
+drop_dead = True            # first prune the weights of units that cannot change the output: units no weight
+                            # reads, and units without inputs (constant: folded into the next layer's bias);
+                            # lossless, on chain networks (the LeNets)
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
 finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
 lr = 3e-4                   # fine-tuning (kmeans) or training (ttq) learning rate (Adam, cosine schedule)
@@ -133,6 +138,14 @@ def main(cfg):
     start = "retrained" if cfg["source"] == "pruned" else "dense"
     report("Pruned and retrained (stage 1)" if start == "retrained" else "Dense (stage 1)", start)
 
+    # 0. Whole units that compute nothing (beyond the paper): element-wise pruning leaves neurons
+    # whose outputs nothing reads and neurons without inputs, whose weights still cost bytes.
+    dead = drop_dead_units(net) if cfg["drop_dead"] else None
+    if dead is not None:
+        zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}
+        print(f"dead units: {dead['unread']} unread, {dead['constant']} constant (folded into the next bias): "
+              f"{dead['weights']} weights pruned, the same function")
+
     if cfg["method"] == "kmeans":
         # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
         quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
@@ -209,6 +222,7 @@ def main(cfg):
     settings = {**cfg, "pruning": p}
     summary = dict(
         model=cfg["model"], dataset=p["dataset"], stage="quantized", accuracy=accuracy, validation=validation, layers=rows,
+        dead_units=dead,
         history=dict(finetune=history), settings=settings, device=str(dev), precision=precision, seconds=round(time.time() - t_start, 1))
     util.save_checkpoint(stem + "_quantized.pt", "quantized", net, pruned["model"], settings,
                          {**summary, "pruning": pruned["metrics"]}, quantized=quantized)

@@ -12,7 +12,7 @@ import prune
 import util
 from conftest import SHARED_DATA, run_here, run_script
 from models import build_model
-from prune import MaskedConv2d, MaskedLinear
+from prune import MaskedConv2d, MaskedLinear, drop_dead_units, masked_layers
 
 
 # --- threshold math on hand-made tensors ----------------------------------------------------
@@ -416,3 +416,43 @@ def test_pruning_script_on_real_mnist_subset(tmp_path, capsys):
     assert summary["accuracy"]["dense"] > 88  # 5,400 real digits, 3 epochs
     assert summary["accuracy"]["retrained"] > summary["accuracy"]["pruned"] - 1
     assert summary["params"]["nonzero"] < 0.45 * summary["params"]["total"]
+
+
+# --- dead units ------------------------------------------------------------------------------------
+
+def test_dead_units_known_answer():
+    torch.manual_seed(0)
+    net = build_model("lenet_300_100")
+    with torch.no_grad():
+        net.fc1.weight[0] = 0  # neuron 0 of fc1 has no input: it outputs relu(bias) = 2
+        net.fc1.bias[0] = 2.0
+        net.fc3.weight[:, 5] = 0  # neuron 5 of fc2 feeds nothing
+        net.fc3.weight[:, 7] = 0  # neuron 7 of fc2 feeds nothing and has no input
+        net.fc2.weight[7] = 0
+    w2, b2 = net.fc2.weight[:, 0].clone(), net.fc2.bias.clone()
+    w2[5] = 0  # neuron 5's incoming weights go first (unread), its bias no longer matters
+    x = torch.randn(16, 1, 28, 28)
+    before = net(x).detach()
+    assert drop_dead_units(net) == dict(unread=1, constant=1, weights=300 + 98)  # fc2 row 5, column 0
+    assert torch.equal(net.fc2.mask[5], torch.zeros(300)) and torch.equal(net.fc2.weight[5], torch.zeros(300))
+    assert (net.fc2.mask[:, 0] == 0).all() and torch.allclose(net.fc2.bias, b2 + 2.0 * w2)
+    assert torch.allclose(net(x), before, atol=1e-5)
+    assert drop_dead_units(net) == dict(unread=0, constant=0, weights=0)  # nothing left to find
+    assert drop_dead_units(build_model("resnet20")) is None  # not a chain
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "lenet5_caffe"])
+def test_dead_units_keep_the_outputs_on_random_inputs(name):
+    """Sparse random masks leave many dead units in every layer; the network's outputs stay."""
+    torch.manual_seed(1)
+    net = build_model(name).eval()
+    with torch.no_grad():
+        for _, m in masked_layers(net):
+            m.mask.copy_((torch.rand_like(m.mask) < 0.03).float())
+            m.mask[:3] = 0  # units without inputs, whatever the density
+            m.bias.uniform_(-1, 1)
+    x = torch.randn(32, 1, 28, 28)
+    before = net(x).detach()
+    found = drop_dead_units(net)
+    assert found["unread"] > 0 and found["constant"] > 0 and found["weights"] > 0
+    assert torch.allclose(net(x), before, atol=1e-5, rtol=1e-5)

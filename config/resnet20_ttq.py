@@ -1,0 +1,16 @@
+"""Trained ternary quantization (Zhu, Han, Mao & Dally 2017) of ResNet-20 on CIFAR-10, beside the
+Deep Compression recipe of the same dense network (config/resnet20.py, whose dense settings these
+are). Stage 1 trains the dense network and prunes nothing (prune_iterations=0); stage 2 starts
+from that dense network as the paper does (source=initial) and makes every conv ternary but the
+first, with the fc, in float32 (the paper's choice), threshold 0.05 x max|latent| (the paper's),
+Adam with a cosine schedule for 30 epochs; the batch-norms are then folded and shared as in the
+Deep Compression recipe (8 bits, one table for the network); stage 3 codes each ternary layer as
+one symbol per weight. The learning rate was chosen on validation (README, "Trained ternary
+quantization")."""
+model = "resnet20"
+pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "epochs": 60,
+           "restart_epochs": 40, "restart_lr": 0.05, "augment": "auto", "precision": "auto",
+           "test_batch_size": 250, "prune_iterations": 0}
+quantization = {"source": "initial", "method": "ttq", "ttq_threshold": {"*": 0.05}, "finetune_epochs": 30,
+                "lr": 1e-3, "bias_bits": {"*": 0}, "bn_bits": 8, "bn_share": "network", "precision": "auto"}
+huffman_encode = {}

@@ -245,13 +245,13 @@ def fold_batch_norm(bn):
 
 class _Ternarize(torch.autograd.Function):
     """w_t = W_p where latent > delta, -W_n where latent < -delta, 0 between, delta = t x
-    max|latent| (section 3, eq. 6 and the threshold heuristic of eq. 9).
+    max|latent| (section 3, eq. 6, and the paper's threshold rule).
 
     Backward (section 3): the scales get the summed gradients of the weights they stand for,
-    dL/dW_p = sum over I_p of dL/dw_t and dL/dW_n = -(sum over I_n of dL/dw_t), the minus sign
-    from w_t = -W_n (eq. 7 prints the sum without it; with W_n > 0 that would move W_n the wrong
-    way); the latent weights get the gradient scaled by their scale, dL/dlatent = W_p x dL/dw_t
-    on I_p, 1 x dL/dw_t on I_z, W_n x dL/dw_t on I_n (eq. 8)."""
+    dL/dW_p = sum over I_p of dL/dw_t and dL/dW_n = -(sum over I_n of dL/dw_t) (eq. 7, the
+    minus sign from w_t = -W_n with W_n kept positive); the latent weights get the gradient
+    scaled by their scale, dL/dlatent = W_p x dL/dw_t on I_p, 1 x dL/dw_t on I_z, W_n x dL/dw_t
+    on I_n (eq. 8)."""
 
     @staticmethod
     def forward(ctx, latent, wp, wn, t):

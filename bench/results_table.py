@@ -47,12 +47,16 @@ def row(folder, model):
     epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
     quantized = q["accuracy"]["quantized"]
     dense_accuracy = p["accuracy"].get("dense", p["accuracy"].get("initial"))  # "initial": runs before the rename
+    # Weights alive in the file: stage 2 can zero more (ternary layers, dead units, a zero centroid).
+    pruned_nonzero = {l["name"]: l["nonzero"] for l in p["layers"]}
+    alive = p["params"]["nonzero"] - sum(pruned_nonzero[l["name"] + ".weight"] - l["nonzero"] for l in q["layers"])
     return dict(model=model, folder=folder, params=p["params"]["total"],
-                error=dict(dense=100 - dense_accuracy, retrained=100 - p["accuracy"]["retrained"],
+                # a run that prunes nothing (prune_iterations=0: TTQ) retrains nothing: its dense network
+                error=dict(dense=100 - dense_accuracy, retrained=100 - p["accuracy"].get("retrained", dense_accuracy),
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
                 # the decoded model is the quantized one bit for bit: its validation error is stage 2's
                 val_error=100 - q["validation"]["quantized"],
-                alive=100 * p["params"]["nonzero"] / p["params"]["total"],
+                alive=100 * alive / p["params"]["total"],
                 dense_bytes=c["dense_bytes"], compressed_bytes=c["compressed_bytes"], ratio=c["ratio"],
                 epochs=epochs, minutes=(dense.get("seconds", 0) + p["seconds"] + q["seconds"] + c["encode_seconds"]
                                         + c["decode_seconds"]) / 60,

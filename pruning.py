@@ -182,7 +182,9 @@ def main(cfg):
                      seconds=round(before.get("seconds", 0) + time.time() - t_restart, 1),
                      precision=precision, restart_epochs=cfg["restart_epochs"])
     report("Before pruning", "dense")
-    if not cfg["init_from"] or cfg["restart_epochs"]:
+    # Every run folder holds its dense network (stage 2 can start from it: source=initial),
+    # unless that file is the one it was read from.
+    if not cfg["init_from"] or os.path.realpath(cfg["init_from"]) != os.path.realpath(stem + "_initial.pt"):
         util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg,
                              dict(accuracy=dict(accuracy), validation=dict(validation), dense=dense))
 

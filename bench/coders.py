@@ -7,8 +7,9 @@ against ANS under context models (huffman_encode.py --coder=ans).
 For each stage-2 checkpoint, encodes the same tensors with each coder (the same untimed warm-up
 call, then `repeats` timed calls, the best kept), decodes each file and checks it bit for bit
 against the checkpoint, and splits the bytes into cluster indices (weights), positions (relative
-indices, presence bits and counts), codebooks, the other tensors and the header. Prints a table
-and writes bench/results/coders.json with the CPU model and load average.
+indices, presence bits and counts), codebooks, the other tensors and the header. Prints a table,
+writes bench/results/coders.json with the CPU model and load average, and the table between the
+README's coders markers.
 """
 import glob
 import os
@@ -18,14 +19,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dcfile  # noqa: E402
 import util  # noqa: E402
+from results_table import replace_block  # noqa: E402
 from quantize import load_quantized  # noqa: E402
 
 # -----------------------------------------------------------------------------
-checkpoints = ["out/bench/lenet_300_100/seed*/lenet_300_100_quantized.pt",
-               "out/bench/lenet5_caffe/seed*/lenet5_caffe_quantized.pt",
-               "out/bench/resnet20/seed*/resnet20_quantized.pt",
-               "out/bench/lenet5_caffe_ttq/seed*/lenet5_caffe_quantized.pt",
-               "out/bench/resnet20_ttq/seed*/resnet20_quantized.pt"]  # stage-2 checkpoints (globs)
+checkpoints = ["out/bench/lenet_300_100/seed[0-9]/lenet_300_100_quantized.pt",
+               "out/bench/lenet5_caffe/seed[0-9]/lenet5_caffe_quantized.pt",
+               "out/bench/resnet20/seed[0-9]/resnet20_quantized.pt",
+               "out/bench/lenet5_caffe_ttq/seed[0-9]/lenet5_caffe_quantized.pt",
+               "out/bench/resnet20_ttq/seed[0-9]/resnet20_quantized.pt"]  # stage-2 checkpoints (globs)
+readme = "README.md"        # whose table between the coders markers is replaced ('' = leave it)
 repeats = 3                 # timed encodes and decodes per coder (the best is kept), after one untimed call
 out = "bench/results/coders.json"  # where the figures are written
 # -----------------------------------------------------------------------------
@@ -42,6 +45,22 @@ def split(report):
                 header=report["header_bytes"])
 
 
+def table(rows):
+    """The README's coder table: a row per checkpoint, its accuracy (the file holds the same
+    tensors either way) and each coder's bytes, split into positions and cluster codes."""
+    lines = ["| checkpoint | test accuracy | Huffman: bytes (ratio) | positions / weights | ANS: bytes (ratio) "
+             "| positions / weights | change | encode / decode ms, Huffman -> ANS |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        h, a = r["huffman"], r["ans"]
+        cell = lambda c: f"{c['bytes']:,} ({c['ratio']:.1f}x)"  # noqa: E731
+        split = lambda c: f"{c['split']['positions']:,} / {c['split']['weights']:,}"  # noqa: E731
+        ms = lambda c: f"{1e3 * c['encode_s']:.0f} / {1e3 * c['decode_s']:.0f}"  # noqa: E731
+        lines.append(f"| `{r['label']}` | {r['accuracy']:.2f}% | {cell(h)} | {split(h)} | {cell(a)} | {split(a)} "
+                     f"| {100 * (a['bytes'] / h['bytes'] - 1):+.1f}% | {ms(h)} -> {ms(a)} |")
+    return "\n".join(lines)
+
+
 def main(cfg):
     paths = sorted({p for pattern in cfg["checkpoints"] for p in glob.glob(pattern)})
     util.require(paths, f"no checkpoint matches {cfg['checkpoints']}: run the pipeline first")
@@ -50,7 +69,9 @@ def main(cfg):
     for path in paths:
         _, ckpt = load_quantized(path, "cpu")
         quantized = {n: dict(bits=q["bits"], clusters=q["clusters"]) for n, q in ckpt["quantized"].items()}
-        row = dict(checkpoint=path, model=ckpt["model"]["name"])
+        label = os.path.relpath(os.path.dirname(path), "out")
+        row = dict(checkpoint=path, label=label, model=ckpt["model"]["name"],
+                   accuracy=ckpt["metrics"]["accuracy"]["quantized"])
         for coder in dcfile.CODERS:
             encode = lambda: dcfile.encode_model(ckpt["state_dict"], ckpt["model"], quantized, coder=coder)
             encode()
@@ -72,6 +93,11 @@ def main(cfg):
     result = dict(rows=rows, repeats=cfg["repeats"], cpu=util.cpu_model(), cpus=os.cpu_count(),
                   load_average=dict(before=load_before, after=os.getloadavg()), time=time.strftime("%Y-%m-%d %H:%M"))
     util.write_json(cfg["out"], result)
+    text = table(rows)
+    print(text)
+    if cfg["readme"]:
+        replace_block(cfg["readme"], text + f"\n\n{result['cpu']}, {result['cpus']} cores, load average "
+                      f"{load_before[0]:.1f}; best of {cfg['repeats']}.", "<!-- coders:begin -->", "<!-- coders:end -->")
     print(f"CPU: {result['cpu']}, load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; wrote {cfg['out']}")
 
 

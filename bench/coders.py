@@ -62,7 +62,7 @@ def table(rows):
 
 
 def main(cfg):
-    paths = sorted({p for pattern in cfg["checkpoints"] for p in glob.glob(pattern)})
+    paths = list(dict.fromkeys(p for pattern in cfg["checkpoints"] for p in sorted(glob.glob(pattern))))
     util.require(paths, f"no checkpoint matches {cfg['checkpoints']}: run the pipeline first")
     load_before = os.getloadavg()
     rows = []

@@ -47,11 +47,12 @@ overrides = {}              # {stage: {setting: value}} over the recipe for ever
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
-# Recipes are the files config/<recipe>.py (a stage given `--model=X` runs config/X.py). Two
+# Recipes are the files config/<recipe>.py (a stage given `--model=X` runs config/X.py). Three
 # kinds: '<model>' is ours, past the paper; '<model>_iterative' is the paper's method (Han 2015
-# iterative pruning, no augmentation) with our bits and shared biases.
-ORDER = ("lenet_300_100", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_iterative", "lenet5", "resnet20",
-         "resnet18")
+# iterative pruning, no augmentation) with our bits and shared biases; '<model>_ttq' is trained
+# ternary quantization (Zhu et al. 2017) of the same dense network.
+ORDER = ("lenet_300_100", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_iterative", "lenet5_caffe_ttq",
+         "lenet5", "resnet20", "resnet20_ttq", "resnet18")
 
 
 def read_recipes(folder):

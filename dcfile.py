@@ -616,13 +616,7 @@ def _read_ans(r, name, shape, clusters):
     cluster_coder = _read_ans_words(r)
     cluster_ids = _ans_decode(cluster_coder, nnz, _cluster_model(freqs)) if nnz else np.zeros(0, np.int64)
     r.done()
-    positions = np.flatnonzero(present)
-    index = np.zeros(numel, INDEX_DTYPES[index_dtype])
-    index[positions] = cluster_ids
-    mask = np.zeros(numel, MASK_DTYPES[mask_dtype])
-    mask[positions] = 1
-    return {f"{name}.codebook": codebook, f"{name}.index": torch.from_numpy(index).reshape(shape),
-            f"{name}.mask": torch.from_numpy(mask).reshape(shape)}
+    return _layer_tensors(name, shape, codebook, np.flatnonzero(present), cluster_ids, index_dtype, mask_dtype)
 
 
 def _read_quantized(r, name, shape, clusters):
@@ -652,6 +646,13 @@ def _read_quantized(r, name, shape, clusters):
         cluster_ids = _read_stream(r, nnz, k)
         positions = positions_from_gaps(_read_stream(r, entries, 1 << b), b, nnz, numel)
     r.done()
+    return _layer_tensors(name, shape, codebook, positions, cluster_ids, index_dtype, mask_dtype)
+
+
+def _layer_tensors(name, shape, codebook, positions, cluster_ids, index_dtype, mask_dtype):
+    """A decoded quantized layer's tensors: {name.codebook, name.index, name.mask} of the weight's
+    shape, from the surviving positions (nnz,) into the flat weight and their clusters (nnz,)."""
+    numel = math.prod(shape)
     # numpy: np.zeros takes pages the kernel zeroes on first touch, faster for sparse layers
     index = np.zeros(numel, INDEX_DTYPES[index_dtype])
     index[positions] = cluster_ids

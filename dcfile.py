@@ -522,7 +522,8 @@ def _ans_payload(name, codebook, index, mask):
     bernoulli = constriction.stream.model.Bernoulli(perfect=False)
     # uniform: no counts
     p = np.full(present.size, np.clip(len(positions) / present.size, ANS_P_MIN, 1 - ANS_P_MIN))
-    uniform = struct.pack("<B", 0) + _ans_words(lambda c: c.encode_reverse(present.reshape(-1).astype(np.int32), bernoulli, p))
+    flat = present.reshape(-1).astype(np.int32)
+    uniform = struct.pack("<B", 0) + _ans_words(lambda c: c.encode_reverse(flat, bernoulli, p))
     # margins: counts, then the live rows x live columns
     rows, cols = present.sum(1), present.sum(0)
     alive_r, alive_c, p = _presence_model(rows, cols, len(positions))

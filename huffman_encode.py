@@ -27,7 +27,8 @@ out_dir = "out"             # checkpoints, the compressed file and JSON summarie
 data_root = ""              # folder holding the data set; '' = the one stage 2 used ('data' with --decode)
 device = "auto"             # where the models are tested: auto (CUDA if available) | cpu | cuda:N
 index_bits = {"*": 0}       # per layer: relative-index span b (gaps up to 2**b-1, section 2); 0 = the b, or
-                            # dense codes (a symbol per weight, 0 = pruned), that make the section smallest; the paper: --index_bits="{'conv': 8, 'fc': 5}"
+                            # dense codes (a symbol per weight, 0 = pruned), that make the section smallest;
+                            # the paper: --index_bits="{'conv': 8, 'fc': 5}"
 coder = "huffman"           # huffman (the paper's: canonical Huffman codes) | ans (each quantized layer also coded
                             # with ANS under context models, kept where smaller; format 5, needs constriction)
 decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
@@ -65,12 +66,14 @@ def byte_table(report, size):
     for r in q:
         lines.append(
             f"{r['name']:<{w}}| {r['nonzero']:8} / {r['params']:8} | {r['weight_bits']:3d} -> "
-            f"{r['weight_bits_huffman']:5.2f} | {'ans' if r.get('coder') == 'ans' else r['index_bits'] or 'none':>4} | {r['index_bits_raw']:4.2f} -> "
+            f"{r['weight_bits_huffman']:5.2f} | {'ans' if r.get('coder') == 'ans' else r['index_bits'] or 'none':>4} | "
+            f"{r['index_bits_raw']:4.2f} -> "
             f"{r['index_bits_huffman']:4.2f} | {r['codebook_bytes']:8} | {r['weight_bytes']:8} | "
             f"{r['index_bytes']:8} | {r['bytes']:8} | {r['ratio']:6.1f}x")
     lines += [
-        "(bits per non-zero; index bits count the fillers; span none: dense codes, one symbol per weight, 0 = pruned, "
-        "counted as weights; span ans: coded with ANS, indices = counts + presence bits; weights and indices include their code tables; "
+        "(bits per non-zero; index bits count the fillers; span none: dense codes, one symbol per weight, "
+        "0 = pruned, counted as weights; span ans: coded with ANS, indices = counts + presence bits; "
+        "weights and indices include their code tables; "
         "the rest of a total is name, shape, counts and section framing with CRC)",
         f"other tensors (biases, batch-norm, unquantized): "
         f"{sum(len(r.get('members', [r])) for r in raw)} tensors ({sum(r['kind'] == 'tabled' for r in raw)} as "

@@ -10,8 +10,8 @@ becomes {-wn, 0, wp} with both scales and the latent weights trained.
 Settings: the defaults below (equal to config/lenet_300_100.py), then the recipe (the file given
 first, else config/<model>.py when there is one), then --key=value overrides.
 
-Reads {out_dir}/{model}_pruned.pt (or _initial.pt with source=initial; written by pruning.py); writes {out_dir}/{model}_quantized.pt
-(the input of stage 3) and {out_dir}/{model}_quantized.json. The data set, batch sizes,
+Reads {out_dir}/{model}_pruned.pt (or _initial.pt with source=initial; written by pruning.py);
+writes {out_dir}/{model}_quantized.pt (the input of stage 3) and {out_dir}/{model}_quantized.json. The data set, batch sizes,
 validation split and subset are those stage 1 used, so the three test figures compare with its.
 """
 import os
@@ -117,7 +117,6 @@ def main(cfg):
     layer_bits = util.per_layer(net, cfg["bits"], "bits")
     ternary = ternary_layers(net, cfg) if cfg["method"] == "ttq" else {}
     bias_bits = util.per_layer(net, cfg["bias_bits"], "bias_bits")
-    zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}
 
     p = pruned["settings"]  # stage 1's data, so that the accuracies compare with its own
     train, val, test = util.load_data(p["dataset"], cfg["data_root"], p["batch_size"], p["test_batch_size"],
@@ -142,9 +141,9 @@ def main(cfg):
     # whose outputs nothing reads and neurons without inputs, whose weights still cost bytes.
     dead = drop_dead_units(net) if cfg["drop_dead"] else None
     if dead is not None:
-        zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}
         print(f"dead units: {dead['unread']} unread, {dead['constant']} constant (folded into the next bias): "
               f"{dead['weights']} weights pruned, the same function")
+    zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}  # what stays 0 from here on
 
     if cfg["method"] == "kmeans":
         # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
@@ -213,7 +212,8 @@ def main(cfg):
     rows = layer_rows(net, quantized, zeros)
     print(quant_table(rows))
     final = accuracy["quantized"]
-    print(f"Accuracy: {start} {accuracy[start]:.2f}% | {'ternary' if ternary else 'after clustering'} {accuracy['clustered']:.2f}% | "
+    print(f"Accuracy: {start} {accuracy[start]:.2f}% | {'ternary' if ternary else 'after clustering'} "
+          f"{accuracy['clustered']:.2f}% | "
           f"after fine-tuning {accuracy['finetuned']:.2f}%"
           + (f" | biases shared {accuracy['bias_shared']:.2f}%" if "bias_shared" in accuracy else "")
           + (f" | batch-norm folded {accuracy['bn_folded']:.2f}%" if "bn_folded" in accuracy else "")

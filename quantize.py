@@ -167,7 +167,8 @@ def to_quantized(layer, codebook, index):
     `codebook` (k,) float (a Parameter) and `index` (the weight's shape, integer dtype,
     0 where pruned; a buffer). Returns the layer."""
     quantized_class = QUANTIZED[type(layer)]
-    del layer.weight
+    if "weight" in layer._parameters:  # (a ternary layer being frozen has none left)
+        del layer.weight
     layer.__class__ = quantized_class
     layer.codebook = nn.Parameter(codebook.float().to(layer.mask.device))
     layer.register_buffer("index", index.to(layer.mask.device))
@@ -320,9 +321,8 @@ def to_ternary(layer, t):
 
 def ternary_to_quantized(layer):
     """Freeze a ternary layer into the quantized layer stage 3 stores: codebook [-wn, wp],
-    index 1 where the weight is wp, 0 where -wn, and the mask cut to the non-zero weights (so
-    the file codes their positions as relative indices and a 1-bit code each). Computes the same
-    weight. Returns the layer."""
+    index 1 where the weight is wp, 0 where -wn, and the mask cut to the non-zero weights (stage
+    3 then codes one symbol of three per weight). Computes the same weight. Returns the layer."""
     with torch.no_grad():
         w = ternarize(layer.latent, layer.wp, layer.wn, layer.threshold) * layer.mask
         codebook = torch.cat([-layer.wn, layer.wp]).detach()
@@ -333,7 +333,6 @@ def ternary_to_quantized(layer):
         delattr(layer, name)
     del layer.threshold
     layer.__class__ = masked_class
-    layer.weight = nn.Parameter(torch.zeros_like(layer.mask))  # to_quantized takes the weight's place
     layer.mask.copy_(mask)
     return to_quantized(layer, codebook, index)
 

@@ -230,6 +230,29 @@ def finish_surgery(model):
         m.splice = False
 
 
+def group_lasso_penalty(model, strengths):
+    """The group-lasso penalty (Yuan & Lin 2006; on network units, Wen et al. 2016) that pushes
+    whole units of the chosen layers to zero, so that pruning takes them whole and their
+    weights and positions cost nothing: for a layer of strength a,
+        a x (sum over output units of sqrt(g) ||W[o]|| + sum over input units of sqrt(g') ||W[:, i]||),
+    the norms taken over a unit's weights (an fc row or column, a conv filter or input channel:
+    g and g' weights each) as the layer computes with them (weight * mask: pruned weights cost
+    nothing). An input unit of LeNet-300-100's fc1 is a pixel: the norm over its 300 weights
+    is what lets the border pixels go whole. strengths: {layer name: a}; layers at 0 are left
+    out. Returns a function of no arguments giving the penalty (a scalar tensor)."""
+    layers = [(m, a) for name, m in masked_layers(model) if (a := strengths.get(name, 0.0)) > 0]
+
+    def penalty():
+        total = 0.0
+        for m, a in layers:
+            w = m.weight * m.mask
+            rows, cols = w.flatten(1), w.transpose(0, 1).flatten(1)
+            total = total + a * (rows.shape[1] ** 0.5 * torch.linalg.vector_norm(rows, dim=1).sum()
+                                 + cols.shape[1] ** 0.5 * torch.linalg.vector_norm(cols, dim=1).sum())
+        return total
+    return penalty
+
+
 PRUNE_METHODS = {"std": prune_by_std, "percentile": prune_by_percentile, "global": prune_global,
                  "dns": prune_dns}
 

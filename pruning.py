@@ -18,7 +18,7 @@ import time
 
 import util
 from models import MODELS, PRETRAINED, build_model
-from prune import PRUNE_METHODS, finish_surgery, masked_layers, surgery_step
+from prune import PRUNE_METHODS, finish_surgery, group_lasso_penalty, masked_layers, surgery_step
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18 | alexnet | vgg16
@@ -46,6 +46,9 @@ retrain_lr = 0.01           # Han 2015 retrains at 1/10 of the training rate (su
 distill = 0.0               # retraining: weight of the dense network's softened outputs in the loss (knowledge
                             # distillation, Hinton et al. 2015; 0 = cross-entropy only, as the paper)
 distill_temperature = 4.0   # softmax temperature of that term
+group_lasso = {"*": 0.0}    # per layer, beyond the paper: group-lasso strength on whole units (rows and columns
+                            # of an fc, filters and input channels of a conv) while retraining, so that pruning
+                            # takes units whole (stage 2 then drops them); 0 = off
 weight_decay = 5e-4         # L2 penalty (Han 2015 section 3.1: L2 + retraining prunes best)
 optimizer = "sgd"           # adam | sgd (momentum 0.9, Nesterov)
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
@@ -90,6 +93,8 @@ def check_settings(cfg):
     util.require(cfg["model"] == "resnet18" or not cfg["cifar_stem"], "cifar_stem applies to resnet18 only")
     util.require(cfg["augment"] in ("auto",) + util.AUGMENTS,
                  f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(util.AUGMENTS)}")
+    util.require(all(v >= 0 for v in cfg["group_lasso"].values()),
+                 f"group_lasso must be >= 0 (0 = off), got {cfg['group_lasso']}")
     util.require(0 <= cfg["dns_band"] < 1, f"dns_band must be in [0, 1), got {cfg['dns_band']}")
     util.require(0 <= cfg["distill"] <= 1, f"distill must be in [0, 1], got {cfg['distill']}")
     util.require(cfg["distill_temperature"] > 0,
@@ -191,7 +196,13 @@ def main(cfg):
     # The dense network, frozen, teaches the pruned one while it retrains (distill > 0): its
     # softened outputs carry more of what the pruned weights knew than the labels alone.
     teacher = copy.deepcopy(net) if cfg["distill"] else None
-    distill_kw = dict(teacher=teacher, distill=cfg["distill"], temperature=cfg["distill_temperature"])
+    retrain_kw = dict(teacher=teacher, distill=cfg["distill"], temperature=cfg["distill_temperature"])
+    # The group lasso (group_lasso > 0) acts while the pruned network retrains, from a dense
+    # network trained without it: it pulls the weakest units' surviving weights under the
+    # pruning threshold together, so surgery takes those units whole.
+    strengths = util.per_layer(net, cfg["group_lasso"], "group_lasso")
+    if any(strengths.values()):
+        retrain_kw["penalty"] = group_lasso_penalty(net, strengths)
 
     # 2-3. Prune the small weights, then retrain the survivors with the masks fixed; iterating
     # with the threshold recomputed on the survivors prunes further each cycle (section 3.3).
@@ -208,7 +219,7 @@ def main(cfg):
             surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                            cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw,
-                                           **distill_kw)
+                                           **retrain_kw)
         if surgery:
             finish_surgery(net)
         util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun

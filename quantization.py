@@ -50,6 +50,9 @@ ttq_float = {"*": False, "first": True, "last": True}  # ttq, per layer: keep it
 drop_dead = True            # first prune the weights of units that cannot change the output: units no weight
                             # reads, and units without inputs (constant: folded into the next layer's bias);
                             # lossless, on chain networks (the LeNets)
+entropy_weight = {"*": 0.0} # per layer, beyond the paper: entropy-constrained clustering (Chou et al. 1989) after
+                            # k-means, each weight to the centroid minimising (w - c)^2 + entropy_weight x var(w)
+                            # x its code's length in bits; shorter index streams for a little more error (0 = off)
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
 finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
 lr = 3e-4                   # fine-tuning (kmeans) or training (ttq) learning rate (Adam, cosine schedule)
@@ -94,6 +97,8 @@ def check_settings(cfg):
                  f"unknown init {cfg['init']!r}; choose one of {', '.join(KMEANS_INITS)}")
     util.require(all(1 <= v <= MAX_BITS for v in cfg["bits"].values()),
                  f"bits must be in 1..{MAX_BITS}, got {cfg['bits']}")
+    util.require(all(v >= 0 for v in cfg["entropy_weight"].values()),
+                 f"entropy_weight must be >= 0 (0 = plain k-means), got {cfg['entropy_weight']}")
     util.require(all(0 <= v <= MAX_BITS for v in cfg["bias_bits"].values()),
                  f"bias_bits must be 0 (float32 biases) or 1..{MAX_BITS}, got {cfg['bias_bits']}")
     util.require(0 <= cfg["bn_bits"] <= MAX_BITS, f"bn_bits must be 0 (float32) or 1..{MAX_BITS}, got {cfg['bn_bits']}")
@@ -146,8 +151,11 @@ def main(cfg):
     zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}  # what stays 0 from here on
 
     if cfg["method"] == "kmeans":
-        # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights.
-        quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"])
+        # 1. Weight sharing (section 3.1): k-means on each layer's surviving weights; with
+        # entropy_weight, then traded for shorter codes (stage 3 entropy-codes the indices, so
+        # what a layer costs is the entropy of its index stream, not its bits).
+        quantized = quantize_model(net, layer_bits, cfg["init"], cfg["seed"],
+                                   util.per_layer(net, cfg["entropy_weight"], "entropy_weight"))
         util.same_on_every_rank([t for _, m in masked_layers(net) for t in (m.codebook, m.index)], "the codebooks")
         report(f"After clustering ({cfg['init']} init)", "clustered")
 

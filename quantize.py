@@ -125,6 +125,79 @@ def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
             torch.from_numpy(labels.astype(np.int64)).to(values.device))
 
 
+def _lower_envelope(c, b):
+    """The lower envelope of the lines f_j(x) = -2 c_j x + b_j, c (k,) ascending.
+
+    Returns (lines, breaks): line lines[i] is the lowest on [breaks[i-1], breaks[i]) (the
+    first from -inf, the last to +inf); a line that is nowhere lowest is left out. Slopes fall
+    as j rises, so one pass with a stack finds it (the convex hull trick)."""
+    lines, starts = [], []
+    for j in range(len(c)):
+        start = -np.inf
+        while lines:
+            t = lines[-1]
+            if c[j] == c[t]:  # parallel: the lower one is lowest wherever either is
+                start = None if b[j] >= b[t] else -np.inf
+            else:
+                start = (b[j] - b[t]) / (2 * (c[j] - c[t]))  # where line j drops below line t
+            if start is None or start > starts[-1]:
+                break
+            lines.pop(), starts.pop()  # line t is lowest nowhere
+            start = -np.inf
+        if start is not None:
+            lines.append(j)
+            starts.append(start)
+    return np.array(lines), np.array(starts[1:])
+
+
+def entropy_constrained(values, centroids, weight, max_iter=1000):
+    """Entropy-constrained scalar quantization (Chou, Lookabaugh & Gray 1989), started from
+    k-means centroids: each weight goes to the centroid that minimises
+    (w - c_j)^2 + lambda * l_j, l_j = -log2(share of weights in cluster j) the length of its
+    code in bits and lambda = weight * var(values); then the centroids move to their clusters'
+    means and the lengths to the new shares, until the assignment repeats. Each step lowers
+    distortion + lambda * rate, so weights drift to common codes, rare clusters empty and are
+    dropped, and the index stream that stage 3 entropy-codes shrinks; weight = 0 is k-means.
+
+    Under this cost the best centroid for w is the lowest of k lines in w (w^2 is common to
+    all), so the clusters are still intervals of the sorted weights, found by one searchsorted
+    of the envelope's breaks. values: (n,) float tensor; centroids: (k,) ascending, from
+    kmeans_1d. Returns (centroids (k',) float32 ascending, labels (n,) int64 in 0..k'-1),
+    k' <= k, every cluster used."""
+    x = values.detach().reshape(-1).cpu().numpy().astype(np.float64)
+    c = centroids.detach().cpu().numpy().astype(np.float64)
+    if len(x) == 0 or len(c) < 2 or weight <= 0:
+        return centroids, kmeans_labels(values, centroids)
+    xs = np.sort(x)
+    lam = weight * xs.var()
+    counts = np.diff(_boundaries(xs, c)).astype(np.float64)
+    previous = None
+    for _ in range(max_iter):
+        used = counts > 0
+        c, counts = c[used], counts[used]
+        lines, breaks = _lower_envelope(c, c * c - lam * np.log2(counts / len(xs)))
+        b = np.concatenate([[0], np.searchsorted(xs, breaks), [len(xs)]])  # a point on a break goes right
+        done = previous is not None and np.array_equal(b, previous)
+        previous = b
+        c, counts = c[lines], np.diff(b).astype(np.float64)
+        if done:
+            break
+        filled = counts > 0
+        c[filled] = np.add.reduceat(xs, b[:-1][filled]) / counts[filled]
+    keep = counts > 0
+    labels = (np.cumsum(keep) - 1)[np.searchsorted(breaks, x, side="right")]
+    return (torch.from_numpy(c[keep].astype(np.float32)).to(values.device),
+            torch.from_numpy(labels.astype(np.int64)).to(values.device))
+
+
+def kmeans_labels(values, centroids):
+    """Each value's nearest centroid (the rule of _boundaries). values: (n,); centroids: (k,)
+    ascending. Returns (n,) int64."""
+    c = centroids.detach().cpu().double()
+    labels = torch.searchsorted((c[1:] + c[:-1]) / 2, values.detach().reshape(-1).cpu().double(), right=True)
+    return labels.to(values.device)
+
+
 # --- layers with shared weights -------------------------------------------------------------
 
 def index_dtype(k):
@@ -175,12 +248,17 @@ def to_quantized(layer, codebook, index):
     return layer
 
 
-def quantize_layer(layer, bits, init="linear", seed=0):
+def quantize_layer(layer, bits, init="linear", seed=0, entropy_weight=0.0):
     """Cluster the layer's surviving weights (mask == 1) into at most 2**bits shared values
-    (section 3.1) and make it a quantized layer. Pruned weights are never clustered: they get
-    index 0 and stay exactly 0 through the mask. Returns the codebook size."""
+    (section 3.1) and make it a quantized layer; with entropy_weight > 0 the k-means clusters
+    are then traded for shorter codes (entropy_constrained). Pruned weights are never
+    clustered: they get index 0 and stay exactly 0 through the mask. Returns the codebook
+    size."""
     alive = layer.mask.bool()
-    centroids, labels = kmeans_1d(layer.weight.detach()[alive], 2 ** bits, init, seed)
+    weights = layer.weight.detach()[alive]
+    centroids, labels = kmeans_1d(weights, 2 ** bits, init, seed)
+    if entropy_weight > 0:
+        centroids, labels = entropy_constrained(weights, centroids, entropy_weight)
     if len(centroids) == 0:  # every weight pruned: one unused code keeps the codebook valid
         centroids = centroids.new_zeros(1)
     index = torch.zeros(alive.shape, dtype=index_dtype(len(centroids)), device=alive.device)
@@ -189,13 +267,15 @@ def quantize_layer(layer, bits, init="linear", seed=0):
     return len(centroids)
 
 
-def quantize_model(net, bits, init="linear", seed=0):
-    """Quantize every masked layer of `net` in place, at any depth. bits: an int or a per-layer
-    dict (prune.layer_value). Returns {layer name: {'bits', 'clusters' (codebook size)}}."""
+def quantize_model(net, bits, init="linear", seed=0, entropy_weight=0.0):
+    """Quantize every masked layer of `net` in place, at any depth. bits, entropy_weight: a
+    number or a per-layer dict (prune.layer_value). Returns {layer name: {'bits', 'clusters'
+    (codebook size)}}."""
     out = {}
     for name, m in tqdm(masked_layers(net), desc="k-means", leave=False):
         b = layer_value(bits, name, layer_kind(m))
-        out[name] = dict(bits=b, clusters=quantize_layer(m, b, init, seed))
+        w = layer_value(entropy_weight, name, layer_kind(m))
+        out[name] = dict(bits=b, clusters=quantize_layer(m, b, init, seed, w))
     return out
 
 

@@ -554,7 +554,8 @@ def make_optimizer(name, params, lr, weight_decay):
 
 
 def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", schedule="cosine",
-        label="train", after_step=None, precision="fp32", teacher=None, distill=0.0, temperature=4.0):
+        label="train", after_step=None, precision="fp32", teacher=None, distill=0.0, temperature=4.0,
+        penalty=None):
     """Train `params` of `model` for `epochs`, printing one summary line per epoch.
 
     schedule: 'cosine' (to 0 over the run) or 'constant'. after_step: called with no
@@ -567,6 +568,8 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
     distillation, Hinton et al. 2015): loss = (1 - distill) x cross-entropy + distill x T^2 x
     KL(softmax(teacher / T) || softmax(model / T)), T = temperature; the T^2 keeps the soft
     term's gradients on the scale of the hard one's (section 2).
+    penalty: a function of no arguments whose value (a scalar tensor, in float32) is added to
+    every step's loss (a group-lasso term, prune.group_lasso_penalty).
     Returns the history
     [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
     require(schedule in SCHEDULES, f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
@@ -604,6 +607,8 @@ def fit(model, params, train, val, epochs, lr, weight_decay, optimizer="adam", s
                 loss = (1 - distill) * loss + distill * temperature ** 2 * F.kl_div(
                     F.log_softmax(out.float() / temperature, 1), F.log_softmax(soft / temperature, 1),
                     reduction="batchmean", log_target=True)
+            if penalty is not None:
+                loss = loss + penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

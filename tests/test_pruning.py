@@ -364,11 +364,11 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
                             "--epochs=2", "--retrain_epochs=1", "--lr=0.01", capsys=capsys)
     assert code == 0, err
-    out = tmp_path / "dns"
+    out = tmp_path / "dns"  # (with a group lasso on fc1 while it retrains)
     code, stdout, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
                                  f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns",
                                  "--sensitivity=1.0", "--retrain_epochs=2", "--retrain_lr=0.01", "--optimizer=sgd",
-                                 capsys=capsys)
+                                 "--group_lasso={'fc1': 1e-4, '*': 0.0}", capsys=capsys)
     assert code == 0, err
     assert "dense network from" in stdout
     # the run's folder holds its dense network too (stage 2's source=initial reads it there)
@@ -396,6 +396,7 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     (["--epochs=ten"], "setting epochs expects int"),
     (["--sensitivity=-0.5"], "sensitivity must be >= 0"),
     (["--prune_method=dns", "--dns_band=1.5"], "dns_band must be in [0, 1)"),
+    (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network
     ([f"--data_root={__file__}"], f"mnist train set not found under {__file__}"),
@@ -423,6 +424,46 @@ def test_pruning_script_on_real_mnist_subset(tmp_path, capsys):
 
 
 # --- dead units ------------------------------------------------------------------------------------
+
+def test_group_lasso_known_answer_and_whole_units():
+    fc = MaskedLinear(3, 2)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[3.0, 4.0, 12.0], [0.0, 0.0, 5.0]]))
+    fc.mask[0, 2] = 0  # pruned: costs nothing
+    penalty = prune.group_lasso_penalty(nn.Sequential(fc), {"0": 0.5})
+    # rows (3 weights each): |(3, 4, 0)| = 5 and 5; columns (2 each): 3, 4, 5
+    rows, cols = 3 ** 0.5 * (5 + 5), 2 ** 0.5 * (3 + 4 + 5)
+    assert torch.allclose(penalty(), torch.tensor(0.5 * (rows + cols)))
+    # its gradient is the unit direction of each group, scaled: a group is pulled to 0 as a whole
+    penalty().backward()
+    expected = 0.5 * (3 ** 0.5 * torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+                      + 2 ** 0.5 * torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert torch.allclose(fc.weight.grad, expected)
+    assert prune.group_lasso_penalty(nn.Sequential(fc), {"0": 0.0})() == 0  # off
+    # a conv's units are its filters and its input channels
+    conv = MaskedConv2d(2, 3, 3)
+    conv_penalty = prune.group_lasso_penalty(nn.Sequential(conv), {"0": 1.0})()
+    w = conv.weight.detach()
+    by_hand = 18 ** 0.5 * w.flatten(1).norm(dim=1).sum() + 27 ** 0.5 * w.transpose(0, 1).flatten(1).norm(dim=1).sum()
+    assert torch.allclose(conv_penalty, by_hand)
+
+
+def test_group_lasso_training_empties_whole_units(fake_mnist):
+    """Trained under a strong group lasso then pruned, LeNet-300-100 loses whole units: its
+    hidden units lose all their inputs, and pixels all their weights (stage 2's dead-unit pass
+    then drops the units); without it, none do."""
+    torch.manual_seed(0)
+    train, val, _ = util.load_data("mnist", fake_mnist, 64, 256, 0.1, 0, torch.device("cpu"), 0, "none")
+    counts = {}
+    for strength in (0.0, 3e-3):
+        torch.manual_seed(0)
+        net = build_model("lenet_300_100")
+        penalty = prune.group_lasso_penalty(net, {n: strength for n, _ in masked_layers(net)}) if strength else None
+        util.fit(net, net.parameters(), train, val, 5, 0.05, 0.0, optimizer="sgd", penalty=penalty)
+        prune.prune_by_std(net, {"*": 1.0})
+        counts[strength] = int((net.fc1.mask.sum(1) == 0).sum()), int((net.fc1.mask.sum(0) == 0).sum())
+    assert counts[0.0] == (0, 0) and min(counts[3e-3]) > 50, counts  # hidden units and pixels
+
 
 def test_dead_units_known_answer():
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from conftest import run_here, run_script
 from models import build_model
 from prune import MaskedConv2d, MaskedLinear, masked_layers, prune_by_percentile
 from quantize import (KMEANS_INITS, QuantizedConv2d, QuantizedLinear, TernaryConv2d, build_quantized_model,
-                      index_dtype, kmeans_1d, load_quantized, quantize_model, ternarize, ternary_to_quantized,
+                      entropy_constrained, index_dtype, kmeans_1d, load_quantized, quantize_model, ternarize, ternary_to_quantized,
                       to_quantized, to_ternary)
 
 CPU = torch.device("cpu")
@@ -70,6 +70,52 @@ def test_kmeans_drops_clusters_only_with_fewer_distinct_values():
     assert c.tolist() == [3.0] and labels.tolist() == [0]
     c, labels = kmeans_1d(torch.zeros(0), 4)
     assert c.shape == (0,) and labels.shape == (0,)
+
+
+def code_entropy(labels):
+    """Bits per symbol of the label stream (what stage 3's entropy coders approach)."""
+    p = torch.bincount(labels).double() / len(labels)
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+def test_entropy_constrained_known_answer():
+    # One weight at -1 and twelve at 1, k-means' 2 centroids. var = 48/169; moving the -1 to
+    # the other cluster costs (-1 - 1)^2 = 4 of distortion and shortens its code from
+    # log2(13) to log2(13/12) bits, 3.585 bits: it moves when lambda = weight x var > 4 / 3.585,
+    # i.e. weight > 3.93. Then one cluster is left, at the mean 11/13.
+    x = torch.tensor([-1.0] + [1.0] * 12)
+    c, labels = kmeans_1d(x, 2)
+    kept_c, kept = entropy_constrained(x, c, 3.5)
+    assert kept_c.tolist() == [-1.0, 1.0] and torch.equal(kept, labels)
+    merged_c, merged = entropy_constrained(x, c, 4.5)
+    assert torch.allclose(merged_c, torch.tensor([11 / 13])) and merged.tolist() == [0] * 13
+    # weight 0 is k-means; an empty input stays empty
+    assert torch.equal(entropy_constrained(x, c, 0.0)[1], labels)
+    assert entropy_constrained(torch.zeros(0), torch.zeros(0), 1.0)[1].shape == (0,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([0.01, 0.1, 0.5]))
+def test_entropy_constrained_assignment_and_rate(seed, weight):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(3000, generator=g) * 0.1, torch.randn(50, generator=g) * 0.5])
+    c0, l0 = kmeans_1d(x, 16)
+    c, labels = entropy_constrained(x, c0, weight)
+    # every cluster used, centroids ascending, each the mean of its cluster
+    assert len(c) <= 16 and len(labels.unique()) == len(c) and (c[1:] > c[:-1]).all()
+    means = torch.zeros(len(c), dtype=torch.float64).index_add_(0, labels, x.double()) / torch.bincount(labels)
+    assert torch.allclose(c.double(), means, atol=1e-6)
+    # each weight's cluster minimises (w - c)^2 + lambda x code length (the rule of the method)
+    lam = weight * x.double().var(unbiased=False)
+    length = -(torch.bincount(labels).double() / len(x)).log2()
+    cost = (x.double()[:, None] - c.double()[None]) ** 2 + lam * length[None]
+    assert (cost.gather(1, labels[:, None])[:, 0] <= cost.min(1).values + 1e-9).all()
+    # distortion + lambda x rate is no worse than k-means', and the codes are no longer
+    def objective(c, labels):
+        return inertia(x, c, labels) / len(x) + float(lam) * code_entropy(labels)
+    assert objective(c, labels) <= objective(c0, l0) + 1e-9
+    assert code_entropy(labels) <= code_entropy(l0) + 1e-9
 
 
 def test_kmeans_bad_arguments():
@@ -329,6 +375,24 @@ def test_shared_biases_have_at_most_2_to_the_bias_bits_values(fake_mnist, stage1
     assert 100 * util.evaluate(net, test)[1] / len(test.y) == pytest.approx(summary["accuracy"]["bias_shared"])
 
 
+def test_entropy_weight_shortens_the_index_streams(fake_mnist, stage1, tmp_path, capsys):
+    entropies = {}
+    for weight in (0.0, 0.3):
+        out = tmp_path / str(weight)
+        out.mkdir()
+        shutil.copy(os.path.join(stage1, "lenet_300_100_pruned.pt"), out)
+        code, _, err = run_here("quantization", f"--data_root={fake_mnist}", f"--out_dir={out}", "--finetune_epochs=0",
+                                "--bits=4", f"--entropy_weight={{'*': {weight}, 'fc3': 0.0}}", capsys=capsys)
+        assert code == 0, err
+        net, ckpt = load_quantized(str(out / "lenet_300_100_quantized.pt"), CPU)
+        pruned = util.load_checkpoint(str(out / "lenet_300_100_pruned.pt"), "pruned", CPU, "")["state_dict"]
+        check_quantized(net, {"fc1": 4, "fc2": 4, "fc3": 4}, {n: pruned[f"{n}.weight"] == 0 for n in ("fc1", "fc2", "fc3")})
+        entropies[weight] = {n: code_entropy(m.index[m.mask.bool()].long()) for n, m in masked_layers(net)}
+    for name in ("fc1", "fc2"):
+        assert entropies[0.3][name] < entropies[0.0][name] - 0.2, entropies
+    assert entropies[0.3]["fc3"] == entropies[0.0]["fc3"]  # left at 0: plain k-means
+
+
 def write_bad_stage(out_dir):
     """A {model}_pruned.pt that is really stage 1's 'initial' checkpoint."""
     net = build_model("lenet_300_100")
@@ -341,6 +405,7 @@ def write_bad_stage(out_dir):
     (["--model=lenet5"], "no checkpoint at {out}/lenet5_pruned.pt: run pruning.py --model=lenet5"),
     (["--bits=0"], "bits must be in 1..16"),
     (["--bits={'conv': 8, '*': 17}"], "bits must be in 1..16"),
+    (["--entropy_weight={'*': -0.1}"], "entropy_weight must be >= 0"),
     (["--init=uniform"], "unknown init 'uniform'; choose one of linear, density, random, kmeans++"),
     (["--bits={'fc1': 4}"], "bits: no value for layer 'fc2' (add a '*' default)"),
     (["--finetune_epochs=-1"], "finetune_epochs must be >= 0"),

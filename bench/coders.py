@@ -46,9 +46,10 @@ def split(report):
 
 
 def table(rows):
-    """The README's coder table: a row per checkpoint, its accuracy (the file holds the same
-    tensors either way) and each coder's bytes, split into positions and cluster codes."""
-    lines = ["| checkpoint | test accuracy | Huffman: bytes (ratio) | positions / weights | ANS: bytes (ratio) "
+    """The README's coder table: a row per checkpoint, its accuracy on test and on validation
+    (what a lever is chosen by; the file holds the same tensors under either coder) and each
+    coder's bytes, split into positions and cluster codes."""
+    lines = ["| checkpoint | test / validation accuracy | Huffman: bytes (ratio) | positions / weights | ANS: bytes (ratio) "
              "| positions / weights | change | encode / decode ms, Huffman -> ANS |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
@@ -56,7 +57,8 @@ def table(rows):
         cell = lambda c: f"{c['bytes']:,} ({c['ratio']:.1f}x)"  # noqa: E731
         split = lambda c: f"{c['split']['positions']:,} / {c['split']['weights']:,}"  # noqa: E731
         ms = lambda c: f"{1e3 * c['encode_s']:.0f} / {1e3 * c['decode_s']:.0f}"  # noqa: E731
-        lines.append(f"| `{r['label']}` | {r['accuracy']:.2f}% | {cell(h)} | {split(h)} | {cell(a)} | {split(a)} "
+        val = "-" if r.get("validation") is None else f"{r['validation']:.2f}%"
+        lines.append(f"| `{r['label']}` | {r['accuracy']:.2f}% / {val} | {cell(h)} | {split(h)} | {cell(a)} | {split(a)} "
                      f"| {100 * (a['bytes'] / h['bytes'] - 1):+.1f}% | {ms(h)} -> {ms(a)} |")
     return "\n".join(lines)
 
@@ -71,7 +73,8 @@ def main(cfg):
         quantized = {n: dict(bits=q["bits"], clusters=q["clusters"]) for n, q in ckpt["quantized"].items()}
         label = os.path.relpath(os.path.dirname(path), "out")
         row = dict(checkpoint=path, label=label, model=ckpt["model"]["name"],
-                   accuracy=ckpt["metrics"]["accuracy"]["quantized"])
+                   accuracy=ckpt["metrics"]["accuracy"]["quantized"],
+                   validation=ckpt["metrics"].get("validation", {}).get("quantized"))
         for coder in dcfile.CODERS:
             encode = lambda: dcfile.encode_model(ckpt["state_dict"], ckpt["model"], quantized, coder=coder)
             encode()

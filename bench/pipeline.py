@@ -51,7 +51,8 @@ SETTINGS = util.settings_from(globals())
 # kinds: '<model>' is ours, past the paper; '<model>_iterative' is the paper's method (Han 2015
 # iterative pruning, no augmentation) with our bits and shared biases; '<model>_ttq' is trained
 # ternary quantization (Zhu et al. 2017) of the same dense network.
-ORDER = ("lenet_300_100", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_iterative", "lenet5_caffe_ttq",
+ORDER = ("lenet_300_100", "lenet_300_100_ratio", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_ratio",
+         "lenet5_caffe_iterative", "lenet5_caffe_ttq",
          "lenet5", "resnet20", "resnet20_ttq", "resnet18")
 
 

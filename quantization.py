@@ -56,6 +56,9 @@ entropy_weight = {"*": 0.0} # per layer, beyond the paper: entropy-constrained c
 init = "linear"             # centroid initialisation (section 3.2): linear (the best) | density | random | kmeans++
 finetune_epochs = 10        # epochs of centroid fine-tuning (section 3.3); 0 keeps the k-means centroids
 lr = 3e-4                   # fine-tuning (kmeans) or training (ttq) learning rate (Adam, cosine schedule)
+distill = 0.0               # fine-tuning / ttq training: weight of the dense network's softened outputs in the loss
+                            # (knowledge distillation, Hinton et al. 2015, from stage 1's {model}_initial.pt; 0 = off)
+distill_temperature = 4.0   # softmax temperature of that term
 seed = 0                    # torch seed (batch order) and k-means seed (random and kmeans++ inits)
 precision = "fp32"          # fine-tuning arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); codebooks, k-means, checkpoints and evaluation stay float32
@@ -106,6 +109,8 @@ def check_settings(cfg):
     util.require(cfg["bn_share"] in ("layer", "network"), f"unknown bn_share {cfg['bn_share']!r}; choose layer or network")
     util.require(cfg["finetune_epochs"] >= 0, f"finetune_epochs must be >= 0, got {cfg['finetune_epochs']}")
     util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
+    util.require(0 <= cfg["distill"] <= 1, f"distill must be in [0, 1], got {cfg['distill']}")
+    util.require(cfg["distill_temperature"] > 0, f"distill_temperature must be > 0, got {cfg['distill_temperature']}")
     util.require(cfg["precision"] in util.PRECISIONS,
                  f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
 
@@ -119,6 +124,16 @@ def main(cfg):
                                   f"run pruning.py --model={cfg['model']} --out_dir={cfg['out_dir']} first")
     net = build_model(pruned["model"]["name"], **pruned["model"]["kwargs"]).to(dev)
     net.load_state_dict(pruned["state_dict"])
+    teacher = None
+    if cfg["distill"]:
+        # The dense network, frozen, teaches the quantized one (beyond the paper): its softened
+        # outputs carry more than the labels of what the full-precision weights knew.
+        dense = util.load_checkpoint(f"{stem}_initial.pt", "initial", dev,
+                                     f"distill needs stage 1's dense network: run pruning.py --out_dir={cfg['out_dir']}")
+        teacher = build_model(dense["model"]["name"], **dense["model"]["kwargs"]).to(dev)
+        teacher.load_state_dict(dense["state_dict"])
+    train_kw = dict(weight_decay=0.0, precision=precision, teacher=teacher, distill=cfg["distill"],
+                    temperature=cfg["distill_temperature"])
     layer_bits = util.per_layer(net, cfg["bits"], "bits")
     ternary = ternary_layers(net, cfg) if cfg["method"] == "ttq" else {}
     bias_bits = util.per_layer(net, cfg["bias_bits"], "bias_bits")
@@ -164,8 +179,8 @@ def main(cfg):
         # (batch-norm's running statistics follow the new weights): stage 3 stores them
         # uncompressed, so tuning them costs no space and lets them absorb part of the
         # quantization error. Indices and masks are buffers and do not move.
-        history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"],
-                           weight_decay=0.0, label="finetune", precision=precision)
+        history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"], label="finetune",
+                           **train_kw)
         report("After fine-tuning the centroids", "finetuned")
     else:
         # 1-2 (TTQ instead). Each chosen layer becomes {-wn, 0, wp}; the latent weights, the two
@@ -176,8 +191,8 @@ def main(cfg):
             if name in ternary:
                 to_ternary(m, ternary[name])
         report("Ternary (scales fitted, before training)", "clustered")
-        history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"],
-                           weight_decay=0.0, label="ttq", precision=precision)
+        history = util.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"], label="ttq",
+                           **train_kw)
         quantized = {}
         for name, m in masked_layers(net):
             if name in ternary:

@@ -393,6 +393,19 @@ def test_entropy_weight_shortens_the_index_streams(fake_mnist, stage1, tmp_path,
     assert entropies[0.3]["fc3"] == entropies[0.0]["fc3"]  # left at 0: plain k-means
 
 
+def test_distillation_from_the_dense_network(fake_mnist, stage1, tmp_path, capsys):
+    for name in ("lenet_300_100_pruned.pt", "lenet_300_100_initial.pt"):
+        shutil.copy(os.path.join(stage1, name), tmp_path)
+    code, _, err = run_here("quantization", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--finetune_epochs=1",
+                            "--distill=0.5", "--distill_temperature=2.0", capsys=capsys)
+    assert code == 0, err
+    summary = json.load(open(tmp_path / "lenet_300_100_quantized.json"))
+    assert summary["settings"]["distill"] == 0.5 and len(summary["history"]["finetune"]) == 1
+    net, _ = load_quantized(str(tmp_path / "lenet_300_100_quantized.pt"), CPU)
+    pruned = util.load_checkpoint(str(tmp_path / "lenet_300_100_pruned.pt"), "pruned", CPU, "")["state_dict"]
+    check_quantized(net, {"fc1": 3, "fc2": 3, "fc3": 4}, {n: pruned[f"{n}.weight"] == 0 for n in ("fc1", "fc2", "fc3")})
+
+
 def write_bad_stage(out_dir):
     """A {model}_pruned.pt that is really stage 1's 'initial' checkpoint."""
     net = build_model("lenet_300_100")
@@ -406,6 +419,8 @@ def write_bad_stage(out_dir):
     (["--bits=0"], "bits must be in 1..16"),
     (["--bits={'conv': 8, '*': 17}"], "bits must be in 1..16"),
     (["--entropy_weight={'*': -0.1}"], "entropy_weight must be >= 0"),
+    (["--distill=1.5"], "distill must be in [0, 1]"),
+    (["--distill=0.5"], "no checkpoint at {out}/lenet_300_100_initial.pt: distill needs stage 1's dense network"),
     (["--init=uniform"], "unknown init 'uniform'; choose one of linear, density, random, kmeans++"),
     (["--bits={'fc1': 4}"], "bits: no value for layer 'fc2' (add a '*' default)"),
     (["--finetune_epochs=-1"], "finetune_epochs must be >= 0"),
@@ -413,7 +428,7 @@ def write_bad_stage(out_dir):
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, stage1, capsys, args, message):
     out = str(tmp_path)
-    if args and args[0].startswith("--bits={'fc1'"):  # needs a real stage-1 checkpoint
+    if args and args[0].startswith(("--bits={'fc1'", "--distill=0.5")):  # needs a real stage-1 checkpoint
         shutil.copy(os.path.join(stage1, "lenet_300_100_pruned.pt"), out)
     else:
         write_bad_stage(out)

@@ -128,8 +128,9 @@ def main(cfg):
     if cfg["distill"]:
         # The dense network, frozen, teaches the quantized one (beyond the paper): its softened
         # outputs carry more than the labels of what the full-precision weights knew.
-        dense = util.load_checkpoint(f"{stem}_initial.pt", "initial", dev,
-                                     f"distill needs stage 1's dense network: run pruning.py --out_dir={cfg['out_dir']}")
+        dense = util.load_checkpoint(
+            f"{stem}_initial.pt", "initial", dev,
+            f"distill needs stage 1's dense network: run pruning.py --out_dir={cfg['out_dir']}")
         teacher = build_model(dense["model"]["name"], **dense["model"]["kwargs"]).to(dev)
         teacher.load_state_dict(dense["state_dict"])
     train_kw = dict(weight_decay=0.0, precision=precision, teacher=teacher, distill=cfg["distill"],

@@ -13,7 +13,9 @@ call and evaluation runs 2.5x slower on the CPU. Quantization chosen on validati
 bench/levers.py (README): 3-bit convs, 5-bit fc, 10 epochs of centroid fine-tuning; then every
 folded batch-norm scale of the network shares one table of 256 values, and every shift another
 (bn_share='network', clustered on a log scale: on seed 0's fine-tuned network validation went
-86.92% -> 86.98%, seed 1's 87.28% -> 87.00%; 7 bits cost 0.9 points; 5.8 KB of the file -> 2.8 KB)."""
+86.92% -> 86.98%, seed 1's 87.28% -> 87.00%; 7 bits cost 0.9 points; 5.8 KB of the file -> 2.8 KB).
+The dense network teaches the fine-tuning (distill 0.9, T = 4): decoded validation 87.24% / 87.18%
+on seeds 0 / 1 against 86.98% / 86.88% without it."""
 model = "resnet20"
 pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "epochs": 60,
            "restart_epochs": 40, "restart_lr": 0.05, "augment": "auto", "precision": "auto",
@@ -24,6 +26,6 @@ pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 
                "layer2.0.conv2": 1.75, "layer2.1.conv1": 1.5, "layer2.1.conv2": 2.0, "layer2.2.conv1": 1.0,
                "layer2.2.conv2": 3.0, "layer3.0.conv1": 1.25, "layer3.0.conv2": 1.25, "layer3.1.conv1": 1.25,
                "layer3.1.conv2": 1.5, "layer3.2.conv1": 1.0, "layer3.2.conv2": 1.5, "fc": 1.75}}
-quantization = {"bits": {"conv": 3, "fc": 5}, "bias_bits": {"*": 0}, "bn_bits": 8, "bn_share": "network",
+quantization = {"bits": {"conv": 3, "fc": 5}, "bias_bits": {"*": 0}, "bn_bits": 8, "bn_share": "network", "distill": 0.9,
                 "finetune_epochs": 10, "lr": 1e-4, "precision": "auto"}
 huffman_encode = {}

@@ -27,6 +27,13 @@ def _boundaries(xs, c):
     return np.concatenate([[0], np.searchsorted(xs, (c[1:] + c[:-1]) / 2), [len(xs)]])
 
 
+def _nearest(x, c):
+    """Each value's nearest centroid: x (n,), c (k,) ascending, both numpy. The midpoints between
+    neighbours split the line, a point on a midpoint going right (the rule of _boundaries).
+    Returns (n,) int64."""
+    return np.searchsorted((c[1:] + c[:-1]) / 2, x, side="right")
+
+
 def _init_centroids(xs, k, init, rng):
     """Initial centroids (k,) for sorted data xs (n,), section 3.2 (repeats are possible)."""
     n = len(xs)
@@ -120,7 +127,7 @@ def kmeans_1d(values, k, init="linear", seed=0, max_iter=1000):
             sums = np.add.reduceat(xs, b[:-1]) if exact else cs[b[1:]] - cs[b[:-1]]
             c = sums / counts
         c = c[np.diff(_boundaries(xs, c)) > 0]  # stopped by max_iter: drop a cluster just emptied
-    labels = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="right")  # the rule of _boundaries
+    labels = _nearest(x, c)
     return (torch.from_numpy(c.astype(np.float32)).to(values.device),
             torch.from_numpy(labels.astype(np.int64)).to(values.device))
 
@@ -167,7 +174,7 @@ def entropy_constrained(values, centroids, weight, max_iter=1000):
     x = values.detach().reshape(-1).cpu().numpy().astype(np.float64)
     c = centroids.detach().cpu().numpy().astype(np.float64)
     if len(x) == 0 or len(c) < 2 or weight <= 0:
-        return centroids, kmeans_labels(values, centroids)
+        return centroids, torch.from_numpy(_nearest(x, c).astype(np.int64)).to(values.device)
     xs = np.sort(x)
     lam = weight * xs.var()
     counts = np.diff(_boundaries(xs, c)).astype(np.float64)
@@ -188,14 +195,6 @@ def entropy_constrained(values, centroids, weight, max_iter=1000):
     labels = (np.cumsum(keep) - 1)[np.searchsorted(breaks, x, side="right")]
     return (torch.from_numpy(c[keep].astype(np.float32)).to(values.device),
             torch.from_numpy(labels.astype(np.int64)).to(values.device))
-
-
-def kmeans_labels(values, centroids):
-    """Each value's nearest centroid (the rule of _boundaries). values: (n,); centroids: (k,)
-    ascending. Returns (n,) int64."""
-    c = centroids.detach().cpu().double()
-    labels = torch.searchsorted((c[1:] + c[:-1]) / 2, values.detach().reshape(-1).cpu().double(), right=True)
-    return labels.to(values.device)
 
 
 # --- layers with shared weights -------------------------------------------------------------

@@ -199,7 +199,7 @@ def prune_dns(model, sensitivity, which="all"):
     return prune_by_std(model, sensitivity, which, surgery=True)
 
 
-def surgery_step(model, thresholds, band=0.1, sensitivities=None):
+def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None):
     """One mask update of dynamic network surgery (Guo et al. 2016 eq. 3, with their
     hysteresis): a weight whose magnitude falls below (1 - band) t is pruned, one that rises
     above (1 + band) t is spliced back, one in between keeps its state. The band stops weights
@@ -209,12 +209,26 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None):
     (all of them: surgery keeps the pruned ones) before the update, written back into
     `thresholds`. Behind a batch-norm a conv's weight scale is free, and with fixed thresholds
     a growing scale splices weights back (ResNet-20: 17.8% alive at the start, 28.4% after);
-    a threshold that follows the scale keeps the density the sensitivity set."""
+    a threshold that follows the scale keeps the density the sensitivity set, on average.
+
+    densities: {layer name: fraction of weights kept} to re-derive each t instead as the
+    magnitude that keeps that fraction of the layer's weights (those above it, before the
+    band): the layer's density is held, and surgery only chooses which weights hold it. A
+    loss whose gradients reshape the weight distribution (distillation) moves the density
+    that a std rule gives; this does not."""
     layers = dict(model.named_modules())
     with torch.no_grad():
         if sensitivities is not None:
             for name in thresholds:
                 thresholds[name] = layers[name].weight.std() * sensitivities[name]  # a tensor: no GPU wait
+        if densities is not None:
+            for name in thresholds:
+                a = layers[name].weight.abs().flatten()
+                n, keep = a.numel(), round(densities[name] * a.numel())
+                if keep == 0 or keep == n:  # nothing kept: no magnitude passes; all kept: all pass
+                    thresholds[name] = a.new_tensor(float("inf") if keep == 0 else 0.0)
+                else:  # halfway between the largest magnitude dropped and the smallest kept
+                    thresholds[name] = (a.kthvalue(n - keep).values + a.kthvalue(n - keep + 1).values) / 2
         for name, t in thresholds.items():
             m = layers[name]
             a = m.weight.abs()

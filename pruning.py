@@ -61,6 +61,8 @@ prune_iterations = 1        # prune -> retrain cycles (Han 2015 section 3.3: ite
 dns_band = 0.1              # dns: weights within +-band x threshold keep their mask state (Guo et al. 2016)
 dns_threshold = "fixed"     # dns: fixed (set when surgery starts, Guo et al.) | scaled (sensitivity x the layer's
                             # current weight std at every update: for batch-norm networks, whose weight scale drifts)
+                            # | density (each layer keeps the fraction of weights alive that the sensitivity left
+                            # when surgery started; surgery chooses which)
 seed = 0                    # torch seed (weights, batch order)
 precision = "fp32"          # training arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); weights, masks, checkpoints and evaluation stay float32
@@ -99,8 +101,8 @@ def check_settings(cfg):
     util.require(0 <= cfg["distill"] <= 1, f"distill must be in [0, 1], got {cfg['distill']}")
     util.require(cfg["distill_temperature"] > 0,
                  f"distill_temperature must be > 0, got {cfg['distill_temperature']}")
-    util.require(cfg["dns_threshold"] in ("fixed", "scaled"),
-                 f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed or scaled")
+    util.require(cfg["dns_threshold"] in ("fixed", "scaled", "density"),
+                 f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed, scaled or density")
     util.require(cfg["precision"] in util.PRECISIONS,
                  f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
     util.require(cfg["optimizer"] in util.OPTIMIZERS,
@@ -216,7 +218,9 @@ def main(cfg):
         if cfg["prune_method"] == "dns":
             scaled = util.per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
                 if cfg["dns_threshold"] == "scaled" else None
-            surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
+            held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])} \
+                if cfg["dns_threshold"] == "density" else None
+            surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, held)
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                            cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw,
                                            **retrain_kw)

@@ -95,6 +95,31 @@ def test_scaled_surgery_thresholds_follow_the_weight_scale():
     assert layer.mask.tolist() == [[1.0, 1.0, 1.0, 1.0]]
 
 
+def test_density_held_surgery_keeps_each_layers_fraction_whatever_the_weights_do():
+    layer = MaskedLinear(8, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8]]))
+    model = nn.Sequential(layer)
+    thresholds = {"0": 0.0}
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 0.25})
+    assert float(thresholds["0"]) == pytest.approx(0.65)  # halfway between 0.6 dropped and 0.7 kept
+    assert layer.mask.tolist() == [[0, 0, 0, 0, 0, 0, 1, 1]]
+    with torch.no_grad():  # the weights reshuffle and shrink: the two largest are still the two kept
+        layer.weight.copy_(torch.tensor([[0.05, -0.01, 0.02, 0.03, -0.04, 0.06, 0.0, -0.001]]))
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 0.25})
+    assert layer.mask.tolist() == [[1, 0, 0, 0, 0, 1, 0, 0]] and float(thresholds["0"]) == pytest.approx(0.045)
+    # a band keeps the state of weights near the threshold, as for the other rules
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.05, -0.01, 0.02, 0.03, -0.046, 0.06, 0.0, -0.001]]))
+    prune.surgery_step(model, thresholds, band=0.1, densities={"0": 0.25})
+    # t = 0.048: 0.046 (now among the two largest) and 0.05 lie inside 0.0432..0.0528 and keep their state
+    assert layer.mask.tolist() == [[1, 0, 0, 0, 0, 1, 0, 0]] and float(thresholds["0"]) == pytest.approx(0.048)
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 0.0})
+    assert layer.mask.sum() == 0
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 1.0})
+    assert layer.mask.tolist() == [[1, 1, 1, 1, 1, 1, 0, 1]]  # every weight above 0 (a weight at 0 stays dead)
+
+
 def test_dns_splices_gradients_and_finishes_with_exact_zeros():
     torch.manual_seed(0)
     model = nn.Sequential(MaskedLinear(6, 3))
@@ -384,6 +409,20 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     for layer in ("fc1", "fc2", "fc3"):
         w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
         assert torch.equal(w != 0, m == 1) and 0 < m.mean() < 0.6  # surgery ended: zeros exactly where pruned
+    # density-held surgery (under distillation, which moves a std rule's density): each layer ends with exactly
+    # as many weights as the std rule left when surgery started (no band: no weight keeps its state)
+    held = tmp_path / "held"
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={held}", "--subset=400",
+                            f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns",
+                            "--dns_threshold=density", "--dns_band=0.0", "--distill=0.9", "--sensitivity=1.0",
+                            "--retrain_epochs=2", "--retrain_lr=0.05", "--optimizer=sgd", capsys=capsys)
+    assert code == 0, err
+    start, end = load(dense), util.load_checkpoint(str(held / "lenet_300_100_pruned.pt"), "pruned",
+                                                    torch.device("cpu"), "")["state_dict"]
+    for layer in ("fc1", "fc2", "fc3"):
+        w0 = start[f"{layer}.weight"]
+        assert int(end[f"{layer}.mask"].sum()) == int((w0.abs() >= w0.std()).sum()), layer
+        assert not torch.equal(end[f"{layer}.mask"], (w0.abs() >= w0.std()).float()), layer  # others chosen
     code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--model=lenet5",
                             f"--init_from={dense}/lenet_300_100_initial.pt", capsys=capsys)
     assert code == 2 and "not the" in err and "lenet5" in err
@@ -396,6 +435,7 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     (["--epochs=ten"], "setting epochs expects int"),
     (["--sensitivity=-0.5"], "sensitivity must be >= 0"),
     (["--prune_method=dns", "--dns_band=1.5"], "dns_band must be in [0, 1)"),
+    (["--dns_threshold=quantile"], "unknown dns_threshold 'quantile'; choose fixed, scaled or density"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network

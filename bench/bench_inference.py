@@ -34,6 +34,9 @@ threads = 1                 # torch and numba threads, the same for every side
 batches = [1, 64]           # batch sizes timed
 warmup = 3                  # untimed calls before timing
 repeats = 20                # timed calls; the best is kept
+flush_mb = 0                # MB written, untimed, before every call of every side (0: none, the weights stay cached
+                            # between calls if they fit; 128: each call reads them from memory, as in a network whose
+                            # other layers' weights pass through the cache between two calls of this one)
 bits = 5                    # codebook bits of the paper's layers (Table 4-5: fc layers 5 bits)
 files = []                  # .dc files whose real layers and whole model are timed too
 out = "bench/results/inference.json"  # where the figures are written
@@ -50,9 +53,19 @@ PAPER = {
 
 
 def best(fn, cfg):
+    """Best seconds of cfg['repeats'] calls of fn() after cfg['warmup'] untimed ones; with
+    flush_mb, a buffer that size is written before every call, outside the timing, so that
+    no call finds the previous one's data in the cache."""
+    buffer = np.zeros(cfg["flush_mb"] * 2 ** 20 // 8) if cfg["flush_mb"] else None
+    flush = (lambda: np.add(buffer, 1.0, out=buffer)) if buffer is not None else (lambda: None)  # noqa: E731
     for _ in range(cfg["warmup"]):
+        flush()
         fn()
-    return util.best_time(fn, cfg["repeats"])[0]
+    times = []
+    for _ in range(cfg["repeats"]):
+        flush()
+        times.append(util.best_time(fn, 1)[0])
+    return min(times)
 
 
 def random_layer(shape, density, bits, seed):
@@ -103,7 +116,8 @@ def row_line(name, density, n, t, mem, paper=None):
 
 
 def main(cfg):
-    util.require(cfg["threads"] >= 1 and cfg["repeats"] >= 1 and cfg["batches"], "threads, repeats >= 1; batches")
+    util.require(cfg["threads"] >= 1 and cfg["repeats"] >= 1 and cfg["batches"] and cfg["flush_mb"] >= 0,
+                 "threads, repeats >= 1; batches; flush_mb >= 0")
     missing = [f for f in cfg["files"] if not os.path.isfile(f)]
     util.require(not missing, f"no such .dc file: {missing}; run the pipeline first (bench/pipeline.py)")
     torch.set_num_threads(cfg["threads"])
@@ -111,7 +125,8 @@ def main(cfg):
     machine = dict(cpu=util.cpu_model(), cores=os.cpu_count(), threads=cfg["threads"], torch=torch.__version__,
                    numba=numba.__version__)
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores), {cfg['threads']} thread(s) for torch and numba; "
-          f"best of {cfg['repeats']} after {cfg['warmup']} warm-up calls")
+          f"best of {cfg['repeats']} after {cfg['warmup']} warm-up calls; "
+          + (f"{cfg['flush_mb']} MB written before every call (cold cache)" if cfg["flush_mb"] else "warm cache"))
     result = dict(machine=machine, settings=cfg, paper_layers={}, files={})
     for i, (name, (shape, density, paper)) in enumerate(PAPER.items()):
         weight, csr = random_layer(shape, density, cfg["bits"], seed=i)

@@ -179,3 +179,24 @@ def test_levers_rounds_build_on_the_best_run(fake_mnist, tmp_path, monkeypatch):
     readme.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
     util.run_stage(levers.main, levers.SETTINGS, ["--recipe=tiny", "--render=True", f"--readme={readme}", f"--out={out}"])
     assert readme.read_text() == table  # the table is rebuilt from the recorded runs alone
+
+
+def test_recipe_time_runs_the_recipe_short_and_scales_each_phase(fake_mnist, tmp_path):
+    import recipe_time
+    recipes = tmp_path / "config"
+    recipes.mkdir()
+    write_recipe(recipes / "lenet_300_100.py", "lenet_300_100", dict(
+        pruning=dict(subset=400, epochs=3, retrain_epochs=4, lr=0.01, sensitivity={"*": 1.0}),
+        quantization=dict(bits={"*": 3}, bias_bits={"*": 2}, finetune_epochs=3), huffman_encode={}))
+    out = tmp_path / "time.json"
+    util.run_stage(recipe_time.main, recipe_time.SETTINGS, [
+        "--recipe=lenet_300_100", f"--recipe_dir={recipes}", f"--data_root={fake_mnist}", "--short=1",
+        f"--out_dir={tmp_path / 'run'}", f"--out={out}", "--threads=1"])
+    r = json.loads(out.read_text())
+    assert set(r["phases"]) == {"dense", "retraining", "fine-tuning"}  # the recipe has no warm restart
+    assert [(p["epochs_run"], p["recipe_epochs"]) for p in r["phases"].values()] == [(1, 3), (1, 4), (1, 3)]
+    pruned = json.loads((tmp_path / "run" / "lenet_300_100_pruned.json").read_text())
+    assert len(pruned["history"]["train"]) == 1 and len(pruned["history"]["retrain1"]) == 1  # really cut short
+    rest = sum((p["recipe_epochs"] - p["epochs_run"]) * p["last_epoch_seconds"] for p in r["phases"].values())
+    assert r["minutes"] * 60 == pytest.approx(sum(r["stage_seconds"].values()) + rest)
+    assert set(r["stage_seconds"]) == {"pruning", "quantization", "huffman_encode"} and r["machine"]["cpu"]

@@ -235,6 +235,15 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
             m.mask.copy_(torch.where(a < (1 - band) * t, 0.0, torch.where(a > (1 + band) * t, 1.0, m.mask)))
 
 
+def ramped(densities, step, steps):
+    """Gradual pruning's schedule (Zhu & Gupta 2017): each layer's density falls from 1 to
+    its target d over `steps` steps as d + (1 - d)(1 - step / steps)^3, fast while the
+    network has weights to spare and slowly near the end, then stays at d. densities:
+    {layer name: d}. Returns {layer name: density at this step}."""
+    left = max(0.0, 1.0 - step / steps) ** 3 if steps > 0 else 0.0
+    return {name: d + (1.0 - d) * left for name, d in densities.items()}
+
+
 def finish_surgery(model):
     """End dynamic network surgery: zero the weights the masks prune (the outputs do not
     change) and stop splicing, so from here on pruned weights stay exactly 0."""

@@ -18,7 +18,7 @@ import time
 
 import util
 from models import MODELS, PRETRAINED, build_model
-from prune import PRUNE_METHODS, finish_surgery, group_lasso_penalty, masked_layers, surgery_step
+from prune import PRUNE_METHODS, finish_surgery, group_lasso_penalty, masked_layers, ramped, surgery_step
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18 | alexnet | vgg16
@@ -63,6 +63,8 @@ dns_threshold = "fixed"     # dns: fixed (set when surgery starts, Guo et al.) |
                             # current weight std at every update: for batch-norm networks, whose weight scale drifts)
                             # | density (each layer keeps the fraction of weights alive that the sensitivity left
                             # when surgery started; surgery chooses which)
+dns_ramp = 0.0              # dns, density: fraction of the retraining steps over which each layer's density falls
+                            # from 100% to that (gradual pruning, Zhu & Gupta 2017); 0 = all of it at the start
 seed = 0                    # torch seed (weights, batch order)
 precision = "fp32"          # training arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); weights, masks, checkpoints and evaluation stay float32
@@ -101,6 +103,9 @@ def check_settings(cfg):
     util.require(0 <= cfg["distill"] <= 1, f"distill must be in [0, 1], got {cfg['distill']}")
     util.require(cfg["distill_temperature"] > 0,
                  f"distill_temperature must be > 0, got {cfg['distill_temperature']}")
+    util.require(0 <= cfg["dns_ramp"] <= 1, f"dns_ramp must be in [0, 1], got {cfg['dns_ramp']}")
+    util.require(cfg["dns_ramp"] == 0 or cfg["dns_threshold"] == "density",
+                 f"dns_ramp ramps the held density: set --dns_threshold=density (got {cfg['dns_threshold']})")
     util.require(cfg["dns_threshold"] in ("fixed", "scaled", "density"),
                  f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed, scaled or density")
     util.require(cfg["precision"] in util.PRECISIONS,
@@ -125,6 +130,18 @@ def prune(net, cfg):
     if cfg["prune_method"] == "global":
         amount = amount["*"]
     return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"])
+
+
+def gradual_surgery(net, thresholds, band, densities, steps):
+    """A surgery step (prune.surgery_step) whose held densities follow prune.ramped: from
+    100% down to `densities` over `steps` steps. Returns the callable util.fit calls after
+    every optimizer step."""
+    done = [0]
+
+    def step():
+        done[0] += 1
+        surgery_step(net, thresholds, band, None, ramped(densities, done[0], steps))
+    return step
 
 
 def main(cfg):
@@ -220,7 +237,11 @@ def main(cfg):
                 if cfg["dns_threshold"] == "scaled" else None
             held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])} \
                 if cfg["dns_threshold"] == "density" else None
-            surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, held)
+            if held is not None and cfg["dns_ramp"] > 0:  # gradual: the held density falls to `held`
+                surgery = gradual_surgery(net, thresholds, cfg["dns_band"], held,
+                                          round(cfg["dns_ramp"] * cfg["retrain_epochs"] * len(train)))
+            else:
+                surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, held)
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                            cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw,
                                            **retrain_kw)

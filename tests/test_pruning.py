@@ -120,6 +120,27 @@ def test_density_held_surgery_keeps_each_layers_fraction_whatever_the_weights_do
     assert layer.mask.tolist() == [[1, 1, 1, 1, 1, 1, 0, 1]]  # every weight above 0 (a weight at 0 stays dead)
 
 
+def test_ramped_density_follows_the_cubic_schedule():
+    # Zhu & Gupta 2017: d + (1 - d)(1 - t / T)^3, from 1 at step 0 to d at step T, then d
+    got = [prune.ramped({"a": 0.2, "b": 1.0}, t, 4) for t in (0, 1, 2, 4, 9)]
+    assert [g["a"] for g in got] == pytest.approx([1.0, 0.2 + 0.8 * 27 / 64, 0.3, 0.2, 0.2])
+    assert all(g["b"] == 1.0 for g in got)
+    assert prune.ramped({"a": 0.2}, 0, 0) == {"a": 0.2}  # no ramp: the target at once
+
+
+def test_gradual_surgery_lowers_the_held_density_step_by_step():
+    import pruning
+    torch.manual_seed(0)
+    layer = MaskedLinear(10, 10, bias=False)
+    model = nn.Sequential(layer)
+    step = pruning.gradual_surgery(model, {"0": 0.0}, 0.0, {"0": 0.2}, 4)
+    alive = []
+    for _ in range(6):
+        step()
+        alive.append(int(layer.mask.sum()))
+    assert alive == [54, 30, 21, 20, 20, 20]  # 100 x (0.2 + 0.8 (1 - t / 4)^3), rounded
+
+
 def test_dns_splices_gradients_and_finishes_with_exact_zeros():
     torch.manual_seed(0)
     model = nn.Sequential(MaskedLinear(6, 3))
@@ -423,6 +444,17 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
         w0 = start[f"{layer}.weight"]
         assert int(end[f"{layer}.mask"].sum()) == int((w0.abs() >= w0.std()).sum()), layer
         assert not torch.equal(end[f"{layer}.mask"], (w0.abs() >= w0.std()).float()), layer  # others chosen
+    # ramped (gradual pruning over the first half of surgery): the same counts at the end
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={held}_ramp", "--subset=400",
+                            f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns",
+                            "--dns_threshold=density", "--dns_ramp=0.5", "--dns_band=0.0", "--sensitivity=1.0",
+                            "--retrain_epochs=2", "--retrain_lr=0.05", "--optimizer=sgd", capsys=capsys)
+    assert code == 0, err
+    end = util.load_checkpoint(f"{held}_ramp/lenet_300_100_pruned.pt", "pruned", torch.device("cpu"),
+                               "")["state_dict"]
+    for layer in ("fc1", "fc2", "fc3"):
+        w0 = start[f"{layer}.weight"]
+        assert int(end[f"{layer}.mask"].sum()) == int((w0.abs() >= w0.std()).sum()), layer
     code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--model=lenet5",
                             f"--init_from={dense}/lenet_300_100_initial.pt", capsys=capsys)
     assert code == 2 and "not the" in err and "lenet5" in err
@@ -436,6 +468,8 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     (["--sensitivity=-0.5"], "sensitivity must be >= 0"),
     (["--prune_method=dns", "--dns_band=1.5"], "dns_band must be in [0, 1)"),
     (["--dns_threshold=quantile"], "unknown dns_threshold 'quantile'; choose fixed, scaled or density"),
+    (["--dns_ramp=0.5"], "dns_ramp ramps the held density: set --dns_threshold=density"),
+    (["--dns_ramp=1.5", "--dns_threshold=density"], "dns_ramp must be in [0, 1], got 1.5"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network

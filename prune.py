@@ -12,6 +12,7 @@ weight * mask, but the gradient reaches every weight, and the mask is recomputed
 magnitudes as training goes, so a connection pruned by mistake can grow back.
 """
 import fnmatch
+import itertools
 
 import torch
 import torch.nn as nn
@@ -242,6 +243,14 @@ def ramped(densities, step, steps):
     {layer name: d}. Returns {layer name: density at this step}."""
     left = max(0.0, 1.0 - step / steps) ** 3 if steps > 0 else 0.0
     return {name: d + (1.0 - d) * left for name, d in densities.items()}
+
+
+def gradual_surgery(model, thresholds, band, densities, steps):
+    """surgery_step with held densities that follow `ramped`: from 100% down to `densities`
+    ({layer name: d}) over `steps` steps (0: the targets from the first step). Returns the
+    callable util.fit calls after every optimizer step."""
+    counter = itertools.count(1)
+    return lambda: surgery_step(model, thresholds, band, None, ramped(densities, next(counter), steps))
 
 
 def finish_surgery(model):

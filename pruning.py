@@ -18,7 +18,7 @@ import time
 
 import util
 from models import MODELS, PRETRAINED, build_model
-from prune import PRUNE_METHODS, finish_surgery, group_lasso_penalty, masked_layers, ramped, surgery_step
+from prune import PRUNE_METHODS, finish_surgery, gradual_surgery, group_lasso_penalty, masked_layers, surgery_step
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18 | alexnet | vgg16
@@ -132,18 +132,6 @@ def prune(net, cfg):
     return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"])
 
 
-def gradual_surgery(net, thresholds, band, densities, steps):
-    """A surgery step (prune.surgery_step) whose held densities follow prune.ramped: from
-    100% down to `densities` over `steps` steps. Returns the callable util.fit calls after
-    every optimizer step."""
-    done = [0]
-
-    def step():
-        done[0] += 1
-        surgery_step(net, thresholds, band, None, ramped(densities, done[0], steps))
-    return step
-
-
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "training")
@@ -235,13 +223,12 @@ def main(cfg):
         if cfg["prune_method"] == "dns":
             scaled = util.per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
                 if cfg["dns_threshold"] == "scaled" else None
-            held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])} \
-                if cfg["dns_threshold"] == "density" else None
-            if held is not None and cfg["dns_ramp"] > 0:  # gradual: the held density falls to `held`
+            if cfg["dns_threshold"] == "density":  # held at what pruning left, reached over dns_ramp of the steps
+                held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])}
                 surgery = gradual_surgery(net, thresholds, cfg["dns_band"], held,
                                           round(cfg["dns_ramp"] * cfg["retrain_epochs"] * len(train)))
             else:
-                surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, held)
+                surgery = functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
         history[f"retrain{it}"] = util.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                            cfg["retrain_lr"], label=f"retrain{it}", after_step=surgery, **train_kw,
                                            **retrain_kw)

@@ -56,14 +56,13 @@ def best(fn, cfg):
     """Best seconds of cfg['repeats'] calls of fn() after cfg['warmup'] untimed ones; with
     flush_mb, a buffer that size is written before every call, outside the timing, so that
     no call finds the previous one's data in the cache."""
-    buffer = np.zeros(cfg["flush_mb"] * 2 ** 20 // 8) if cfg["flush_mb"] else None
-    flush = (lambda: np.add(buffer, 1.0, out=buffer)) if buffer is not None else (lambda: None)  # noqa: E731
+    buffer = np.zeros(cfg["flush_mb"] * 2 ** 20 // 8)  # empty when flush_mb is 0: writing it is a no-op
     for _ in range(cfg["warmup"]):
-        flush()
+        np.add(buffer, 1.0, out=buffer)
         fn()
     times = []
     for _ in range(cfg["repeats"]):
-        flush()
+        np.add(buffer, 1.0, out=buffer)
         times.append(util.best_time(fn, 1)[0])
     return min(times)
 

@@ -13,13 +13,11 @@ the CPU model.
 """
 import json
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util  # noqa: E402
-from pipeline import SUMMARIES, commands, read_recipes  # noqa: E402
+from pipeline import SUMMARIES, commands, read_recipes, run_stages  # noqa: E402
 
 # -----------------------------------------------------------------------------
 recipe = "resnet20"         # a recipe file config/<recipe>.py
@@ -38,14 +36,14 @@ PHASES = [("pruning", "epochs", "train", "dense"), ("pruning", "restart_epochs",
           ("quantization", "finetune_epochs", "finetune", "fine-tuning")]
 
 
-def shortened(settings):
-    """{stage: {setting: epochs}} cutting each of the recipe's training phases to `short`
-    epochs (the warm restart to 1), leaving phases the recipe does not run at 0."""
+def shortened(settings, short):
+    """{stage: {setting: epochs}} cutting each of the recipe's ({stage: settings}) training
+    phases to `short` epochs (the warm restart to 1), leaving phases the recipe does not run at 0."""
     cut = {}
     for stage, key, _, _ in PHASES:
         full = settings[stage].get(key, 0)
         if full:
-            cut.setdefault(stage, {})[key] = min(full, 1 if key == "restart_epochs" else settings["short"])
+            cut.setdefault(stage, {})[key] = min(full, 1 if key == "restart_epochs" else short)
     return cut
 
 
@@ -54,23 +52,15 @@ def main(cfg):
     util.require(cfg["recipe"] in recipes, f"no recipe {cfg['recipe']!r} in {cfg['recipe_dir']}; "
                                            f"choose from {', '.join(recipes)}")
     util.require(cfg["short"] >= 1, f"short must be at least 1, got {cfg['short']}")
-    settings = {**recipes[cfg["recipe"]], "short": cfg["short"]}
+    settings = recipes[cfg["recipe"]]
     model = settings["pruning"]["model"]
-    folder, argv = commands(cfg["recipe"], 0, cfg, shortened(settings), folder=cfg["out_dir"])
+    folder, argv = commands(cfg["recipe"], 0, cfg, shortened(settings, cfg["short"]), folder=cfg["out_dir"])
     threads = cfg["threads"] or os.cpu_count() or 1
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     machine = dict(cpu=util.cpu_model(), cores=os.cpu_count(), threads=threads)
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores), {threads} torch thread(s); recipe {cfg['recipe']}")
-    os.makedirs(folder, exist_ok=True)
-    stage_seconds = {}
-    with open(os.path.join(folder, "stage.log"), "w") as log:
-        for cmd in argv:
-            stage = os.path.basename(cmd[1])[:-3]
-            t0 = time.time()
-            done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            stage_seconds[stage] = time.time() - t0
-            util.require(done.returncode == 0, f"{stage}.py failed (exit {done.returncode}); see {folder}/stage.log")
-            print(f"{stage:15} {stage_seconds[stage] / 60:5.1f} min (short run)", flush=True)
+    stage_seconds = run_stages(f"{cfg['recipe']} (short run)", argv, folder, model, threads)["stage_seconds"]
+    for stage, seconds in stage_seconds.items():
+        print(f"{stage:15} {seconds / 60:5.1f} min (short run)", flush=True)
     summaries = {s: json.load(open(os.path.join(folder, f"{model}_{SUMMARIES[s]}.json"))) for s in ("pruning",
                                                                                                     "quantization")}
     phases, rest = {}, 0.0

@@ -129,11 +129,10 @@ def test_ramped_density_follows_the_cubic_schedule():
 
 
 def test_gradual_surgery_lowers_the_held_density_step_by_step():
-    import pruning
     torch.manual_seed(0)
     layer = MaskedLinear(10, 10, bias=False)
     model = nn.Sequential(layer)
-    step = pruning.gradual_surgery(model, {"0": 0.0}, 0.0, {"0": 0.2}, 4)
+    step = prune.gradual_surgery(model, {"0": 0.0}, 0.0, {"0": 0.2}, 4)
     alive = []
     for _ in range(6):
         step()

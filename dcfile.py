@@ -1,13 +1,14 @@
 """The compressed model file (.dc) that huffman_encode.py writes: the encoder, and a decoder that
 treats its input as hostile.
 
-File format, version 4 (integers little-endian; no pickle anywhere). Versions 1 to 3 are read
+File format, version 6 (integers little-endian; no pickle anywhere). Versions 1 to 5 are read
 too: version 2 starts each 'R', 'T' and 'Q' payload with the tensor's name and dims
 (`name | ... dtype ... | ndim u8 | dims u32...`, see the readers), version 1 is version 2
 without 'T' sections. Version 3 drops both: the header's model fixes every section's tensor
 and shape, and each section's CRC its integrity; on a residual network the names and dims
 were 3.7 KB, a tenth of the file. Version 4 compresses the header and adds 'G' sections;
-version 5 adds a 'Q' section's dense codes (span bits 0).
+version 5 adds a 'Q' section's dense codes (span bits 0) and 'A' sections; version 6 lets a
+'G' section hold its members' values themselves (a table of k = 0 values, no index stream).
 
     file     = MAGIC (8 bytes) | version u16 | section ... | end section
     section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
@@ -41,8 +42,10 @@ version 5 adds a 'Q' section's dense codes (span bits 0).
                table dtype u8 (the dtype, or float16 for a float32 table whose every value
                float16 holds exactly) | m u16 | m member positions u16 (indices into the model's
                tensor order, increasing, the first this one) | k u32 | k values | one index
-               stream of all members' elements in order; the other members then have no
-               section of their own. The
+               stream of all members' elements in order; or (version 6) k = 0 and the members'
+               elements themselves, in order, in the table dtype (float16 batch-norm scales and
+               shifts: 2 bytes a value where a table of 1,000 distinct ones would cost more).
+               The other members then have no section of their own. The
                encoder groups tensors of one role (the folded batch-norm scales of every layer,
                their shifts, ...) when that is smaller than their own sections: a table stored
                once and one code table instead of one per layer
@@ -76,8 +79,8 @@ from quantize import build_quantized_model
 
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # the versions this reader decodes
+VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # the versions this reader decodes
 CODERS = ("huffman", "ans")  # encode_model's coder: the paper's Huffman codes | ANS under context models ('A')
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
@@ -342,22 +345,30 @@ def _bit_patterns(t):
 
 def _group_payload(tensors, positions):
     """The payload of a 'G' section: the tensors (one dtype) at these section positions as
-    one table of their distinct bit patterns and one index stream, or None when they have
-    more distinct values than a code can hold."""
+    one table of their distinct bit patterns and one index stream, or, from version 6, as
+    their values one after the other (k = 0; float16 where it holds every value exactly),
+    whichever is smaller. None for tensors of a dtype the format does not store."""
     dtype = tensors[0].dtype
     if dtype not in DTYPES or any(t.dtype != dtype for t in tensors) or len(positions) > 0xFFFF:
         return None
-    table, ids = np.unique(np.concatenate([_bit_patterns(t) for t in tensors]), return_inverse=True)
-    if len(table) > huffman.MAX_ALPHABET:
-        return None
-    stored, raw = dtype, table.astype(table.dtype.newbyteorder("<")).tobytes()
-    if dtype == torch.float32:  # half the table's bytes where float16 holds every value exactly
-        half = table.view(np.float32).astype("<f2")
-        if np.array_equal(half.astype(np.float32).view(np.uint32), table):
-            stored, raw = torch.float16, half.tobytes()
-    stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-    return (struct.pack(f"<BBH{len(positions)}HI", DTYPES.index(dtype), DTYPES.index(stored), len(positions),
-                        *positions, len(table)) + raw + stream)
+    values = np.concatenate([_bit_patterns(t) for t in tensors])
+    head = functools.partial(struct.pack, f"<BBH{len(positions)}HI", DTYPES.index(dtype))
+
+    def stored(patterns):  # -> (stored dtype, bytes): half the bytes where float16 holds every value exactly
+        if dtype == torch.float32:
+            half = patterns.view(np.float32).astype("<f2")
+            if np.array_equal(half.astype(np.float32).view(np.uint32), patterns):
+                return torch.float16, half.tobytes()
+        return dtype, patterns.astype(patterns.dtype.newbyteorder("<")).tobytes()
+
+    as_is, raw = stored(values)
+    payloads = [head(DTYPES.index(as_is), len(positions), *positions, 0) + raw]
+    table, ids = np.unique(values, return_inverse=True)
+    if len(table) <= huffman.MAX_ALPHABET:
+        as_is, raw = stored(table)
+        stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
+        payloads.append(head(DTYPES.index(as_is), len(positions), *positions, len(table)) + raw + stream)
+    return min(payloads, key=len)
 
 
 def _read_group(r, position, sections, later):
@@ -376,14 +387,14 @@ def _read_group(r, position, sections, later):
         raise ValueError("a member that is a quantized layer or was decoded already")
     sizes = [math.prod(sections[p][2]) for p in members]
     k = r.unpack("<I")[0]
-    if not 1 <= k <= min(sum(sizes), huffman.MAX_ALPHABET):
+    if not (1 if r.version < 6 else 0) <= k <= min(sum(sizes), huffman.MAX_ALPHABET):
         raise ValueError(f"a table of {k} values for {sum(sizes)} elements")
-    table = np.frombuffer(r.take(k * stored.itemsize), np.dtype(UINT[stored.itemsize]).newbyteorder("<"))
+    count = k or sum(sizes)  # k = 0: the members' values themselves, no index stream
+    table = np.frombuffer(r.take(count * stored.itemsize), np.dtype(UINT[stored.itemsize]).newbyteorder("<"))
     if stored != dtype:  # float16 -> float32, exact
         table = table.view("<f2").astype(np.float32).view(np.uint32)
-    ids = _read_stream(r, sum(sizes), k)
+    values = (table[_read_stream(r, sum(sizes), k)] if k else table).astype(UINT[dtype.itemsize])
     r.done()
-    values = table[ids].astype(UINT[dtype.itemsize])
     start = 0
     for p, size in zip(members, sizes):
         _, name, shape, _ = sections[p]

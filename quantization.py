@@ -22,8 +22,8 @@ import torch.nn as nn
 import util
 from models import MODELS, build_model
 from prune import drop_dead_units, masked_layers
-from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, share_values, to_ternary,
-                      ternary_to_quantized)
+from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, round_to_half, share_values,
+                      to_ternary, ternary_to_quantized)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18: reads {out_dir}/{model}_{source}.pt
@@ -41,6 +41,8 @@ fold_bn = True              # after fine-tuning, fold each batch-norm's running 
                             # shift (same function at inference; stage 3 then stores 2 vectors of 4)
 bn_bits = 0                 # with fold_bn: share each batch-norm's scale and shift among 2**bn_bits values
                             # (0 = float32); stage 3 stores a value table and Huffman-coded indices
+bn_half = False             # with fold_bn and bn_bits 0: round each folded scale and shift to float16 (11
+                            # significant bits; the tensors stay float32, stage 3 stores 2 bytes a value)
 bn_share = "layer"          # with bn_bits: layer (a table per scale and per shift vector) | network (one
                             # table for every scale, one for every shift, clustered on a log scale: stage 3
                             # stores each table once)
@@ -106,6 +108,8 @@ def check_settings(cfg):
                  f"bias_bits must be 0 (float32 biases) or 1..{MAX_BITS}, got {cfg['bias_bits']}")
     util.require(0 <= cfg["bn_bits"] <= MAX_BITS, f"bn_bits must be 0 (float32) or 1..{MAX_BITS}, got {cfg['bn_bits']}")
     util.require(cfg["fold_bn"] or not cfg["bn_bits"], "bn_bits shares folded batch-norms: set --fold_bn=True")
+    util.require(cfg["fold_bn"] or not cfg["bn_half"], "bn_half rounds folded batch-norms: set --fold_bn=True")
+    util.require(not (cfg["bn_half"] and cfg["bn_bits"]), "bn_half and bn_bits both store the batch-norms: set one")
     util.require(cfg["bn_share"] in ("layer", "network"), f"unknown bn_share {cfg['bn_share']!r}; choose layer or network")
     util.require(cfg["finetune_epochs"] >= 0, f"finetune_epochs must be >= 0, got {cfg['finetune_epochs']}")
     util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
@@ -228,8 +232,14 @@ def main(cfg):
             network = cfg["bn_share"] == "network"
             for group in vectors if network else [[v] for vs in vectors for v in vs]:
                 share_values(group, cfg["bn_bits"], cfg["init"], cfg["seed"], relative=network)
-        report("After folding the batch-norms" + (f" ({cfg['bn_bits']}-bit, shared per {cfg['bn_share']})"
-                                                  if cfg["bn_bits"] else ""), "bn_folded")
+        elif cfg["bn_half"]:
+            # 688 scales and shifts in half precision cost 2.7 KB, what one 8-bit table across
+            # the network costs, but without clustering the values move by 2**-12 at most
+            for bn in norms:
+                round_to_half(bn.weight, bn.bias)
+        how = (f" ({cfg['bn_bits']}-bit, shared per {cfg['bn_share']})" if cfg["bn_bits"]
+               else " (float16 values)" if cfg["bn_half"] else "")
+        report("After folding the batch-norms" + how, "bn_folded")
     accuracy["quantized"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes
     validation["quantized"] = validation[list(validation)[-1]]
 

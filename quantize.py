@@ -321,6 +321,17 @@ def fold_batch_norm(bn):
         bn.running_var.fill_(1 - bn.eps)
 
 
+def round_to_half(*tensors):
+    """Round float32 tensors in place to the nearest float16 value (they stay float32), so
+    stage 3 can store each value in 2 bytes exactly. Raises on values beyond float16's range."""
+    with torch.no_grad():
+        for t in tensors:
+            half = t.half()
+            if not torch.isfinite(half).all() and torch.isfinite(t).all():
+                raise ValueError(f"values up to {t.abs().max().item():.3g} overflow float16 (max 65504)")
+            t.copy_(half.float())
+
+
 # --- trained ternary quantization (Zhu, Han, Mao & Dally 2017) -----------------------------
 
 class _Ternarize(torch.autograd.Function):

@@ -293,8 +293,10 @@ def test_contract_violations_are_user_errors():
 
 @pytest.fixture(scope="module")
 def small_file():
+    """A LeNet-300-100 file with a section per tensor (share_tables=False: the layout the
+    hostile tests below patch)."""
     state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
-    return dcfile.encode_model(state, args, quantized)[0]
+    return dcfile.encode_model(state, args, quantized, share_tables=False)[0]
 
 
 def sections(blob):
@@ -324,6 +326,12 @@ def fails(blob, match):
 def test_intact_file_decodes(small_file):
     assert [k for _, k, _ in sections(small_file)] == ["H", "Q", "R", "Q", "R", "Q", "R", "E"]
     dcfile.decode_bytes(small_file)
+    # Shared, the three float32 biases are one section of their values (two frames fewer).
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
+    blob, _ = round_trip(state, args, quantized)
+    assert [k for _, k, _ in sections(blob)] == ["H", "Q", "G", "Q", "Q", "E"]
+    # the group's dtype, stored dtype, m, 3 positions and k = 0 in place of 3 dtypes
+    assert len(blob) == len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 3 * 2 + 4) - 3
 
 
 def test_version_2_files_still_decode_bit_for_bit():
@@ -448,7 +456,7 @@ def shared_biases(state):
 
 def test_tabled_tensors_round_trip_and_pay():
     state, args, quantized = quantized_state("lenet_300_100", SMALL)
-    plain, plain_report = round_trip(state, args, quantized)
+    plain, plain_report = round_trip(state, args, quantized, share_tables=False)
     shared = shared_biases(state)
     blob, report = round_trip(shared, args, quantized, share_tables=False)  # each bias its own table
     rows = {r["name"]: r for r in report["layers"]}
@@ -517,6 +525,34 @@ def test_group_tables_halve_where_float16_holds_every_value():
     assert torch.float16 in stored and torch.float32 in stored  # running_var 1 - 1e-5 is not a float16
 
 
+def resnet20_half_bn(seed=0):
+    """ResNet-20 in stage 2's contract with every batch-norm folded and its scales and shifts
+    rounded to float16 (quantization.py's bn_half): 688 distinct values each."""
+    state, args, quantized = resnet20_shared_bn(seed)
+    g = torch.Generator().manual_seed(seed)
+    for key, t in state.items():
+        if key.endswith(("bn1.weight", "bn2.weight", "bn1.bias", "bn2.bias")):
+            state[key] = (torch.rand(t.shape, generator=g) + 0.5).half().float()
+    return state, args, quantized
+
+
+def test_group_holds_float16_values_themselves_where_a_table_costs_more():
+    state, args, quantized = resnet20_half_bn()
+    blob, report = round_trip(state, args, quantized)
+    raw = [(payload, r) for (_, kind, payload), r in zip(sections(blob)[1:], report["layers"]) if kind == "G"
+           and struct.unpack_from("<I", payload, 4 + 2 * struct.unpack_from("<H", payload, 2)[0])[0] == 0]
+    assert len(raw) == 2  # the scales and the shifts; running means and variances keep their one-value tables
+    for payload, row in raw:
+        assert dcfile.DTYPES[payload[1]] == torch.float16 and row["params"] == 688
+        assert len(payload) == 4 + 2 * 19 + 4 + 2 * 688  # dtypes, m, 19 positions, k = 0, 2 bytes a value
+    # Version 5 had no such group; cut short, the values are missing.
+    i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[2] == raw[0][0])
+    old = rebuild(blob, {})
+    fails(old[:8] + struct.pack("<H", 5) + old[10:], "table of 0 values")
+    fails(rebuild(blob, {i: g[:-2]}), "needs")
+    fails(rebuild(blob, {i: g + b"\0"}), "stray")
+
+
 def test_hostile_group_is_rejected():
     state, args, quantized = resnet20_shared_bn()
     blob, _ = dcfile.encode_model(state, args, quantized)
@@ -530,7 +566,7 @@ def test_hostile_group_is_rejected():
                members[:-1] + [len(layout)], sorted(members[:-1] + [quantized_at])):
         fails(rebuild(blob, {i: with_members(ps)}), "member")
     k_at = 4 + 2 * m
-    fails(rebuild(blob, {i: patch(g, k_at, "<I", 0)}), "table of 0 values")
+    fails(rebuild(blob, {i: patch(g, k_at, "<I", 0)}), "needs|stray")  # k = 0: the members' values, not there
     fails(rebuild(blob, {i: patch(g, 2, "<H", 1)}), "member")
     fails(rebuild(blob, {i: patch(g, 1, "<B", dcfile.DTYPES.index(torch.float64))}), "dtype")  # wider than float32
     fails(rebuild(blob, {i: g[:-1]}), "needs")

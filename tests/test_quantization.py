@@ -425,6 +425,8 @@ def write_bad_stage(out_dir):
     (["--bits={'fc1': 4}"], "bits: no value for layer 'fc2' (add a '*' default)"),
     (["--finetune_epochs=-1"], "finetune_epochs must be >= 0"),
     (["--bias_bits=17"], "bias_bits must be 0 (float32 biases) or 1..16"),
+    (["--bn_half=True", "--bn_bits=4"], "bn_half and bn_bits both store the batch-norms: set one"),
+    (["--bn_half=True", "--fold_bn=False"], "bn_half rounds folded batch-norms: set --fold_bn=True"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, stage1, capsys, args, message):
     out = str(tmp_path)

@@ -84,6 +84,16 @@ def test_fold_batch_norm_keeps_the_function():
     assert torch.allclose(bn(x), before, rtol=1e-5, atol=1e-6)
 
 
+def test_round_to_half_known_answer():
+    t = torch.tensor([1 / 3, -2.0, 65504.0, 1e-8, 0.1])
+    quantize.round_to_half(t)
+    assert t.dtype == torch.float32
+    # 1/3 and 0.1 to the nearest float16 (11 significant bits); 1e-8 underflows to 0
+    assert t.tolist() == [0.333251953125, -2.0, 65504.0, 0.0, 0.0999755859375]
+    with pytest.raises(ValueError, match="overflow float16"):
+        quantize.round_to_half(torch.tensor([1.0, 7e4]))
+
+
 def test_share_values_uses_at_most_2_to_the_bits_values():
     t = torch.randn(64)
     assert quantize.share_values(t, 3) <= 8

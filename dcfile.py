@@ -8,7 +8,8 @@ without 'T' sections. Version 3 drops both: the header's model fixes every secti
 and shape, and each section's CRC its integrity; on a residual network the names and dims
 were 3.7 KB, a tenth of the file. Version 4 compresses the header and adds 'G' sections;
 version 5 adds a 'Q' section's dense codes (span bits 0) and 'A' sections; version 6 lets a
-'G' section hold its members' values themselves (a table of k = 0 values, no index stream).
+'G' section hold its members' values themselves (a table of k = 0 values, no index stream)
+and name its members by their role (m = 0).
 
     file     = MAGIC (8 bytes) | version u16 | section ... | end section
     section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
@@ -41,10 +42,12 @@ version 5 adds a 'Q' section's dense codes (span bits 0) and 'A' sections; versi
     'G'      = (version 4) tensors that share one table, at the place of the first of them: dtype u8 |
                table dtype u8 (the dtype, or float16 for a float32 table whose every value
                float16 holds exactly) | m u16 | m member positions u16 (indices into the model's
-               tensor order, increasing, the first this one) | k u32 | k values | one index
-               stream of all members' elements in order; or (version 6) k = 0 and the members'
-               elements themselves, in order, in the table dtype (float16 batch-norm scales and
-               shifts: 2 bytes a value where a table of 1,000 distinct ones would cost more).
+               tensor order, increasing, the first this one; from version 6, m = 0 and no
+               positions: every 'R' tensor of this one's role, see architecture) | k u32 | k
+               values | one index stream of all members' elements in order; or (version 6)
+               k = 0 and the members' elements themselves, in order, in the table dtype (float16
+               batch-norm scales and shifts: 2 bytes a value where a table of 1,000 distinct ones
+               would cost more).
                The other members then have no section of their own. The
                encoder groups tensors of one role (the folded batch-norm scales of every layer,
                their shifts, ...) when that is smaller than their own sections: a table stored
@@ -343,16 +346,19 @@ def _bit_patterns(t):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().view(UINT[t.dtype.itemsize])
 
 
-def _group_payload(tensors, positions):
+def _group_payload(tensors, positions, whole_role=False):
     """The payload of a 'G' section: the tensors (one dtype) at these section positions as
     one table of their distinct bit patterns and one index stream, or, from version 6, as
     their values one after the other (k = 0; float16 where it holds every value exactly),
-    whichever is smaller. None for tensors of a dtype the format does not store."""
+    whichever is smaller. whole_role: the tensors are every 'R' tensor of their role, which
+    version 6 writes as m = 0 instead of the positions (19 batch-norms: 38 bytes a group).
+    None for tensors of a dtype the format does not store."""
     dtype = tensors[0].dtype
     if dtype not in DTYPES or any(t.dtype != dtype for t in tensors) or len(positions) > 0xFFFF:
         return None
     values = np.concatenate([_bit_patterns(t) for t in tensors])
-    head = functools.partial(struct.pack, f"<BBH{len(positions)}HI", DTYPES.index(dtype))
+    listed = [] if whole_role else list(positions)
+    head = functools.partial(struct.pack, f"<BBH{len(listed)}HI", DTYPES.index(dtype))
 
     def stored(patterns):  # -> (stored dtype, bytes): half the bytes where float16 holds every value exactly
         if dtype == torch.float32:
@@ -362,23 +368,28 @@ def _group_payload(tensors, positions):
         return dtype, patterns.astype(patterns.dtype.newbyteorder("<")).tobytes()
 
     as_is, raw = stored(values)
-    payloads = [head(DTYPES.index(as_is), len(positions), *positions, 0) + raw]
+    payloads = [head(DTYPES.index(as_is), len(listed), *listed, 0) + raw]
     table, ids = np.unique(values, return_inverse=True)
     if len(table) <= huffman.MAX_ALPHABET:
         as_is, raw = stored(table)
         stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-        payloads.append(head(DTYPES.index(as_is), len(positions), *positions, len(table)) + raw + stream)
+        payloads.append(head(DTYPES.index(as_is), len(listed), *listed, len(table)) + raw + stream)
     return min(payloads, key=len)
 
 
-def _read_group(r, position, sections, later):
+def _read_group(r, position, sections, later, roles):
     """Decode a 'G' section found at section `position` -> {name: tensor} of the tensor there;
     the other members go into `later` ({position: (name, tensor)}, filled by earlier groups
-    too), for the decoder to take at their places. sections: the model's layout."""
+    too), for the decoder to take at their places. sections, roles: the model's layout."""
     dtype = r.dtype(DTYPES)
     stored = r.dtype([dtype] + ([torch.float16] if dtype == torch.float32 else []))
     m = r.unpack("<H")[0]
-    members = r.unpack(f"<{m}H")
+    if m == 0 and r.version >= 6:  # every 'R' tensor of this one's role
+        role = roles[sections[position][1]]
+        members = [p for p, (kind, name, _, _) in enumerate(sections) if kind == "R" and roles[name] == role]
+        m = len(members)
+    else:
+        members = r.unpack(f"<{m}H")
     if m < 2 or members[0] != position or any(b <= a for a, b in zip(members, members[1:])) \
             or members[-1] >= len(sections):
         raise ValueError(f"member positions {list(members[:8])}... must increase from {position} "
@@ -714,9 +725,10 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
         for pos, (kind, name, _, _) in enumerate(sections):
             if kind == "R":
                 by_role.setdefault((roles[name], state_dict[name].dtype), []).append(pos)
-        for members in by_role.values():
+        for (role, _), members in by_role.items():
             names = [sections[p][1] for p in members]
-            payload = _group_payload([state_dict[n] for n in names], members) if len(members) > 1 else None
+            whole = len(members) == sum(kind == "R" and roles[n] == role for kind, n, _, _ in sections)
+            payload = _group_payload([state_dict[n] for n in names], members, whole) if len(members) > 1 else None
             if payload is not None and len(payload) < sum(len(alone[n][1]) + FRAME for n in names) - FRAME:
                 groups[members[0]] = (payload, names)
 
@@ -806,7 +818,7 @@ def decode_bytes(blob):
 
     header = parse("header", {"H": functools.partial(_header, compressed=version >= 4)})
     try:
-        sections, _, _ = architecture(header["model"], header["quantized"])
+        sections, _, roles = architecture(header["model"], header["quantized"])
     except ValueError as e:
         raise FormatError(f"section 0 (header): {e}") from None
     state, later = {}, {}  # later: {position: (name, tensor)} decoded by an earlier 'G' section
@@ -818,7 +830,8 @@ def decode_bytes(blob):
                     "A": functools.partial(_read_ans, name=name, shape=shape, clusters=clusters)} if kind == "Q"
                    else {"R": functools.partial(_read_raw, name=name, shape=shape),
                          "T": functools.partial(_read_tabled, name=name, shape=shape),
-                         "G": functools.partial(_read_group, position=at, sections=sections, later=later)})
+                         "G": functools.partial(_read_group, position=at, sections=sections, later=later,
+                                                roles=roles)})
         state.update(parse(name, readers))
     end = parse("end marker", {"E": _end})
     if end != index - 1 or pos != len(blob):

@@ -330,8 +330,8 @@ def test_intact_file_decodes(small_file):
     state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
     blob, _ = round_trip(state, args, quantized)
     assert [k for _, k, _ in sections(blob)] == ["H", "Q", "G", "Q", "Q", "E"]
-    # the group's dtype, stored dtype, m, 3 positions and k = 0 in place of 3 dtypes
-    assert len(blob) == len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 3 * 2 + 4) - 3
+    # the group's dtype, stored dtype, m = 0 (every bias) and k = 0 in place of 3 dtypes
+    assert len(blob) == len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 4) - 3
 
 
 def test_version_2_files_still_decode_bit_for_bit():
@@ -540,23 +540,41 @@ def test_group_holds_float16_values_themselves_where_a_table_costs_more():
     state, args, quantized = resnet20_half_bn()
     blob, report = round_trip(state, args, quantized)
     raw = [(payload, r) for (_, kind, payload), r in zip(sections(blob)[1:], report["layers"]) if kind == "G"
-           and struct.unpack_from("<I", payload, 4 + 2 * struct.unpack_from("<H", payload, 2)[0])[0] == 0]
+           and struct.unpack_from("<I", payload, 4)[0] == 0]  # m = 0 (every batch-norm), k = 0
     assert len(raw) == 2  # the scales and the shifts; running means and variances keep their one-value tables
     for payload, row in raw:
         assert dcfile.DTYPES[payload[1]] == torch.float16 and row["params"] == 688
-        assert len(payload) == 4 + 2 * 19 + 4 + 2 * 688  # dtypes, m, 19 positions, k = 0, 2 bytes a value
+        assert len(payload) == 4 + 4 + 2 * 688  # dtypes, m = 0, k = 0, 2 bytes a value
     # Version 5 had no such group; cut short, the values are missing.
     i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[2] == raw[0][0])
     old = rebuild(blob, {})
-    fails(old[:8] + struct.pack("<H", 5) + old[10:], "table of 0 values")
+    fails(old[:8] + struct.pack("<H", 5) + old[10:], "member positions")  # m = 0, then k = 0: neither in 5
     fails(rebuild(blob, {i: g[:-2]}), "needs")
     fails(rebuild(blob, {i: g + b"\0"}), "stray")
 
 
+def test_group_of_a_whole_role_names_no_positions():
+    state, args, quantized = resnet20_shared_bn()
+    blob, _ = round_trip(state, args, quantized)
+    groups = [payload for _, kind, payload in sections(blob) if kind == "G"]
+    assert len(groups) == 5 and all(struct.unpack_from("<H", g, 2)[0] == 0 for g in groups)  # m = 0
+    # One scale apart (float64), the other 18 are a group that lists its positions.
+    last = [k for k in state if k.endswith("bn2.weight")][-1]
+    state[last] = state[last].double()
+    blob, _ = round_trip(state, args, quantized)
+    assert sorted(struct.unpack_from("<H", payload, 2)[0] for _, kind, payload in sections(blob) if kind == "G") \
+        == [0, 0, 0, 0, 18]
+    # A version-5 file cannot name its members by role.
+    old = rebuild(round_trip(*resnet20_shared_bn())[0], {})
+    fails(old[:8] + struct.pack("<H", 5) + old[10:], "member positions")
+
+
 def test_hostile_group_is_rejected():
     state, args, quantized = resnet20_shared_bn()
+    last = [k for k in state if k.endswith("bn1.weight")][-1]
+    state[last] = state[last].double()  # the other 18 scales: a group with its positions listed
     blob, _ = dcfile.encode_model(state, args, quantized)
-    i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[1] == "G")
+    i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[1] == "G" and s[2][2] != 0)
     m = struct.unpack_from("<H", g, 2)[0]
     members = list(struct.unpack_from(f"<{m}H", g, 4))
     with_members = lambda ps: patch(g, 4, f"<{m}H", *ps)  # noqa: E731

@@ -234,7 +234,7 @@ def main(cfg):
                 share_values(group, cfg["bn_bits"], cfg["init"], cfg["seed"], relative=network)
         elif cfg["bn_half"]:
             # 688 scales and shifts in half precision cost 2.7 KB, what one 8-bit table across
-            # the network costs, but without clustering the values move by 2**-12 at most
+            # the network costs, but without clustering each value moves by at most 2**-11 of itself
             for bn in norms:
                 round_to_half(bn.weight, bn.bias)
         how = (f" ({cfg['bn_bits']}-bit, shared per {cfg['bn_share']})" if cfg["bn_bits"]

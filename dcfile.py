@@ -358,7 +358,9 @@ def _group_payload(tensors, positions, whole_role=False):
         return None
     values = np.concatenate([_bit_patterns(t) for t in tensors])
     listed = [] if whole_role else list(positions)
-    head = functools.partial(struct.pack, f"<BBH{len(listed)}HI", DTYPES.index(dtype))
+
+    def head(stored, k):  # dtype, stored dtype, m, the m positions, k
+        return struct.pack(f"<BBH{len(listed)}HI", DTYPES.index(dtype), DTYPES.index(stored), len(listed), *listed, k)
 
     def stored(patterns):  # -> (stored dtype, bytes): half the bytes where float16 holds every value exactly
         if dtype == torch.float32:
@@ -368,13 +370,19 @@ def _group_payload(tensors, positions, whole_role=False):
         return dtype, patterns.astype(patterns.dtype.newbyteorder("<")).tobytes()
 
     as_is, raw = stored(values)
-    payloads = [head(DTYPES.index(as_is), len(listed), *listed, 0) + raw]
+    payloads = [head(as_is, 0) + raw]
     table, ids = np.unique(values, return_inverse=True)
     if len(table) <= huffman.MAX_ALPHABET:
         as_is, raw = stored(table)
         stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-        payloads.append(head(DTYPES.index(as_is), len(listed), *listed, len(table)) + raw + stream)
+        payloads.append(head(as_is, len(table)) + raw + stream)
     return min(payloads, key=len)
+
+
+def _role_members(sections, roles, role):
+    """The positions of every 'R' tensor of `role` in the model's layout: the members of a
+    version-6 'G' section that lists none (m = 0)."""
+    return [p for p, (kind, name, _, _) in enumerate(sections) if kind == "R" and roles[name] == role]
 
 
 def _read_group(r, position, sections, later, roles):
@@ -385,8 +393,7 @@ def _read_group(r, position, sections, later, roles):
     stored = r.dtype([dtype] + ([torch.float16] if dtype == torch.float32 else []))
     m = r.unpack("<H")[0]
     if m == 0 and r.version >= 6:  # every 'R' tensor of this one's role
-        role = roles[sections[position][1]]
-        members = [p for p, (kind, name, _, _) in enumerate(sections) if kind == "R" and roles[name] == role]
+        members = _role_members(sections, roles, roles[sections[position][1]])
         m = len(members)
     else:
         members = r.unpack(f"<{m}H")
@@ -727,7 +734,7 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
                 by_role.setdefault((roles[name], state_dict[name].dtype), []).append(pos)
         for (role, _), members in by_role.items():
             names = [sections[p][1] for p in members]
-            whole = len(members) == sum(kind == "R" and roles[n] == role for kind, n, _, _ in sections)
+            whole = members == _role_members(sections, roles, role)  # the decoder finds them from the role alone
             payload = _group_payload([state_dict[n] for n in names], members, whole) if len(members) > 1 else None
             if payload is not None and len(payload) < sum(len(alone[n][1]) + FRAME for n in names) - FRAME:
                 groups[members[0]] = (payload, names)

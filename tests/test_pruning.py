@@ -459,6 +459,28 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     assert code == 2 and "not the" in err and "lenet5" in err
 
 
+def test_retrain_weight_decay_acts_on_retraining_only(fake_mnist, tmp_path, capsys):
+    dense = tmp_path / "dense"
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
+                            "--epochs=1", "--retrain_epochs=0", capsys=capsys)
+    assert code == 0, err
+    norms = {}
+    for wd in (0.0, 20.0):  # fixed masks (std rule), the same batches: only the penalty differs
+        out = tmp_path / f"wd{wd}"
+        code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
+                                f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=std",
+                                "--sensitivity=1.0", "--retrain_epochs=1", "--retrain_lr=0.01", "--optimizer=sgd",
+                                f"--retrain_weight_decay={wd}", "--weight_decay=0.0", capsys=capsys)
+        assert code == 0, err
+        state = util.load_checkpoint(str(out / "lenet_300_100_pruned.pt"), "pruned", torch.device("cpu"),
+                                     "")["state_dict"]
+        norms[wd] = sum(float(state[f"{n}.weight"].norm()) for n in ("fc1", "fc2", "fc3"))
+        summary = json.loads((out / "lenet_300_100_pruned.json").read_text())
+        assert summary["settings"]["retrain_weight_decay"] == wd
+    # 3 steps at lr 0.01 x 20 with momentum shrink the survivors by about half; the loss's gradients cannot
+    assert norms[20.0] < 0.8 * norms[0.0], norms
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model=vgg"], "unknown model 'vgg'"),
     (["--dataset=svhn"], "unknown dataset 'svhn'"),
@@ -470,6 +492,7 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     (["--dns_ramp=0.5"], "dns_ramp ramps the held density: set --dns_threshold=density"),
     (["--dns_ramp=1.5", "--dns_threshold=density"], "dns_ramp must be in [0, 1], got 1.5"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
+    (["--retrain_weight_decay=-1e-4"], "weight decay must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network
     ([f"--data_root={__file__}"], f"mnist train set not found under {__file__}"),

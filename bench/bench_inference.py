@@ -7,7 +7,8 @@ In one run on one machine, the same threads for every side (torch and numba set 
   1. the fc layers of the paper's Table 8 (Deep Compression section 6), random weights at the
      paper's densities with 5-bit codebooks: AlexNet fc6 / fc7 / fc8, VGG-16 fc6 / fc7 / fc8;
      batch 1 (the paper's case) and batch 64: dense F.linear, torch.sparse_csr and this
-     runtime's codebook-CSR kernel, each on inputs prepared before timing;
+     runtime's codebook-CSR kernel, in the layout it chooses for that batch (split or packed,
+     runtime.choose_layout), each on inputs prepared before timing;
   2. the real layers of each `.dc` file given, and the whole model's batch-1 latency from the
      file: the dense export against the sparse runtime.
 Every figure is the best of `repeats` timed calls after `warmup` untimed ones. Outputs are
@@ -84,33 +85,37 @@ def random_layer(shape, density, bits, seed):
 
 
 def time_layer(weight, csr, n, cfg, seed=0):
-    """Seconds for y = W x (batch n) in the three forms, and the two sparse forms' errors."""
+    """Seconds for y = W x (batch n) in the three forms, the two sparse forms' errors, and the
+    layout the runtime chose for ours (runtime.choose_layout, on another input, before timing)."""
     x = torch.randn(n, weight.shape[1], generator=torch.Generator().manual_seed(seed))
     xt = x.t().contiguous()
     xt_np = xt.numpy()
     w_csr = weight.to_sparse_csr()
-    parts = [csr[k] for k in ("row_ptr", "col", "cluster", "codebook")]
+    form, layout = rt.choose_layout(csr, torch.randn(n, weight.shape[1]).t().contiguous().numpy())
     ref = F.linear(x, weight)
     err = lambda y: float((y - ref).norm() / ref.norm().clamp_min(1e-30))  # noqa: E731
-    ours = torch.from_numpy(rt.spmm(*parts, xt_np)).t()
+    ours = torch.from_numpy(rt.multiply(form, xt_np)).t()
     return dict(dense=best(lambda: F.linear(x, weight), cfg), torch_csr=best(lambda: w_csr @ xt, cfg),
-                ours=best(lambda: rt.spmm(*parts, xt_np), cfg),
+                ours=best(lambda: rt.multiply(form, xt_np), cfg), layout=layout,
                 error_ours=err(ours), error_torch_csr=err((w_csr @ xt).t()))
 
 
 def resident(weight, csr):
     """Bytes of the weight in memory: dense float32, torch CSR (float32 values, int64 indices)
-    and codebook-CSR."""
+    and codebook-CSR in the split layout (ours) and the packed one (ours_packed)."""
     nnz = len(csr["col"])
+    packed = rt.pack(csr)
     return dict(dense=weight.numel() * 4, torch_csr=nnz * 12 + (weight.shape[0] + 1) * 8,
-                ours=sum(v.nbytes for v in csr.values()))
+                ours=sum(v.nbytes for v in csr.values()),
+                ours_packed=sum(v.nbytes for k, v in packed.items() if k != "shift") if packed else None)
 
 
 def row_line(name, density, n, t, mem, paper=None):
     speed = t["dense"] / t["ours"]
+    ours_mb = mem["ours_packed" if t["layout"] == "packed" else "ours"] / 1e6
     line = (f"{name:22} {100 * density:5.1f}% {n:4} | dense {1e3 * t['dense']:8.3f} ms | torch CSR "
-            f"{1e3 * t['torch_csr']:8.3f} ms | ours {1e3 * t['ours']:8.3f} ms | vs dense {speed:5.2f}x | "
-            f"vs CSR {t['torch_csr'] / t['ours']:5.2f}x | MB {mem['dense'] / 1e6:7.2f} / {mem['ours'] / 1e6:6.2f}")
+            f"{1e3 * t['torch_csr']:8.3f} ms | ours {1e3 * t['ours']:8.3f} ms {t['layout']:6} | vs dense "
+            f"{speed:5.2f}x | vs CSR {t['torch_csr'] / t['ours']:5.2f}x | MB {mem['dense'] / 1e6:7.2f} / {ours_mb:6.2f}")
     return line + (f" | paper {paper:.1f}x" if paper and n == 1 else "")
 
 

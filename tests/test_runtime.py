@@ -27,7 +27,7 @@ def random_csr_case(rows, cols, density, k=32, seed=0):
     cluster = rng.integers(0, k, (rows, cols))
     dense = np.where(mask, codebook[cluster], 0).astype(np.float32)
     row_ptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
-    col = np.nonzero(mask)[1].astype(np.uint16)
+    col = np.nonzero(mask)[1].astype(np.uint16 if cols <= 2 ** 16 else np.int32)
     return row_ptr, col, cluster[mask].astype(np.uint8), codebook, dense
 
 
@@ -42,12 +42,43 @@ def test_kernel_equals_the_dense_product(rows, cols, density, n):
     np.testing.assert_allclose(got, dense @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,cols,density", [(7, 5, 0.0), (64, 300, 0.05), (33, 17, 0.5), (10, 100, 1.0),
+                                               (300, 784, 0.02), (40, 70000, 0.01)])
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_packed_kernel_equals_the_dense_product(rows, cols, density, n):
+    row_ptr, col, cluster, codebook, dense = random_csr_case(rows, cols, density)
+    form = dict(row_ptr=row_ptr, col=col, cluster=cluster, codebook=codebook)
+    packed = rt.pack(form)
+    # each word holds its column in the low `shift` bits and its cluster above them
+    used = int(col.max()) + 1 if len(col) else 1
+    assert packed["shift"] == max(1, (used - 1).bit_length()) and packed["packed"].dtype == np.uint32
+    assert np.array_equal(packed["packed"] & ((1 << packed["shift"]) - 1), col)
+    assert np.array_equal(packed["packed"] >> packed["shift"], cluster)
+    x = np.random.default_rng(1).standard_normal((cols, n)).astype(np.float32)
+    got = rt.multiply(packed, x)
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    tol = 1e-5 * np.sqrt(max(1.0, cols * density))  # float32 sums of ~cols x density terms, in any order
+    np.testing.assert_allclose(got, dense.astype(np.float64) @ x, rtol=1e-5, atol=tol)
+    np.testing.assert_allclose(rt.multiply(form, x), got, rtol=1e-5, atol=tol)  # the split layout alike
+
+
+def test_pack_refuses_what_does_not_fit_32_bits():
+    form = dict(row_ptr=np.array([0, 1], np.int32), col=np.array([2 ** 20], np.int32),
+                cluster=np.array([0], np.int16), codebook=np.zeros(2 ** 12 + 1, np.float32))
+    assert rt.pack(form) is None  # 21 column bits + 13 cluster bits
+    form["codebook"] = np.zeros(2 ** 11, np.float32)
+    assert rt.pack(form)["shift"] == 21  # 21 + 11 = 32 fits
+
+
 def test_kernel_empty_rows_and_a_single_non_zero():
     row_ptr = np.array([0, 0, 1, 1], np.int32)  # rows 0 and 2 empty; row 1 holds w[1, 3]
     col, cluster = np.array([3], np.uint16), np.array([2], np.uint8)
     codebook = np.array([0.5, -1.0, 2.5], np.float32)
     x = np.arange(8, dtype=np.float32).reshape(4, 2)
     assert rt.spmm(row_ptr, col, cluster, codebook, x).tolist() == [[0, 0], [15, 17.5], [0, 0]]
+    packed = rt.pack(dict(row_ptr=row_ptr, col=col, cluster=cluster, codebook=codebook))
+    assert rt.multiply(packed, x).tolist() == [[0, 0], [15, 17.5], [0, 0]]
+    assert rt.multiply(packed, x[:, :1]).tolist() == [[0], [15], [0]]
 
 
 def test_parallel_and_serial_kernels_agree():
@@ -57,6 +88,19 @@ def test_parallel_and_serial_kernels_agree():
     rt._spmm_serial(row_ptr, col, cluster, codebook, x, a)
     rt._spmm_parallel(row_ptr, col, cluster, codebook, x, b)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    packed = rt.pack(dict(row_ptr=row_ptr, col=col, cluster=cluster, codebook=codebook))
+    args = (packed["row_ptr"], packed["packed"], np.int64(packed["shift"]), packed["codebook"])
+    c, d = np.empty((500, 4), np.float32), np.empty((500, 4), np.float32)
+    rt._spmm_packed_serial(*args, x, c)
+    rt._spmm_packed_parallel(*args, x, d)
+    np.testing.assert_allclose(c, d, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
+    v = np.ascontiguousarray(x[:, 0])  # batch 1, compiled scalar
+    c, d = np.empty(500, np.float32), np.empty(500, np.float32)
+    rt._call_scalar(rt._spmv_packed_serial, *args, v, c)
+    rt._call_scalar(rt._spmv_packed_parallel, *args, v, d)
+    np.testing.assert_allclose(c, d, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c, a[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def quantized_net(name, kwargs, density=0.1, seed=0):
@@ -71,13 +115,18 @@ def test_sparse_layers_equal_plain_layers():
     net = quantized_net("lenet5_caffe", {"in_shape": [1, 28, 28], "num_classes": 10}, density=0.2)
     for name, layer in masked_layers(net):
         plain = rt.plain_layer(layer)
-        sparse = rt.SparseLinear(layer) if isinstance(layer, nn.Linear) else rt.SparseConv2d(layer)
-        shape = (plain.in_features,) if isinstance(layer, nn.Linear) else (layer.in_channels, 12, 12)
-        for n in (1, 5):
-            x = torch.randn(n, *shape)
-            want = plain(x)
-            torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-        assert sparse.resident_bytes() < 4 * layer.mask.numel()  # 20% dense: 3 bytes a non-zero
+        linear = isinstance(layer, nn.Linear)
+        shape = (plain.in_features,) if linear else (layer.in_channels, 12, 12)
+        for sparse in ([rt.SparseLinear(layer), rt.SparseLinear(layer, torch.randn(1, *shape))] if linear
+                       else [rt.SparseConv2d(layer)]):
+            for n in (1, 5):
+                x = torch.randn(n, *shape)
+                want = plain(x)
+                torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            # 3 bytes a non-zero (split) or 4 (packed), int32 row pointers, the float32 codebook
+            nnz, rows, k = int(layer.mask.sum()), len(layer.mask), len(layer.codebook)
+            assert sparse.resident_bytes() == (3 if sparse.layout == "split" else 4) * nnz + 4 * (rows + 1 + k)
+            assert sparse.resident_bytes() < 4 * layer.mask.numel()  # 20% dense
 
 
 def test_plain_export_of_resnet18_loads_strictly_into_torchvision():

@@ -11,7 +11,8 @@ In one run on one machine, the same threads for every side (torch and numba set 
      runtime.choose_layout), each on inputs prepared before timing;
   2. the real layers of each `.dc` file given, and the whole model's batch-1 latency from the
      file: the dense export against the sparse runtime.
-Every figure is the best of `repeats` timed calls after `warmup` untimed ones. Outputs are
+Every figure is the median of `runs` turns (the sides take turns), each the best of `repeats`
+timed calls after `warmup` untimed ones. Outputs are
 checked against the dense product (relative error, the norm of the difference over the
 norm of the dense output). Prints the tables and writes bench/results/inference.json.
 """
@@ -35,6 +36,7 @@ threads = 1                 # torch and numba threads, the same for every side
 batches = [1, 64]           # batch sizes timed
 warmup = 3                  # untimed calls before timing
 repeats = 20                # timed calls; the best is kept
+runs = 3                    # the sides timed in turn this many times; each figure is the median of its runs' bests
 flush_mb = 0                # MB written, untimed, before every call of every side (0: none, the weights stay cached
                             # between calls if they fit; 128: each call reads them from memory, as in a network whose
                             # other layers' weights pass through the cache between two calls of this one)
@@ -68,6 +70,17 @@ def best(fn, cfg):
     return min(times)
 
 
+def timed(sides, cfg):
+    """{side: seconds} for {side: fn}: the sides take turns, cfg['runs'] times, each turn the
+    best of its repeats (best()); each side's figure is the median of its turns, so that a
+    stretch of interference on the shared machine lands on every side alike and on no figure."""
+    turns = {name: [] for name in sides}
+    for _ in range(cfg["runs"]):
+        for name, fn in sides.items():
+            turns[name].append(best(fn, cfg))
+    return {name: float(np.median(t)) for name, t in turns.items()}
+
+
 def random_layer(shape, density, bits, seed):
     """A pruned, quantized fc layer (out, in) at `density` with a 2**bits codebook, built row
     block by row block (VGG fc6 is 103 M weights) -> (dense float32 tensor, codebook-CSR)."""
@@ -86,18 +99,21 @@ def random_layer(shape, density, bits, seed):
 
 def time_layer(weight, csr, n, cfg, seed=0):
     """Seconds for y = W x (batch n) in the three forms, the two sparse forms' errors, and the
-    layout the runtime chose for ours (runtime.choose_layout, on another input, before timing)."""
+    layout chosen for ours (runtime.choose_layout, on another input, before timing, under the
+    same cache conditions)."""
     x = torch.randn(n, weight.shape[1], generator=torch.Generator().manual_seed(seed))
     xt = x.t().contiguous()
     xt_np = xt.numpy()
     w_csr = weight.to_sparse_csr()
-    form, layout = rt.choose_layout(csr, torch.randn(n, weight.shape[1]).t().contiguous().numpy())
+    # the layout the runtime would pick here, timed as below (cold too) on another input
+    form, layout = rt.choose_layout(csr, torch.randn(n, weight.shape[1]).t().contiguous().numpy(),
+                                    timer=lambda fn: best(fn, dict(cfg, warmup=1, repeats=5)))
     ref = F.linear(x, weight)
     err = lambda y: float((y - ref).norm() / ref.norm().clamp_min(1e-30))  # noqa: E731
     ours = torch.from_numpy(rt.multiply(form, xt_np)).t()
-    return dict(dense=best(lambda: F.linear(x, weight), cfg), torch_csr=best(lambda: w_csr @ xt, cfg),
-                ours=best(lambda: rt.multiply(form, xt_np), cfg), layout=layout,
-                error_ours=err(ours), error_torch_csr=err((w_csr @ xt).t()))
+    times = timed(dict(dense=lambda: F.linear(x, weight), torch_csr=lambda: w_csr @ xt,
+                       ours=lambda: rt.multiply(form, xt_np)), cfg)
+    return dict(**times, layout=layout, error_ours=err(ours), error_torch_csr=err((w_csr @ xt).t()))
 
 
 def resident(weight, csr):
@@ -120,8 +136,8 @@ def row_line(name, density, n, t, mem, paper=None):
 
 
 def main(cfg):
-    util.require(cfg["threads"] >= 1 and cfg["repeats"] >= 1 and cfg["batches"] and cfg["flush_mb"] >= 0,
-                 "threads, repeats >= 1; batches; flush_mb >= 0")
+    util.require(cfg["threads"] >= 1 and cfg["repeats"] >= 1 and cfg["runs"] >= 1 and cfg["batches"]
+                 and cfg["flush_mb"] >= 0, "threads, repeats, runs >= 1; batches; flush_mb >= 0")
     missing = [f for f in cfg["files"] if not os.path.isfile(f)]
     util.require(not missing, f"no such .dc file: {missing}; run the pipeline first (bench/pipeline.py)")
     torch.set_num_threads(cfg["threads"])
@@ -129,7 +145,7 @@ def main(cfg):
     machine = dict(cpu=util.cpu_model(), cores=os.cpu_count(), threads=cfg["threads"], torch=torch.__version__,
                    numba=numba.__version__)
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores), {cfg['threads']} thread(s) for torch and numba; "
-          f"best of {cfg['repeats']} after {cfg['warmup']} warm-up calls; "
+          f"median of {cfg['runs']} turns, each the best of {cfg['repeats']} after {cfg['warmup']} warm-up calls; "
           + (f"{cfg['flush_mb']} MB written before every call (cold cache)" if cfg["flush_mb"] else "warm cache"))
     result = dict(machine=machine, settings=cfg, paper_layers={}, files={})
     for i, (name, (shape, density, paper)) in enumerate(PAPER.items()):
@@ -163,7 +179,8 @@ def main(cfg):
         x = torch.randn(1, *in_shape)
         with torch.no_grad():
             ref = dense(x)
-            t_dense, t_sparse = best(lambda: dense(x), cfg), best(lambda: sparse(x), cfg)
+            t = timed(dict(dense=lambda: dense(x), sparse=lambda: sparse(x)), cfg)
+            t_dense, t_sparse = t["dense"], t["sparse"]
             error = float((sparse(x) - ref).norm() / ref.norm())
         entry["model_batch1"] = dict(dense=t_dense, sparse=t_sparse, error=error, layers_run=sh["runtime"])
         print(f"{entry['model']} whole model, batch 1: dense {1e3 * t_dense:.3f} ms, sparse runtime "

@@ -49,11 +49,12 @@ def test_packed_kernel_equals_the_dense_product(rows, cols, density, n):
     row_ptr, col, cluster, codebook, dense = random_csr_case(rows, cols, density)
     form = dict(row_ptr=row_ptr, col=col, cluster=cluster, codebook=codebook)
     packed = rt.pack(form)
-    # each word holds its column in the low `shift` bits and its cluster above them
-    used = int(col.max()) + 1 if len(col) else 1
-    assert packed["shift"] == max(1, (used - 1).bit_length()) and packed["packed"].dtype == np.uint32
-    assert np.array_equal(packed["packed"] & ((1 << packed["shift"]) - 1), col)
-    assert np.array_equal(packed["packed"] >> packed["shift"], cluster)
+    if cols > 2 ** 16:  # a column needs 17 bits: the split layout only
+        assert packed is None
+        return
+    # each word holds its column in the low 16 bits and its cluster above them
+    assert packed["packed"].dtype == np.uint32
+    assert np.array_equal(packed["packed"] & 0xFFFF, col) and np.array_equal(packed["packed"] >> 16, cluster)
     x = np.random.default_rng(1).standard_normal((cols, n)).astype(np.float32)
     got = rt.multiply(packed, x)
     assert got.shape == (rows, n) and got.dtype == np.float32
@@ -62,12 +63,23 @@ def test_packed_kernel_equals_the_dense_product(rows, cols, density, n):
     np.testing.assert_allclose(rt.multiply(form, x), got, rtol=1e-5, atol=tol)  # the split layout alike
 
 
-def test_pack_refuses_what_does_not_fit_32_bits():
-    form = dict(row_ptr=np.array([0, 1], np.int32), col=np.array([2 ** 20], np.int32),
-                cluster=np.array([0], np.int16), codebook=np.zeros(2 ** 12 + 1, np.float32))
-    assert rt.pack(form) is None  # 21 column bits + 13 cluster bits
-    form["codebook"] = np.zeros(2 ** 11, np.float32)
-    assert rt.pack(form)["shift"] == 21  # 21 + 11 = 32 fits
+def test_pack_refuses_what_does_not_fit_16_bits():
+    form = dict(row_ptr=np.array([0, 1], np.int32), col=np.array([2 ** 16 - 1], np.uint16),
+                cluster=np.array([2 ** 16 - 1], np.uint16), codebook=np.zeros(2 ** 16, np.float32))
+    assert rt.pack(form)["packed"].tolist() == [2 ** 32 - 1]  # the largest column and cluster fit
+    assert rt.pack(dict(form, codebook=np.zeros(2 ** 16 + 1, np.float32))) is None
+    assert rt.pack(dict(form, col=form["col"].astype(np.int32))) is None  # a layer of more than 65,536 inputs
+
+
+def test_large_codebooks_keep_their_cluster_indices():
+    layer = nn.Linear(300, 400, bias=False)  # pruned, not quantized: 120,000 distinct values
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(120000, dtype=torch.float32).reshape(400, 300) / 120000 - 0.5)
+    layer.mask = torch.ones_like(layer.weight)
+    form = rt.csr_from_layer(layer)
+    assert len(form["codebook"]) == 120000 and form["cluster"].dtype == np.int32
+    x = np.random.default_rng(0).standard_normal((300, 2)).astype(np.float32)
+    np.testing.assert_allclose(rt.multiply(form, x), layer.weight.detach().numpy() @ x, rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_empty_rows_and_a_single_non_zero():
@@ -89,7 +101,7 @@ def test_parallel_and_serial_kernels_agree():
     rt._spmm_parallel(row_ptr, col, cluster, codebook, x, b)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     packed = rt.pack(dict(row_ptr=row_ptr, col=col, cluster=cluster, codebook=codebook))
-    args = (packed["row_ptr"], packed["packed"], np.int64(packed["shift"]), packed["codebook"])
+    args = (packed["row_ptr"], packed["packed"], packed["codebook"])
     c, d = np.empty((500, 4), np.float32), np.empty((500, 4), np.float32)
     rt._spmm_packed_serial(*args, x, c)
     rt._spmm_packed_parallel(*args, x, d)

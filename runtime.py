@@ -140,27 +140,21 @@ def _row_packedn(r, row_ptr, packed, codebook, x, out):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _spmv_packed_serial(row_ptr, packed, codebook, x, out):
-    for r in range(len(row_ptr) - 1):
-        _row_packed1(r, row_ptr, packed, codebook, x, out)
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
-def _spmv_packed_parallel(row_ptr, packed, codebook, x, out):
-    for r in numba.prange(len(row_ptr) - 1):
-        _row_packed1(r, row_ptr, packed, codebook, x, out)
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True)
 def _spmm_packed_serial(row_ptr, packed, codebook, x, out):
     for r in range(len(row_ptr) - 1):
-        _row_packedn(r, row_ptr, packed, codebook, x, out)
+        if x.ndim == 1:  # numba compiles each case apart (the other branch is pruned)
+            _row_packed1(r, row_ptr, packed, codebook, x, out)
+        else:
+            _row_packedn(r, row_ptr, packed, codebook, x, out)
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _spmm_packed_parallel(row_ptr, packed, codebook, x, out):
     for r in numba.prange(len(row_ptr) - 1):
-        _row_packedn(r, row_ptr, packed, codebook, x, out)
+        if x.ndim == 1:
+            _row_packed1(r, row_ptr, packed, codebook, x, out)
+        else:
+            _row_packedn(r, row_ptr, packed, codebook, x, out)
 
 
 _SCALAR_COMPILED = set()
@@ -203,10 +197,8 @@ def multiply(form, x):
     out = np.empty((rows, n) if n > 1 else rows, np.float32)
     parallel = len(form["packed"]) * n >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
     args = (form["row_ptr"], form["packed"], form["codebook"], x, out)
-    if n == 1:
-        _call_scalar(_spmv_packed_parallel if parallel else _spmv_packed_serial, *args)
-    else:
-        (_spmm_packed_parallel if parallel else _spmm_packed_serial)(*args)
+    kernel = _spmm_packed_parallel if parallel else _spmm_packed_serial
+    _call_scalar(kernel, *args) if n == 1 else kernel(*args)
     return out.reshape(rows, n)
 
 

@@ -109,8 +109,8 @@ def test_parallel_and_serial_kernels_agree():
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
     v = np.ascontiguousarray(x[:, 0])  # batch 1, compiled scalar
     c, d = np.empty(500, np.float32), np.empty(500, np.float32)
-    rt._call_scalar(rt._spmv_packed_serial, *args, v, c)
-    rt._call_scalar(rt._spmv_packed_parallel, *args, v, d)
+    rt._call_scalar(rt._spmm_packed_serial, *args, v, c)
+    rt._call_scalar(rt._spmm_packed_parallel, *args, v, d)
     np.testing.assert_allclose(c, d, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(c, a[:, 0], rtol=1e-5, atol=1e-5)
 

@@ -18,7 +18,6 @@ int64 column).
   column | cluster << 16: a load fewer, 4 bytes).
 Nothing here prints.
 """
-import contextlib
 import copy
 
 import numba
@@ -81,15 +80,8 @@ def _spmm_parallel(row_ptr, col, cluster, codebook, x, out):
 
 
 def spmm(row_ptr, col, cluster, codebook, x):
-    """(rows, n) = W x for W in codebook-CSR form (see above) and x (in, n) float32 numpy.
-    Threads: numba's (numba.set_num_threads), used only when the work is large enough."""
-    rows, n = len(row_ptr) - 1, x.shape[1]
-    # batch 1 goes in as a contiguous vector, so that its stride drops out of the addressing
-    x = np.ascontiguousarray(x[:, 0] if n == 1 else x, dtype=np.float32)
-    out = np.empty((rows, n) if n > 1 else rows, np.float32)
-    kernel = _spmm_parallel if len(col) * n >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1 else _spmm_serial
-    kernel(row_ptr, col, cluster, codebook, x, out)
-    return out.reshape(rows, n)
+    """(rows, n) = W x for W in codebook-CSR form (see above) and x (in, n) float32 numpy."""
+    return multiply(dict(row_ptr=row_ptr, col=col, cluster=cluster, codebook=codebook), x)
 
 
 # --- the packed layout: one uint32 a weight, column | cluster << 16 -------------------------------
@@ -189,16 +181,19 @@ def pack(form):
 
 def multiply(form, x):
     """(rows, n) = W x for W in either layout (csr_from_layer's split form, or pack's) and x
-    (in, n) float32 numpy."""
-    if "col" in form:
-        return spmm(form["row_ptr"], form["col"], form["cluster"], form["codebook"], x)
+    (in, n) float32 numpy. Threads: numba's (numba.set_num_threads), used only when the work
+    is large enough."""
     rows, n = len(form["row_ptr"]) - 1, x.shape[1]
+    # batch 1 goes in as a contiguous vector, so that its stride drops out of the addressing
     x = np.ascontiguousarray(x[:, 0] if n == 1 else x, dtype=np.float32)
     out = np.empty((rows, n) if n > 1 else rows, np.float32)
-    parallel = len(form["packed"]) * n >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
-    args = (form["row_ptr"], form["packed"], form["codebook"], x, out)
-    kernel = _spmm_packed_parallel if parallel else _spmm_packed_serial
-    _call_scalar(kernel, *args) if n == 1 else kernel(*args)
+    split = "col" in form
+    weights = (form["col"], form["cluster"]) if split else (form["packed"],)
+    parallel = len(weights[0]) * n >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+    kernel = {(True, False): _spmm_serial, (True, True): _spmm_parallel,
+              (False, False): _spmm_packed_serial, (False, True): _spmm_packed_parallel}[split, parallel]
+    args = (form["row_ptr"], *weights, form["codebook"], x, out)
+    _call_scalar(kernel, *args) if n == 1 and not split else kernel(*args)
     return out.reshape(rows, n)
 
 

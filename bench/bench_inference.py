@@ -123,7 +123,7 @@ def resident(weight, csr):
     packed = rt.pack(csr)
     return dict(dense=weight.numel() * 4, torch_csr=nnz * 12 + (weight.shape[0] + 1) * 8,
                 ours=sum(v.nbytes for v in csr.values()),
-                ours_packed=sum(v.nbytes for k, v in packed.items() if k != "shift") if packed else None)
+                ours_packed=sum(v.nbytes for v in packed.values()) if packed else None)
 
 
 def row_line(name, density, n, t, mem, paper=None):

@@ -3,6 +3,7 @@
 `build_model(name, **kwargs)` is the one entry point; checkpoints store `name` and `kwargs`
 so that later stages rebuild exactly the same network.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -196,6 +197,35 @@ def vgg16(in_shape=(3, 224, 224), num_classes=1000, pretrained=False):
 MODELS = {"lenet_300_100": LeNet300100, "lenet5": LeNet5, "lenet5_caffe": LeNet5Caffe,
           "resnet18": resnet18, "resnet20": resnet20, "resnet56": resnet56, "alexnet": alexnet, "vgg16": vgg16}
 PRETRAINED = ("resnet18", "alexnet", "vgg16")  # the models with torchvision's ImageNet weights
+
+
+class Ensemble(nn.Module):
+    """Networks whose logits are averaged, (N, ...) -> (N, classes): a snapshot ensemble
+    (Huang et al. 2017), the networks one training run passed through at the ends of its
+    learning-rate cycles, as a distillation teacher."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def teacher_from(initial, which):
+    """Stage 1's dense network, as a distillation teacher, from its {model}_initial.pt
+    checkpoint `initial`: which='dense' that network; 'snapshots' that network and the
+    snapshots kept at the end of each cosine cycle before a warm restart (`initial['snapshots']`,
+    a list of state dicts), logits averaged. Returns the model on the CPU, in eval mode."""
+    if which not in ("dense", "snapshots"):
+        raise ValueError(f"unknown teacher {which!r}; choose dense or snapshots")
+    states = [initial["state_dict"]] + (list(initial.get("snapshots", [])) if which == "snapshots" else [])
+    members = []
+    for state in states:
+        net = build_model(initial["model"]["name"], **initial["model"]["kwargs"])
+        net.load_state_dict(state)
+        members.append(net)
+    return (members[0] if len(members) == 1 else Ensemble(members)).eval()
 
 
 def build_model(name, **kwargs):

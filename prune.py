@@ -193,6 +193,45 @@ def prune_global(model, q, which="all"):
     return {name: t for name, _ in layers}
 
 
+def erk_densities(model, alive, which="all"):
+    """The Erdős-Rényi-kernel allocation (Evci et al. 2020 section 3, after Mocanu et al. 2018):
+    each chosen layer keeps a density proportional to sum(weight shape) / number of weights (an
+    fc's fan-in + fan-out, a conv's in + out channels + kernel height + width, over its weights),
+    capped at 1, the factor set so that `alive` (0..1) of all their weights stay. Small layers
+    stay dense and large ones go sparse, where a one-shot sensitivity scan would spread the
+    cuts by what each layer loses before retraining. Returns {layer name: density}."""
+    layers = masked_layers(model, which)
+    size = {name: m.weight.numel() for name, m in layers}
+    raw = {name: sum(m.weight.shape) / m.weight.numel() for name, m in layers}
+    full = set()  # layers capped at density 1; the others share what they leave
+    while True:
+        free = [n for n in raw if n not in full]
+        left = alive * sum(size.values()) - sum(size[n] for n in full)
+        if not free or left <= 0:
+            break
+        scale = left / sum(raw[n] * size[n] for n in free)
+        capped = {n for n in free if scale * raw[n] > 1}
+        if not capped:
+            return {n: 1.0 if n in full else scale * raw[n] for n in raw}
+        full |= capped
+    return {n: 1.0 if n in full else 0.0 for n in raw}
+
+
+def prune_to_density(model, densities, surgery=False):
+    """Per layer: keep the largest-magnitude fraction densities[name] of its weights (a
+    {layer name: d} for the layers to prune). surgery: keep the pruned weights and let the
+    layers splice (as prune_dns). Returns {layer name: threshold}."""
+    layers = dict(model.named_modules())
+    out = {}
+    for name, d in densities.items():
+        m = layers[name]
+        out[name] = percentile_threshold(m.weight, 100 * (1 - d))
+        apply_threshold(m, out[name], zero_weights=not surgery)
+        if surgery:
+            m.splice = True
+    return out
+
+
 def prune_dns(model, sensitivity, which="all"):
     """Start dynamic network surgery (Guo et al. 2016): prune_by_std's thresholds and masks,
     but the weights are kept and the layers splice (see masked_weight) until finish_surgery.

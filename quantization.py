@@ -20,7 +20,7 @@ import time
 import torch.nn as nn
 
 import util
-from models import MODELS, build_model
+from models import MODELS, build_model, teacher_from
 from prune import drop_dead_units, masked_layers
 from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, round_to_half, share_values,
                       to_ternary, ternary_to_quantized)
@@ -61,6 +61,8 @@ lr = 3e-4                   # fine-tuning (kmeans) or training (ttq) learning ra
 distill = 0.0               # fine-tuning / ttq training: weight of the dense network's softened outputs in the loss
                             # (knowledge distillation, Hinton et al. 2015, from stage 1's {model}_initial.pt; 0 = off)
 distill_temperature = 4.0   # softmax temperature of that term
+teacher = "dense"           # distill's teacher: dense (stage 1's dense network) | snapshots (it and the snapshots
+                            # stage 1 kept before its warm restarts, logits averaged: a snapshot ensemble)
 seed = 0                    # torch seed (batch order) and k-means seed (random and kmeans++ inits)
 precision = "fp32"          # fine-tuning arithmetic: auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16) | fp32
                             # | bf16 (autocast); codebooks, k-means, checkpoints and evaluation stay float32
@@ -115,6 +117,10 @@ def check_settings(cfg):
     util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
     util.require(0 <= cfg["distill"] <= 1, f"distill must be in [0, 1], got {cfg['distill']}")
     util.require(cfg["distill_temperature"] > 0, f"distill_temperature must be > 0, got {cfg['distill_temperature']}")
+    util.require(cfg["teacher"] in ("dense", "snapshots"),
+                 f"unknown teacher {cfg['teacher']!r}; choose dense or snapshots")
+    util.require(cfg["teacher"] == "dense" or cfg["distill"] > 0,
+                 "teacher=snapshots teaches through distillation: set --distill (0.9 in the ResNet-20 recipe)")
     util.require(cfg["precision"] in util.PRECISIONS,
                  f"unknown precision {cfg['precision']!r}; choose one of {', '.join(util.PRECISIONS)}")
 
@@ -135,8 +141,10 @@ def main(cfg):
         dense = util.load_checkpoint(
             f"{stem}_initial.pt", "initial", dev,
             f"distill needs stage 1's dense network: run pruning.py --out_dir={cfg['out_dir']}")
-        teacher = build_model(dense["model"]["name"], **dense["model"]["kwargs"]).to(dev)
-        teacher.load_state_dict(dense["state_dict"])
+        util.require(cfg["teacher"] == "dense" or dense.get("snapshots"),
+                     f"teacher=snapshots: {stem}_initial.pt holds no snapshot (stage 1 ran without a warm restart): "
+                     "set --teacher=dense")
+        teacher = teacher_from(dense, cfg["teacher"]).to(dev)
     train_kw = dict(weight_decay=0.0, precision=precision, teacher=teacher, distill=cfg["distill"],
                     temperature=cfg["distill_temperature"])
     layer_bits = util.per_layer(net, cfg["bits"], "bits")

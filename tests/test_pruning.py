@@ -11,7 +11,7 @@ import torchvision
 import prune
 import util
 from conftest import SHARED_DATA, run_here, run_script
-from models import build_model
+from models import Ensemble, build_model, teacher_from
 from prune import MaskedConv2d, MaskedLinear, drop_dead_units, masked_layers
 
 
@@ -443,6 +443,17 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
         w0 = start[f"{layer}.weight"]
         assert int(end[f"{layer}.mask"].sum()) == int((w0.abs() >= w0.std()).sum()), layer
         assert not torch.equal(end[f"{layer}.mask"], (w0.abs() >= w0.std()).float()), layer  # others chosen
+    # densities by the layers' shapes (erk_alive): each layer ends with the Erdos-Renyi-kernel count
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={held}_erk", "--subset=400",
+                            f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns",
+                            "--dns_threshold=density", "--erk_alive=0.1", "--dns_band=0.0",
+                            "--retrain_epochs=1", "--retrain_lr=0.05", "--optimizer=sgd", capsys=capsys)
+    assert code == 0, err
+    end = util.load_checkpoint(f"{held}_erk/lenet_300_100_pruned.pt", "pruned", torch.device("cpu"),
+                               "")["state_dict"]
+    erk = prune.erk_densities(build_model("lenet_300_100"), 0.1)  # fc1 8.0%, fc2 23%, fc3 100%
+    for layer in ("fc1", "fc2", "fc3"):
+        assert abs(int(end[f"{layer}.mask"].sum()) - erk[layer] * end[f"{layer}.mask"].numel()) <= 1, layer
     # ramped (gradual pruning over the first half of surgery): the same counts at the end
     code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={held}_ramp", "--subset=400",
                             f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=dns",
@@ -481,8 +492,107 @@ def test_retrain_weight_decay_acts_on_retraining_only(fake_mnist, tmp_path, caps
     assert norms[20.0] < 0.8 * norms[0.0], norms
 
 
+def test_erk_densities_known_answer():
+    net = nn.Sequential(MaskedLinear(4, 2), MaskedLinear(20, 10))  # 8 weights (6 / 8), 200 (30 / 200)
+    # 25% of 208 = 52: the factor 52 / (0.75 x 8 + 0.15 x 200) would give layer 0 a density over 1,
+    # so it keeps all 8 and layer 1 the other 44 of its 200
+    assert prune.erk_densities(net, 0.25) == {"0": 1.0, "1": pytest.approx(0.22)}
+    assert prune.erk_densities(net, 1.0) == {"0": 1.0, "1": pytest.approx(1.0)}
+    assert prune.erk_densities(net, 0.0) == {"0": 0.0, "1": 0.0}
+    d = prune.erk_densities(build_model("resnet20"), 0.2)
+    layers = dict(masked_layers(build_model("resnet20")))
+    assert sum(d[n] * m.weight.numel() for n, m in layers.items()) == pytest.approx(0.2 * 268336)
+    assert d["conv1"] == d["fc"] == 1.0 and d["layer1.0.conv1"] > d["layer2.1.conv1"] > d["layer3.1.conv1"]
+
+
+def test_prune_to_density_keeps_the_largest():
+    layer = MaskedLinear(5, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2, 3, -4, 5], [-6, 7, -8, 9, -10]]))
+    net = nn.Sequential(layer)
+    prune.prune_to_density(net, {"0": 0.3}, surgery=True)
+    assert layer.mask.tolist() == [[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
+    assert layer.weight.abs().min() == 1 and layer.splice  # surgery keeps the weights to splice back
+    prune.prune_to_density(net, {"0": 0.0})
+    assert layer.mask.sum() == 0 and layer.weight.abs().sum() == 0
+
+
+def test_ensemble_averages_its_members_logits():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0]])), a.bias.zero_()
+        b.weight.copy_(torch.tensor([[3.0, 0, 0], [0, 0, 1]])), b.bias.fill_(1.0)
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    assert Ensemble([a, b])(x).tolist() == [[(1 + 4) / 2, (2 + 4) / 2]]
+
+
+def test_teacher_from_a_checkpoint_with_a_snapshot():
+    first, last = build_model("lenet_300_100"), build_model("lenet_300_100")
+    args = dict(name="lenet_300_100", kwargs={})
+    ckpt = dict(model=args, state_dict=last.state_dict(), snapshots=[first.state_dict()])
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(teacher_from(ckpt, "dense")(x), last(x))
+        assert torch.allclose(teacher_from(ckpt, "snapshots")(x), (first(x) + last(x)) / 2, atol=1e-6)
+        no_snapshot = teacher_from(dict(model=args, state_dict=last.state_dict()), "snapshots")
+        assert torch.equal(no_snapshot(x), last(x))  # a network without snapshots teaches alone
+    with pytest.raises(ValueError, match="unknown teacher 'best'"):
+        teacher_from(ckpt, "best")
+
+
+def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, capsys):
+    """The network at the end of the first cosine cycle is kept in the restarted {model}_initial.pt,
+    carried on by init_from, and teaches beside the last one in stages 1 and 2."""
+    common = [f"--data_root={fake_mnist}", "--subset=300", "--prune_method=std", "--sensitivity=1.0"]
+    first = tmp_path / "first"
+    code, _, err = run_here("pruning", *common, f"--out_dir={first}", "--epochs=1", "--retrain_epochs=0",
+                            capsys=capsys)
+    assert code == 0, err
+    load = lambda folder: util.load_checkpoint(str(folder / "lenet_300_100_initial.pt"), "initial",  # noqa: E731
+                                               torch.device("cpu"), "")
+    assert "snapshots" not in load(first)  # no restart, nothing kept
+    restarted = tmp_path / "restarted"
+    code, stdout, err = run_here("pruning", *common, f"--out_dir={restarted}", "--restart_epochs=1",
+                                 f"--init_from={first}/lenet_300_100_initial.pt", "--retrain_epochs=1",
+                                 "--distill=0.5", "--teacher=snapshots", capsys=capsys)
+    assert code == 0, err
+    ckpt = load(restarted)
+    (snapshot,) = ckpt["snapshots"]
+    assert all(torch.equal(v, snapshot[k]) for k, v in load(first)["state_dict"].items())
+    assert not torch.equal(snapshot["fc1.weight"], ckpt["state_dict"]["fc1.weight"])  # the restart trained on
+    carried = tmp_path / "carried"  # init_from without a restart keeps the snapshots it read
+    code, stdout, err = run_here("pruning", *common, f"--out_dir={carried}", "--retrain_epochs=1",
+                                 f"--init_from={restarted}/lenet_300_100_initial.pt", "--distill=0.5",
+                                 "--teacher=snapshots", capsys=capsys)
+    assert code == 0, err
+    assert "and 1 snapshot(s)" in stdout
+    assert torch.equal(load(carried)["snapshots"][0]["fc2.weight"], snapshot["fc2.weight"])
+    code, _, err = run_here("quantization", f"--data_root={fake_mnist}", f"--out_dir={restarted}",
+                            "--finetune_epochs=1", "--distill=0.5", "--teacher=snapshots", capsys=capsys)
+    assert code == 0, err
+    summary = json.loads((restarted / "lenet_300_100_quantized.json").read_text())
+    assert summary["settings"]["teacher"] == "snapshots" and len(summary["history"]["finetune"]) == 1
+    # without a snapshot to teach with: one line, before any training, nothing written
+    for stage, args in (("pruning", [f"--init_from={first}/lenet_300_100_initial.pt", "--retrain_epochs=1"]),
+                        ("quantization", ["--finetune_epochs=1"])):
+        out = tmp_path / f"none_{stage}"
+        if stage == "quantization":
+            out.mkdir()
+            for name in ("lenet_300_100_pruned.pt", "lenet_300_100_initial.pt"):
+                (out / name).write_bytes((first / name).read_bytes())
+        before = sorted(os.listdir(out)) if out.exists() else []
+        subset = ["--subset=300"] if stage == "pruning" else []
+        code, _, err = run_here(stage, f"--data_root={fake_mnist}", f"--out_dir={out}", *subset,
+                                "--distill=0.5", "--teacher=snapshots", *args, capsys=capsys)
+        assert code == 2 and "holds no snapshot" in err and len(err.strip().splitlines()) == 1, err
+        assert (sorted(os.listdir(out)) if out.exists() else []) == before
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model=vgg"], "unknown model 'vgg'"),
+    (["--teacher=best", "--distill=0.5"], "unknown teacher 'best'; choose dense or snapshots"),
+    (["--teacher=snapshots"], "teacher=snapshots teaches through distillation: set --distill"),
+    (["--teacher=snapshots", "--distill=0.5"], "teacher=snapshots needs a warm restart to keep a snapshot"),
     (["--dataset=svhn"], "unknown dataset 'svhn'"),
     (["--sensitivty=1"], "unknown setting 'sensitivty'; valid settings: model, dataset"),
     (["--epochs=ten"], "setting epochs expects int"),
@@ -491,6 +601,8 @@ def test_retrain_weight_decay_acts_on_retraining_only(fake_mnist, tmp_path, caps
     (["--dns_threshold=quantile"], "unknown dns_threshold 'quantile'; choose fixed, scaled or density"),
     (["--dns_ramp=0.5"], "dns_ramp ramps the held density: set --dns_threshold=density"),
     (["--dns_ramp=1.5", "--dns_threshold=density"], "dns_ramp must be in [0, 1], got 1.5"),
+    (["--erk_alive=0.2"], "erk_alive sets the densities that surgery holds: set --prune_method=dns"),
+    (["--erk_alive=1.5", "--dns_threshold=density"], "erk_alive must be in [0, 1] (0 = off), got 1.5"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
     (["--retrain_weight_decay=-1e-4"], "weight decay must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),

@@ -420,6 +420,8 @@ def write_bad_stage(out_dir):
     (["--bits={'conv': 8, '*': 17}"], "bits must be in 1..16"),
     (["--entropy_weight={'*': -0.1}"], "entropy_weight must be >= 0"),
     (["--distill=1.5"], "distill must be in [0, 1]"),
+    (["--teacher=snapshots"], "teacher=snapshots teaches through distillation: set --distill"),
+    (["--teacher=best", "--distill=0.5"], "unknown teacher 'best'; choose dense or snapshots"),
     (["--distill=0.5"], "no checkpoint at {out}/lenet_300_100_initial.pt: distill needs stage 1's dense network"),
     (["--init=uniform"], "unknown init 'uniform'; choose one of linear, density, random, kmeans++"),
     (["--bits={'fc1': 4}"], "bits: no value for layer 'fc2' (add a '*' default)"),

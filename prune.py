@@ -172,13 +172,16 @@ def prune_by_std(model, sensitivity, which="all", surgery=False):
     return out
 
 
-def prune_by_percentile(model, q, which="all"):
-    """Per layer: prune the q percent (float or per-layer dict) smallest surviving weights."""
+def prune_by_percentile(model, q, which="all", surgery=False):
+    """Per layer: prune the q percent (float or per-layer dict) smallest surviving weights.
+    surgery: keep the pruned weights and let the layers splice (as prune_dns)."""
     out = {}
     for name, m in masked_layers(model, which):
         alive = m.weight.detach()[m.mask.bool()]
         out[name] = percentile_threshold(alive, layer_value(q, name, layer_kind(m)))
-        apply_threshold(m, out[name])
+        apply_threshold(m, out[name], zero_weights=not surgery)
+        if surgery:
+            m.splice = True
     return out
 
 
@@ -215,21 +218,6 @@ def erk_densities(model, alive, which="all"):
             return {n: 1.0 if n in full else scale * raw[n] for n in raw}
         full |= capped
     return {n: 1.0 if n in full else 0.0 for n in raw}
-
-
-def prune_to_density(model, densities, surgery=False):
-    """Per layer: keep the largest-magnitude fraction densities[name] of its weights (a
-    {layer name: d} for the layers to prune). surgery: keep the pruned weights and let the
-    layers splice (as prune_dns). Returns {layer name: threshold}."""
-    layers = dict(model.named_modules())
-    out = {}
-    for name, d in densities.items():
-        m = layers[name]
-        out[name] = percentile_threshold(m.weight, 100 * (1 - d))
-        apply_threshold(m, out[name], zero_weights=not surgery)
-        if surgery:
-            m.splice = True
-    return out
 
 
 def prune_dns(model, sensitivity, which="all"):

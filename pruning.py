@@ -18,7 +18,7 @@ import time
 import util
 from models import MODELS, PRETRAINED, build_model, teacher_from
 from prune import (PRUNE_METHODS, erk_densities, finish_surgery, gradual_surgery, group_lasso_penalty, masked_layers,
-                   prune_to_density, surgery_step)
+                   prune_by_percentile, surgery_step)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet20 | resnet56 | resnet18 | alexnet | vgg16
@@ -237,8 +237,7 @@ def main(cfg):
     # cost of one more forward pass a step.
     teacher = None
     if cfg["distill"]:
-        state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        teacher = teacher_from(dict(model=model_args, state_dict=state, snapshots=snapshots),
+        teacher = teacher_from(dict(model=model_args, state_dict=net.state_dict(), snapshots=snapshots),
                                cfg["teacher"]).to(dev)
     retrain_kw = dict(teacher=teacher, distill=cfg["distill"], temperature=cfg["distill_temperature"])
     # The group lasso (group_lasso > 0) acts while the pruned network retrains, from a dense
@@ -254,7 +253,8 @@ def main(cfg):
     for it in range(1, cfg["prune_iterations"] + 1):
         if cfg["erk_alive"]:  # the densities by the layers' shapes (Evci et al. 2020), surgery holds them
             erk = erk_densities(net, cfg["erk_alive"], cfg["prune_layers"])
-            thresholds = prune_to_density(net, erk, surgery=True)
+            thresholds = prune_by_percentile(net, {n: 100 * (1 - d) for n, d in erk.items()}, cfg["prune_layers"],
+                                             surgery=True)
         else:
             thresholds = prune(net, cfg)
         for name, t in thresholds.items():

@@ -505,15 +505,15 @@ def test_erk_densities_known_answer():
     assert d["conv1"] == d["fc"] == 1.0 and d["layer1.0.conv1"] > d["layer2.1.conv1"] > d["layer3.1.conv1"]
 
 
-def test_prune_to_density_keeps_the_largest():
+def test_prune_by_percentile_for_surgery_keeps_the_largest():
     layer = MaskedLinear(5, 2, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -2, 3, -4, 5], [-6, 7, -8, 9, -10]]))
     net = nn.Sequential(layer)
-    prune.prune_to_density(net, {"0": 0.3}, surgery=True)
+    prune.prune_by_percentile(net, {"0": 100 * (1 - 0.3)}, surgery=True)
     assert layer.mask.tolist() == [[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
     assert layer.weight.abs().min() == 1 and layer.splice  # surgery keeps the weights to splice back
-    prune.prune_to_density(net, {"0": 0.0})
+    prune.prune_by_percentile(net, {"0": 100.0})
     assert layer.mask.sum() == 0 and layer.weight.abs().sum() == 0
 
 

@@ -1,7 +1,7 @@
 """The compressed model file (.dc) that huffman_encode.py writes: the encoder, and a decoder that
 treats its input as hostile.
 
-File format, version 6 (integers little-endian; no pickle anywhere). Versions 1 to 5 are read
+File format, version 7 (integers little-endian; no pickle anywhere). Versions 1 to 6 are read
 too: version 2 starts each 'R', 'T' and 'Q' payload with the tensor's name and dims
 (`name | ... dtype ... | ndim u8 | dims u32...`, see the readers), version 1 is version 2
 without 'T' sections. Version 3 drops both: the header's model fixes every section's tensor
@@ -9,7 +9,8 @@ and shape, and each section's CRC its integrity; on a residual network the names
 were 3.7 KB, a tenth of the file. Version 4 compresses the header and adds 'G' sections;
 version 5 adds a 'Q' section's dense codes (span bits 0) and 'A' sections; version 6 lets a
 'G' section hold its members' values themselves (a table of k = 0 values, no index stream)
-and name its members by their role (m = 0).
+and name its members by their role (m = 0); version 7 gives an 'A' section the image its rows
+are read as and the neighbours models.
 
     file     = MAGIC (8 bytes) | version u16 | section ... | end section
     section  = length u32 | kind u8 | payload (length bytes) | CRC-32 of the 5+length bytes before it
@@ -32,13 +33,21 @@ and name its members by their role (m = 0).
     'A'      = (version 5; coder='ans') a quantized layer L as 'Q' rebuilds it, coded with ANS
                (constriction's AnsCoder, words u32) under context models, in place of its 'Q' where
                smaller: index dtype u8 | mask dtype u8 | k u32 | codebook k x float32 |
-               non-zeros u32 | k cluster frequencies u16 | presence model u8 | presence | cluster
-               words (n u32 | n x u32: the non-zeros' clusters in order, p = frequency / sum).
+               non-zeros u32 | k cluster frequencies u16 | (version 7) image h u16 | w u16 |
+               presence model u8 | presence | (version 7) cluster model u8 | clusters.
+               Rows = the weight's first dim, columns = the rest flattened, each row read as an
+               image of c x h x w (c = columns / hw). Words = n u32 | n x u32 (an ANS stream).
                presence, model 0 (uniform): words, a bit for every element, p = non-zeros /
                elements; model 1 (margins): row counts (Huffman stream, R symbols) | column
                counts (C symbols) | words, a bit for every place of a live row and column,
-               p = row count x column count / non-zeros; rows = the weight's first dim, columns
-               = the rest flattened
+               p = row count x column count / non-zeros; model 2 (neighbours, version 7): live
+               rows R' u32 | live columns C' u32 | words: a flag per row (p = R'/R), per column
+               (p = C'/C), then column by column a bit per live row, p adaptive in the context
+               of its left, up, up-left and up-right neighbours (_neighbour_presence).
+               clusters, model 0 (static): words, the non-zeros' clusters in order, p = frequency
+               / sum (no words for k = 1); model 1 (neighbours, version 7): words, column by
+               column, p adaptive in the context of the left and up neighbours' signs
+               (_neighbour_clusters)
     'G'      = (version 4) tensors that share one table, at the place of the first of them: dtype u8 |
                table dtype u8 (the dtype, or float16 for a float32 table whose every value
                float16 holds exactly) | m u16 | m member positions u16 (indices into the model's
@@ -82,8 +91,8 @@ from quantize import build_quantized_model
 
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # the versions this reader decodes
+VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # the versions this reader decodes
 CODERS = ("huffman", "ans")  # encode_model's coder: the paper's Huffman codes | ANS under context models ('A')
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
 MAX_ELEMENTS = 1 << 28        # per tensor (VGG-16's largest has 1.03e8): a hostile shape allocates no more
@@ -506,6 +515,9 @@ def _quantized_payload(name, codebook, index, mask, b):
 # --- 'A': a quantized layer under a context model, coded with ANS (coder='ans') -----------------
 
 ANS_P_MIN = 2.0 ** -12  # presence probabilities are kept in [p, 1 - p]: a surprise costs 12 bits at most
+ANS_PRIOR = 0.5         # adaptive counts start here for every outcome (Krichevsky-Trofimov: no outcome is free)
+NEIGHBOURS = 4          # left, up, up-left, up-right: the places of a row's image coded before this one
+SIGNS = 3               # a neighbour's weight as a cluster context: absent | negative centroid | non-negative
 
 
 def _presence_model(rows, cols, nnz):
@@ -518,6 +530,70 @@ def _presence_model(rows, cols, nnz):
     alive_r, alive_c = np.flatnonzero(rows), np.flatnonzero(cols)
     p = np.outer(rows[alive_r], cols[alive_c]).astype(np.float64) / max(nnz, 1)
     return alive_r, alive_c, np.clip(p, ANS_P_MIN, 1 - ANS_P_MIN)
+
+
+def _layouts(shape):
+    """The images (h, w) a row of this weight may be read as, its columns being c x h x w:
+    a conv's kernel (in, kh, kw), and for a fully-connected layer each square h x h that
+    divides its inputs (LeNet-300-100's fc1 reads one 28 x 28 MNIST image, LeNet-5's fc1 50
+    maps of 4 x 4), h = 1 being a plain sequence. -> [(h, w)]"""
+    n_cols = _matrix(shape)[1]
+    if len(shape) == 4:
+        return [tuple(shape[2:])]
+    return [(h, h) for h in range(1, math.isqrt(n_cols) + 1) if n_cols % (h * h) == 0]
+
+
+def _neighbours(n_cols, h, w):
+    """The columns of each column's left, upper, upper-left and upper-right neighbour in its
+    channel of the (c, h, w) image a row is read as, n_cols (an always-empty column) where it
+    has none. -> (NEIGHBOURS, n_cols) int64"""
+    j = np.arange(n_cols)
+    x, y = j % w, (j // w) % h
+    return np.stack([np.where(x > 0, j - 1, n_cols), np.where(y > 0, j - w, n_cols),
+                     np.where((x > 0) & (y > 0), j - w - 1, n_cols),
+                     np.where((y > 0) & (x < w - 1), j - w + 1, n_cols)])
+
+
+def _neighbour_presence(n_rows, n_cols, alive_c, nb, column):
+    """The neighbours presence model, one live column at a time in order (the encoder and the
+    decoder run this same code): the presence bit of each live row at column j has the context
+    of its four neighbours' bits (16 contexts, as JBIG does for a bilevel image), each context
+    an adaptive count of the bits seen so far, updated after every column, so no table is
+    sent. column(j, p (n_rows,) float64) -> that column's bits (n_rows,) bool.
+    -> the bits (n_rows, n_cols + 1) bool."""
+    grid = np.zeros((n_rows, n_cols + 1), bool)
+    ones, seen = np.zeros(1 << NEIGHBOURS), np.zeros(1 << NEIGHBOURS)
+    weights = 1 << np.arange(NEIGHBOURS)
+    for j in alive_c:
+        ctx = grid[:, nb[:, j]] @ weights
+        p = np.clip((ones[ctx] + ANS_PRIOR) / (seen[ctx] + 2 * ANS_PRIOR), ANS_P_MIN, 1 - ANS_P_MIN)
+        grid[:, j] = column(j, p)
+        ones += np.bincount(ctx, weights=grid[:, j], minlength=1 << NEIGHBOURS)
+        seen += np.bincount(ctx, minlength=1 << NEIGHBOURS)
+    return grid
+
+
+def _neighbour_clusters(present, codebook, alive_c, nb, column):
+    """The neighbours cluster model: column by column as _neighbour_presence, the cluster of
+    each weight has the context of its left and upper neighbours' signs (absent, negative,
+    non-negative centroid: 9 contexts; a pruned receptive field is smooth, so a weight's sign
+    tells its neighbour's), each context adaptive counts of the k clusters.
+    present (n_rows, n_cols + 1) bool; codebook (k,). column(j, rows (m,), probabilities (m, k)
+    float64) -> their clusters (m,). -> clusters (n_rows, n_cols + 1) int64, -1 where absent."""
+    k = len(codebook)
+    sign = np.where(np.asarray(codebook) < 0, 1, 2)
+    clusters = np.full(present.shape, -1, np.int64)
+    signs = np.zeros(present.shape, np.int64)
+    counts = np.full((SIGNS * SIGNS, k), ANS_PRIOR)
+    for j in alive_c:
+        rows = np.flatnonzero(present[:, j])
+        if not len(rows):
+            continue
+        ctx = SIGNS * signs[rows, nb[0, j]] + signs[rows, nb[1, j]]
+        got = column(j, rows, counts[ctx] / counts[ctx].sum(1, keepdims=True))
+        clusters[rows, j], signs[rows, j] = got, sign[got]
+        np.add.at(counts, (ctx, got), 1)
+    return clusters
 
 
 def _ans_words(encode):
@@ -533,15 +609,57 @@ def _cluster_model(freqs):
     return constriction.stream.model.Categorical(freqs.astype(np.float64), perfect=False)
 
 
+def _neighbour_payloads(present, flat_index, codebook, h, w):
+    """Encode a layer's presence and clusters under the neighbours models read as images of
+    h x w. present (R, C) bool, flat_index (R * C,). -> (presence bytes, cluster bytes, None
+    for a single centroid)."""
+    n_rows, n_cols = present.shape
+    alive_r, alive_c = np.flatnonzero(present.any(1)), np.flatnonzero(present.any(0))
+    nb = _neighbours(n_cols, h, w)
+    live = present[alive_r]
+    ps, bits = [], []
+
+    def column(j, p):
+        ps.append(p)
+        bits.append(live[:, j])
+        return live[:, j]
+
+    grid = _neighbour_presence(len(alive_r), n_cols, alive_c, nb, column)
+    flags = np.concatenate([present.any(1), present.any(0)]).astype(np.int32)
+    p_flags = np.concatenate([np.full(n_rows, len(alive_r) / n_rows), np.full(n_cols, len(alive_c) / n_cols)])
+    symbols = np.concatenate([flags] + bits).astype(np.int32)
+    p = np.clip(np.concatenate([p_flags] + ps), ANS_P_MIN, 1 - ANS_P_MIN)
+    bernoulli = constriction.stream.model.Bernoulli(perfect=False)
+    presence = (struct.pack("<BII", 2, len(alive_r), len(alive_c))
+                + _ans_words(lambda c: c.encode_reverse(symbols, bernoulli, p)))
+    if len(codebook) == 1:  # every cluster is known
+        return presence, None
+    index = flat_index.reshape(n_rows, n_cols)[alive_r]
+    probs, got = [], []
+
+    def cluster_column(j, rows, q):
+        probs.append(q)
+        got.append(index[rows, j].astype(np.int64))
+        return got[-1]
+
+    _neighbour_clusters(grid, codebook, alive_c, nb, cluster_column)
+    categorical = constriction.stream.model.Categorical(perfect=False)
+    clusters = struct.pack("<B", 1) + (_ans_words(lambda c: c.encode_reverse(
+        np.concatenate(got).astype(np.int32), categorical, np.concatenate(probs))) if got else _ans_words(lambda c: None))
+    return presence, clusters
+
+
 def _ans_payload(name, codebook, index, mask):
     """Encode layer `name` as an 'A' section, or None where its weight matrix is too wide for
-    the counts' Huffman alphabet. The positions: a presence bit per place, either all under
-    p = non-zeros / elements ('uniform'), or ('margins') after the non-zeros per row and per
-    column (Huffman streams) under _presence_model, whichever is smaller; the clusters: one
-    static distribution per layer (k frequencies u16, scaled so the largest is 65535); both
-    through constriction's ANS coder (Duda 2013), which spends -log2 p bits a symbol where a
-    Huffman code spends whole bits (a presence bit of p = 0.05 costs Huffman 1 bit, ANS 0.07).
-    -> (payload, report row) or None."""
+    the counts' Huffman alphabet. The positions: a presence bit per place, under whichever of
+    three models is smallest: 'uniform', p = non-zeros / elements; 'margins', after the
+    non-zeros per row and per column (Huffman streams), _presence_model; 'neighbours', after
+    a flag per row and per column (live or not), _neighbour_presence on each row read as an
+    image, the image shape (of _layouts) that codes smallest. The clusters: one static
+    distribution per layer (k frequencies u16, scaled so the largest is 65535) or
+    _neighbour_clusters, the smaller. All through constriction's ANS coder (Duda 2013), which
+    spends -log2 p bits a symbol where a Huffman code spends whole bits (a presence bit of
+    p = 0.05 costs Huffman 1 bit, ANS 0.07). -> (payload, report row) or None."""
     k, head, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
     shape = tuple(mask.shape)
     n_rows, n_cols = _matrix(shape)
@@ -560,21 +678,37 @@ def _ans_payload(name, codebook, index, mask):
     margins = (struct.pack("<B", 1) + _write_stream(rows.astype(np.int32), n_cols + 1)[0]
                + _write_stream(cols.astype(np.int32), n_rows + 1)[0]
                + _ans_words(lambda c: c.encode_reverse(bits, bernoulli, p.reshape(-1)) if len(bits) else None))
-    presence = min(uniform, margins, key=len)
     freqs = np.zeros(k, np.int64)
     if len(clusters):
         counts = np.bincount(clusters, minlength=k)
         freqs = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype(np.int64)
-    cluster_words = _ans_words(lambda c: c.encode_reverse(clusters, _cluster_model(freqs)) if len(clusters) else None)
-    payload = head + struct.pack("<I", len(clusters)) + freqs.astype("<u2").tobytes() + presence + cluster_words
+    # one centroid: every cluster is known, no words
+    static = struct.pack("<B", 0) + _ans_words(
+        lambda c: c.encode_reverse(clusters, _cluster_model(freqs)) if len(clusters) and k > 1 else None)
+    # each image shape with its neighbours models, against the static ones
+    best = None
+    for h, w in _layouts(shape):
+        by_neighbours = _neighbour_payloads(present, flat_index, codebook.detach().cpu().numpy(), h, w)
+        choice = (min(uniform, margins, by_neighbours[0], key=len),
+                  min(static, by_neighbours[1], key=len) if by_neighbours[1] else static, (h, w))
+        if best is None or len(choice[0]) + len(choice[1]) < len(best[0]) + len(best[1]):
+            best = choice
+    presence, cluster_words, (h, w) = best
+    payload = (head + struct.pack("<I", len(clusters)) + freqs.astype("<u2").tobytes() + struct.pack("<HH", h, w)
+               + presence + cluster_words)
     nnz = max(len(clusters), 1)
     weight_bytes = 2 * k + len(cluster_words)
-    return payload, dict(name=name, kind="quantized", coder="ans", presence="uniform" if presence is uniform else "margins",
+    return payload, dict(name=name, kind="quantized", coder="ans", presence=PRESENCE_MODELS[presence[0]],
+                         clusters_model=CLUSTER_MODELS[cluster_words[0]], image=[h, w],
                          shape=list(shape), params=mask.numel(), nonzero=len(clusters), clusters=k,
                          weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=4 * k,
                          weight_bits_huffman=8 * weight_bytes / nnz, index_bits=0, fillers=0, index_bits_raw=0.0,
                          index_bits_huffman=8 * len(presence) / nnz, weight_bytes=weight_bytes,
                          index_bytes=len(presence), bytes=len(payload) + FRAME)
+
+
+PRESENCE_MODELS = ("uniform", "margins", "neighbours")
+CLUSTER_MODELS = ("static", "neighbours")
 
 
 def _matrix(shape):
@@ -604,6 +738,46 @@ def _ans_decode(coder, count, model, *params):
     return np.asarray(out, np.int64)
 
 
+def _ans_decoder(r):
+    """The next ANS words of r -> (coder, decode(model, *params) -> symbols (n,) int64)."""
+    coder = _read_ans_words(r)
+
+    def decode(model, *params):
+        try:
+            return np.asarray(coder.decode(model, *params), np.int64)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"bad ANS stream ({e})") from None
+    return coder, decode
+
+
+def _read_neighbour_presence(r, n_rows, n_cols, nnz, nb):
+    """Presence model 2 (see _neighbour_payloads) -> (present (n_rows, n_cols + 1) bool over
+    every row, live columns (C',))."""
+    live_rows, live_cols = r.unpack("<II")
+    if live_rows > n_rows or live_cols > n_cols or nnz < max(live_rows, live_cols) or (nnz and not live_rows):
+        raise ValueError(f"{live_rows} live rows and {live_cols} live columns of {n_rows} x {n_cols} "
+                         f"for {nnz} non-zeros")
+    coder, decode = _ans_decoder(r)
+    bernoulli = constriction.stream.model.Bernoulli(perfect=False)
+    p = np.clip(np.concatenate([np.full(n_rows, live_rows / n_rows), np.full(n_cols, live_cols / n_cols)]),
+                ANS_P_MIN, 1 - ANS_P_MIN)
+    flags = decode(bernoulli, p).astype(bool)
+    alive_r, alive_c = np.flatnonzero(flags[:n_rows]), np.flatnonzero(flags[n_rows:])
+    if len(alive_r) != live_rows or len(alive_c) != live_cols:
+        raise ValueError(f"flags mark {len(alive_r)} rows and {len(alive_c)} columns live where the section "
+                         f"says {live_rows} and {live_cols}: corrupt")
+    grid = _neighbour_presence(live_rows, n_cols, alive_c, nb, lambda j, p: decode(bernoulli, p).astype(bool))
+    if not coder.is_empty():
+        raise ValueError("ANS stream holds more than its symbols: corrupt")
+    live = grid[:, :n_cols]
+    if live.sum() != nnz or not live.any(1).all() or not live[:, alive_c].any(0).all():
+        raise ValueError(f"presence bits hold {live.sum()} non-zeros where the section says {nnz}, "
+                         "or leave a live row or column empty: corrupt")
+    present = np.zeros((n_rows, n_cols + 1), bool)
+    present[alive_r] = grid
+    return present, alive_c
+
+
 def _read_ans(r, name, shape, clusters):
     """Decode an 'A' section (see _ans_payload) -> codebook, index and mask of layer `name`,
     every count checked against the model's shape before anything is allocated."""
@@ -618,8 +792,10 @@ def _read_ans(r, name, shape, clusters):
     if nnz > numel:
         raise ValueError(f"{nnz} non-zeros in {numel} elements")
     freqs = np.frombuffer(r.take(2 * k), "<u2").astype(np.int64)
-    if nnz and not freqs.any():
-        raise ValueError("no cluster has a frequency")
+    h, w = r.unpack("<HH") if r.version >= 7 else (1, 1)
+    if not (h and w and n_cols % (h * w) == 0):
+        raise ValueError(f"rows read as images of {h} x {w}, which do not divide their {n_cols} columns")
+    nb = _neighbours(n_cols, h, w)
     bernoulli = constriction.stream.model.Bernoulli(perfect=False)
     model = r.unpack("<B")[0]
     if model == 0:  # uniform
@@ -627,6 +803,7 @@ def _read_ans(r, name, shape, clusters):
         present = _ans_decode(_read_ans_words(r), numel, bernoulli, p).astype(bool)
         if present.sum() != nnz:
             raise ValueError(f"presence bits hold {present.sum()} non-zeros where the section says {nnz}: corrupt")
+        present = present.reshape(n_rows, n_cols)
     elif model == 1:  # margins
         rows = _read_stream(r, n_rows, n_cols + 1).astype(np.int64)
         cols = _read_stream(r, n_cols, n_rows + 1).astype(np.int64)
@@ -641,12 +818,38 @@ def _read_ans(r, name, shape, clusters):
             raise ValueError("presence bits disagree with the row and column counts: corrupt")
         present = np.zeros((n_rows, n_cols), bool)
         present[np.ix_(alive_r, alive_c)] = bits.astype(bool)
+    elif model == 2 and r.version >= 7:
+        present, alive_c = _read_neighbour_presence(r, n_rows, n_cols, nnz, nb)
+        present = present[:, :n_cols]
     else:
         raise ValueError(f"unknown presence model {model}")
-    cluster_coder = _read_ans_words(r)
-    cluster_ids = _ans_decode(cluster_coder, nnz, _cluster_model(freqs)) if nnz else np.zeros(0, np.int64)
+    cluster_model = r.unpack("<B")[0] if r.version >= 7 else 0
+    if cluster_model == 0:
+        if nnz and not freqs.any():
+            raise ValueError("no cluster has a frequency")
+        cluster_coder = _read_ans_words(r)
+        if nnz and k > 1:
+            cluster_ids = _ans_decode(cluster_coder, nnz, _cluster_model(freqs))
+        else:  # one centroid (from version 7): no words
+            if not cluster_coder.is_empty():
+                raise ValueError("ANS stream holds more than its symbols: corrupt")
+            cluster_ids = np.zeros(nnz, np.int64)
+        positions = np.flatnonzero(present)
+    elif cluster_model == 1 and k > 1:
+        coder, decode = _ans_decoder(r)
+        categorical = constriction.stream.model.Categorical(perfect=False)
+        grid = np.zeros((n_rows, n_cols + 1), bool)
+        grid[:, :n_cols] = present
+        ids = _neighbour_clusters(grid, codebook.numpy(), np.flatnonzero(present.any(0)), nb,
+                                  lambda j, rows, q: decode(categorical, q))
+        if not coder.is_empty():
+            raise ValueError("ANS stream holds more than its symbols: corrupt")
+        positions = np.flatnonzero(present)
+        cluster_ids = ids[:, :n_cols].reshape(-1)[positions]
+    else:
+        raise ValueError(f"unknown cluster model {cluster_model}")
     r.done()
-    return _layer_tensors(name, shape, codebook, np.flatnonzero(present), cluster_ids, index_dtype, mask_dtype)
+    return _layer_tensors(name, shape, codebook, positions, cluster_ids, index_dtype, mask_dtype)
 
 
 def _read_quantized(r, name, shape, clusters):

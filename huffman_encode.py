@@ -30,7 +30,8 @@ index_bits = {"*": 0}       # per layer: relative-index span b (gaps up to 2**b-
                             # dense codes (a symbol per weight, 0 = pruned), that make the section smallest;
                             # the paper: --index_bits="{'conv': 8, 'fc': 5}"
 coder = "huffman"           # huffman (the paper's: canonical Huffman codes) | ans (each quantized layer also coded
-                            # with ANS under context models, kept where smaller; format 5, needs constriction)
+                            # with ANS under context models: row and column counts, or a weight's neighbours in
+                            # the image its row reads as; kept where smaller; needs constriction)
 decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
 runtime = "quantized"       # with decode, the layers tested: quantized (codebook, index, mask) | dense (plain
                             # nn.Linear / nn.Conv2d) | sparse (inference from the compact form, CPU; runtime.py)
@@ -75,6 +76,7 @@ def byte_table(report, size):
         "0 = pruned, counted as weights; span ans: coded with ANS, indices = counts + presence bits; "
         "weights and indices include their code tables; "
         "the rest of a total is name, shape, counts and section framing with CRC)",
+
         f"other tensors (biases, batch-norm, unquantized): "
         f"{sum(len(r.get('members', [r])) for r in raw)} tensors ({sum(r['kind'] == 'tabled' for r in raw)} as "
         f"value tables, {sum(len(r['members']) for r in raw if r['kind'] == 'shared')} in "
@@ -82,6 +84,11 @@ def byte_table(report, size):
         f"header, format version and end marker: {report['header_bytes']} bytes",
         f"dense float32: {report['dense_bytes']} bytes -> compressed file: {size} bytes "
         f"({report['dense_bytes'] / size:.1f} x)"]
+    ans = [f"{r['name']} presence {r['presence']}, clusters {r['clusters_model']}"
+           + (f" (rows as {r['image'][0]} x {r['image'][1]} images)"
+              if "neighbours" in (r["presence"], r["clusters_model"]) else "") for r in q if r.get("coder") == "ans"]
+    if ans:
+        lines.insert(len(q) + 3, "ans models: " + "; ".join(ans))
     return "\n".join(lines)
 
 

@@ -175,7 +175,7 @@ def main(cfg):
     dead = drop_dead_units(net) if cfg["drop_dead"] else None
     if dead is not None:
         print(f"dead units: {dead['unread']} unread, {dead['constant']} constant (folded into the next bias): "
-              f"{dead['weights']} weights pruned, the same function")
+              f"{dead['weights']} weights pruned, {dead['biases']} biases of idle units zeroed, the same function")
     zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}  # what stays 0 from here on
 
     if cfg["method"] == "kmeans":

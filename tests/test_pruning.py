@@ -686,11 +686,17 @@ def test_dead_units_known_answer():
     w2[5] = 0  # neuron 5's incoming weights go first (unread), its bias no longer matters
     x = torch.randn(16, 1, 28, 28)
     before = net(x).detach()
-    assert drop_dead_units(net) == dict(unread=1, constant=1, weights=300 + 98)  # fc2 row 5, column 0
+    b1 = net.fc1.bias.clone()
+    # fc2 row 5, column 0; fc1 neuron 0 (folded, then read by nothing) and fc2 neurons 5 and 7
+    # (without inputs, read by nothing) keep no bias
+    assert drop_dead_units(net) == dict(unread=1, constant=1, weights=300 + 98, biases=3)
     assert torch.equal(net.fc2.mask[5], torch.zeros(300)) and torch.equal(net.fc2.weight[5], torch.zeros(300))
-    assert (net.fc2.mask[:, 0] == 0).all() and torch.allclose(net.fc2.bias, b2 + 2.0 * w2)
+    assert (net.fc2.mask[:, 0] == 0).all()
+    b2[5] = b2[7] = 0
+    assert torch.allclose(net.fc2.bias, b2 + 2.0 * w2)
+    assert net.fc1.bias[0] == 0 and torch.equal(net.fc1.bias[1:], b1[1:])
     assert torch.allclose(net(x), before, atol=1e-5)
-    assert drop_dead_units(net) == dict(unread=0, constant=0, weights=0)  # nothing left to find
+    assert drop_dead_units(net) == dict(unread=0, constant=0, weights=0, biases=0)  # nothing left to find
     assert drop_dead_units(build_model("resnet20")) is None  # not a chain
 
 
@@ -707,5 +713,5 @@ def test_dead_units_keep_the_outputs_on_random_inputs(name):
     x = torch.randn(32, 1, 28, 28)
     before = net(x).detach()
     found = drop_dead_units(net)
-    assert found["unread"] > 0 and found["constant"] > 0 and found["weights"] > 0
+    assert found["unread"] > 0 and found["constant"] > 0 and found["weights"] > 0 and found["biases"] > 0
     assert torch.allclose(net(x), before, atol=1e-5, rtol=1e-5)

@@ -578,12 +578,13 @@ def _neighbour_clusters(present, codebook, alive_c, nb, column):
     each weight has the context of its left and upper neighbours' signs (absent, negative,
     non-negative centroid: 9 contexts; a pruned receptive field is smooth, so a weight's sign
     tells its neighbour's), each context adaptive counts of the k clusters.
-    present (n_rows, n_cols + 1) bool; codebook (k,). column(j, rows (m,), probabilities (m, k)
-    float64) -> their clusters (m,). -> clusters (n_rows, n_cols + 1) int64, -1 where absent."""
+    present (n_rows, n_cols) bool; codebook (k,). column(j, rows (m,), probabilities (m, k)
+    float64) -> their clusters (m,). -> clusters (n_rows, n_cols) int64, -1 where absent."""
     k = len(codebook)
     sign = np.where(np.asarray(codebook) < 0, 1, 2)
-    clusters = np.full(present.shape, -1, np.int64)
-    signs = np.zeros(present.shape, np.int64)
+    n_rows, n_cols = present.shape
+    clusters = np.full((n_rows, n_cols + 1), -1, np.int64)  # column n_cols: the absent neighbour
+    signs = np.zeros((n_rows, n_cols + 1), np.int64)
     counts = np.full((SIGNS * SIGNS, k), ANS_PRIOR)
     for j in alive_c:
         rows = np.flatnonzero(present[:, j])
@@ -593,7 +594,13 @@ def _neighbour_clusters(present, codebook, alive_c, nb, column):
         got = column(j, rows, counts[ctx] / counts[ctx].sum(1, keepdims=True))
         clusters[rows, j], signs[rows, j] = got, sign[got]
         np.add.at(counts, (ctx, got), 1)
-    return clusters
+    return clusters[:, :n_cols]
+
+
+def _flag_probabilities(n_rows, n_cols, live_rows, live_cols):
+    """p of the neighbours model's live flags: a row's R'/R, then a column's C'/C. -> (R + C,)"""
+    return np.clip(np.concatenate([np.full(n_rows, live_rows / n_rows), np.full(n_cols, live_cols / n_cols)]),
+                   ANS_P_MIN, 1 - ANS_P_MIN)
 
 
 def _ans_words(encode):
@@ -626,9 +633,8 @@ def _neighbour_payloads(present, flat_index, codebook, h, w):
 
     grid = _neighbour_presence(len(alive_r), n_cols, alive_c, nb, column)
     flags = np.concatenate([present.any(1), present.any(0)]).astype(np.int32)
-    p_flags = np.concatenate([np.full(n_rows, len(alive_r) / n_rows), np.full(n_cols, len(alive_c) / n_cols)])
     symbols = np.concatenate([flags] + bits).astype(np.int32)
-    p = np.clip(np.concatenate([p_flags] + ps), ANS_P_MIN, 1 - ANS_P_MIN)
+    p = np.concatenate([_flag_probabilities(n_rows, n_cols, len(alive_r), len(alive_c))] + ps)
     bernoulli = constriction.stream.model.Bernoulli(perfect=False)
     presence = (struct.pack("<BII", 2, len(alive_r), len(alive_c))
                 + _ans_words(lambda c: c.encode_reverse(symbols, bernoulli, p)))
@@ -642,7 +648,7 @@ def _neighbour_payloads(present, flat_index, codebook, h, w):
         got.append(index[rows, j].astype(np.int64))
         return got[-1]
 
-    _neighbour_clusters(grid, codebook, alive_c, nb, cluster_column)
+    _neighbour_clusters(grid[:, :n_cols], codebook, alive_c, nb, cluster_column)
     categorical = constriction.stream.model.Categorical(perfect=False)
     clusters = struct.pack("<B", 1) + (_ans_words(lambda c: c.encode_reverse(
         np.concatenate(got).astype(np.int32), categorical, np.concatenate(probs))) if got else _ans_words(lambda c: None))
@@ -686,9 +692,9 @@ def _ans_payload(name, codebook, index, mask):
     static = struct.pack("<B", 0) + _ans_words(
         lambda c: c.encode_reverse(clusters, _cluster_model(freqs)) if len(clusters) and k > 1 else None)
     # each image shape with its neighbours models, against the static ones
-    best = None
+    best, centroids = None, codebook.detach().cpu().numpy()
     for h, w in _layouts(shape):
-        by_neighbours = _neighbour_payloads(present, flat_index, codebook.detach().cpu().numpy(), h, w)
+        by_neighbours = _neighbour_payloads(present, flat_index, centroids, h, w)
         choice = (min(uniform, margins, by_neighbours[0], key=len),
                   min(static, by_neighbours[1], key=len) if by_neighbours[1] else static, (h, w))
         if best is None or len(choice[0]) + len(choice[1]) < len(best[0]) + len(best[1]):
@@ -727,55 +733,48 @@ def _read_ans_words(r):
         raise ValueError(f"bad ANS stream ({e})") from None
 
 
-def _ans_decode(coder, count, model, *params):
-    """Decode `count` symbols and check that they used up the stream exactly."""
+def _ans_symbols(coder, model, *params):
+    """Decode the next symbols (as many as params, or params[0] for a fixed model) -> (n,) int64."""
     try:
-        out = coder.decode(model, *params) if params else coder.decode(model, count)
+        return np.asarray(coder.decode(model, *params), np.int64)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"bad ANS stream ({e})") from None
+
+
+def _ans_end(coder):
     if not coder.is_empty():
         raise ValueError("ANS stream holds more than its symbols: corrupt")
-    return np.asarray(out, np.int64)
 
 
-def _ans_decoder(r):
-    """The next ANS words of r -> (coder, decode(model, *params) -> symbols (n,) int64)."""
-    coder = _read_ans_words(r)
-
-    def decode(model, *params):
-        try:
-            return np.asarray(coder.decode(model, *params), np.int64)
-        except (ValueError, RuntimeError) as e:
-            raise ValueError(f"bad ANS stream ({e})") from None
-    return coder, decode
+def _ans_decode(coder, count, model, *params):
+    """Decode `count` symbols and check that they used up the stream exactly."""
+    out = _ans_symbols(coder, model, *(params or (count,)))
+    _ans_end(coder)
+    return out
 
 
 def _read_neighbour_presence(r, n_rows, n_cols, nnz, nb):
-    """Presence model 2 (see _neighbour_payloads) -> (present (n_rows, n_cols + 1) bool over
-    every row, live columns (C',))."""
+    """Presence model 2 (see _neighbour_payloads) -> present (n_rows, n_cols) bool."""
     live_rows, live_cols = r.unpack("<II")
     if live_rows > n_rows or live_cols > n_cols or nnz < max(live_rows, live_cols) or (nnz and not live_rows):
         raise ValueError(f"{live_rows} live rows and {live_cols} live columns of {n_rows} x {n_cols} "
                          f"for {nnz} non-zeros")
-    coder, decode = _ans_decoder(r)
+    coder = _read_ans_words(r)
     bernoulli = constriction.stream.model.Bernoulli(perfect=False)
-    p = np.clip(np.concatenate([np.full(n_rows, live_rows / n_rows), np.full(n_cols, live_cols / n_cols)]),
-                ANS_P_MIN, 1 - ANS_P_MIN)
-    flags = decode(bernoulli, p).astype(bool)
+    flags = _ans_symbols(coder, bernoulli, _flag_probabilities(n_rows, n_cols, live_rows, live_cols)).astype(bool)
     alive_r, alive_c = np.flatnonzero(flags[:n_rows]), np.flatnonzero(flags[n_rows:])
     if len(alive_r) != live_rows or len(alive_c) != live_cols:
         raise ValueError(f"flags mark {len(alive_r)} rows and {len(alive_c)} columns live where the section "
                          f"says {live_rows} and {live_cols}: corrupt")
-    grid = _neighbour_presence(live_rows, n_cols, alive_c, nb, lambda j, p: decode(bernoulli, p).astype(bool))
-    if not coder.is_empty():
-        raise ValueError("ANS stream holds more than its symbols: corrupt")
-    live = grid[:, :n_cols]
+    live = _neighbour_presence(live_rows, n_cols, alive_c, nb,
+                               lambda j, p: _ans_symbols(coder, bernoulli, p).astype(bool))[:, :n_cols]
+    _ans_end(coder)
     if live.sum() != nnz or not live.any(1).all() or not live[:, alive_c].any(0).all():
         raise ValueError(f"presence bits hold {live.sum()} non-zeros where the section says {nnz}, "
                          "or leave a live row or column empty: corrupt")
-    present = np.zeros((n_rows, n_cols + 1), bool)
-    present[alive_r] = grid
-    return present, alive_c
+    present = np.zeros((n_rows, n_cols), bool)
+    present[alive_r] = live
+    return present
 
 
 def _read_ans(r, name, shape, clusters):
@@ -819,8 +818,7 @@ def _read_ans(r, name, shape, clusters):
         present = np.zeros((n_rows, n_cols), bool)
         present[np.ix_(alive_r, alive_c)] = bits.astype(bool)
     elif model == 2 and r.version >= 7:
-        present, alive_c = _read_neighbour_presence(r, n_rows, n_cols, nnz, nb)
-        present = present[:, :n_cols]
+        present = _read_neighbour_presence(r, n_rows, n_cols, nnz, nb)
     else:
         raise ValueError(f"unknown presence model {model}")
     cluster_model = r.unpack("<B")[0] if r.version >= 7 else 0
@@ -831,21 +829,17 @@ def _read_ans(r, name, shape, clusters):
         if nnz and k > 1:
             cluster_ids = _ans_decode(cluster_coder, nnz, _cluster_model(freqs))
         else:  # one centroid (from version 7): no words
-            if not cluster_coder.is_empty():
-                raise ValueError("ANS stream holds more than its symbols: corrupt")
+            _ans_end(cluster_coder)
             cluster_ids = np.zeros(nnz, np.int64)
         positions = np.flatnonzero(present)
     elif cluster_model == 1 and k > 1:
-        coder, decode = _ans_decoder(r)
+        coder = _read_ans_words(r)
         categorical = constriction.stream.model.Categorical(perfect=False)
-        grid = np.zeros((n_rows, n_cols + 1), bool)
-        grid[:, :n_cols] = present
-        ids = _neighbour_clusters(grid, codebook.numpy(), np.flatnonzero(present.any(0)), nb,
-                                  lambda j, rows, q: decode(categorical, q))
-        if not coder.is_empty():
-            raise ValueError("ANS stream holds more than its symbols: corrupt")
+        ids = _neighbour_clusters(present, codebook.numpy(), np.flatnonzero(present.any(0)), nb,
+                                  lambda j, rows, q: _ans_symbols(coder, categorical, q))
+        _ans_end(coder)
         positions = np.flatnonzero(present)
-        cluster_ids = ids[:, :n_cols].reshape(-1)[positions]
+        cluster_ids = ids.reshape(-1)[positions]
     else:
         raise ValueError(f"unknown cluster model {cluster_model}")
     r.done()

@@ -75,8 +75,13 @@ def byte_table(report, size):
         "(bits per non-zero; index bits count the fillers; span none: dense codes, one symbol per weight, "
         "0 = pruned, counted as weights; span ans: coded with ANS, indices = counts + presence bits; "
         "weights and indices include their code tables; "
-        "the rest of a total is name, shape, counts and section framing with CRC)",
-
+        "the rest of a total is name, shape, counts and section framing with CRC)"]
+    ans = [f"{r['name']} presence {r['presence']}, clusters {r['clusters_model']}"
+           + (f" (rows as {r['image'][0]} x {r['image'][1]} images)"
+              if "neighbours" in (r["presence"], r["clusters_model"]) else "") for r in q if r.get("coder") == "ans"]
+    if ans:
+        lines.append("ans models: " + "; ".join(ans))
+    lines += [
         f"other tensors (biases, batch-norm, unquantized): "
         f"{sum(len(r.get('members', [r])) for r in raw)} tensors ({sum(r['kind'] == 'tabled' for r in raw)} as "
         f"value tables, {sum(len(r['members']) for r in raw if r['kind'] == 'shared')} in "
@@ -84,11 +89,6 @@ def byte_table(report, size):
         f"header, format version and end marker: {report['header_bytes']} bytes",
         f"dense float32: {report['dense_bytes']} bytes -> compressed file: {size} bytes "
         f"({report['dense_bytes'] / size:.1f} x)"]
-    ans = [f"{r['name']} presence {r['presence']}, clusters {r['clusters_model']}"
-           + (f" (rows as {r['image'][0]} x {r['image'][1]} images)"
-              if "neighbours" in (r["presence"], r["clusters_model"]) else "") for r in q if r.get("coder") == "ans"]
-    if ans:
-        lines.insert(len(q) + 3, "ans models: " + "; ".join(ans))
     return "\n".join(lines)
 
 

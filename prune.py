@@ -352,26 +352,25 @@ def drop_dead_units(model):
         return None
     layers = dict(masked_layers(model))
     alive = lambda m: (m.weight.detach() * m.mask) != 0  # noqa: E731
+    fed = lambda A: alive(A).reshape(A.weight.shape[0], -1).any(1)  # noqa: E731  A's units with an input
+    read = lambda A, B: alive(B).reshape(B.weight.shape[0], A.weight.shape[0], -1).any(2).any(0)  # noqa: E731
     before = sum(int(alive(layers[n]).sum()) for n, _ in chain)
     units = dict(unread=0, constant=0)
     for (a, _), (b, _) in reversed(list(zip(chain, chain[1:]))):
         A, B = layers[a], layers[b]
-        reads = alive(B).reshape(B.weight.shape[0], A.weight.shape[0], -1).any(2).any(0)
-        unread = ~reads & alive(A).reshape(A.weight.shape[0], -1).any(1)
+        unread = ~read(A, B) & fed(A)
         units["unread"] += int(unread.sum())
         _zero(A, unread.view(-1, *[1] * (A.weight.dim() - 1)).expand_as(A.weight))
     for (a, act), (b, _) in zip(chain, chain[1:]):
         A, B = layers[a], layers[b]
         if isinstance(B, nn.Conv2d) and any(B.padding) or B.bias is None:
             continue
-        n_out = A.weight.shape[0]
-        constant = ~alive(A).reshape(n_out, -1).any(1)
-        w = (B.weight.detach() * B.mask).reshape(B.weight.shape[0], n_out, -1)
-        constant &= (w != 0).any(2).any(0)
+        constant = ~fed(A) & read(A, B)
         if not constant.any():
             continue
         value = A.bias.detach()[constant] if A.bias is not None else torch.zeros(int(constant.sum()))
         value = F.relu(value) if act == "relu" else value
+        w = (B.weight.detach() * B.mask).reshape(B.weight.shape[0], A.weight.shape[0], -1)
         with torch.no_grad():
             B.bias += (w[:, constant, :].sum(2) * value).sum(1)
         where = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
@@ -383,8 +382,7 @@ def drop_dead_units(model):
         A, B = layers[a], layers[b]
         if A.bias is None:
             continue
-        reads = alive(B).reshape(B.weight.shape[0], A.weight.shape[0], -1).any(2).any(0)
-        idle = ~reads & ~alive(A).reshape(A.weight.shape[0], -1).any(1) & (A.bias.detach() != 0)
+        idle = ~read(A, B) & ~fed(A) & (A.bias.detach() != 0)
         with torch.no_grad():
             A.bias[idle] = 0
         biases += int(idle.sum())

@@ -193,6 +193,24 @@ def test_ans_round_trip(case):
         assert fc1.get("coder") == "ans" and fc1["bytes"] < 0.95 * {r["name"]: r for r in report["layers"]}["fc1"]["bytes"]
 
 
+def flips_caught(blob, a, offsets, shape):
+    """Flip bits of section 1's payload `a` at each offset (CRC made valid again) -> how many
+    the decoder caught, each with one line; a flip the model cannot see decodes to other
+    clusters, never to another shape."""
+    caught = 0
+    for offset in offsets:
+        bad = bytearray(a)
+        bad[offset] ^= 0x55
+        try:
+            state, _ = dcfile.decode_bytes(rebuild(blob, {1: bytes(bad)}))
+        except dcfile.FormatError as e:
+            assert "\n" not in str(e)
+            caught += 1
+        else:
+            assert state["fc1.index"].shape == shape
+    return caught
+
+
 def test_corrupt_or_truncated_ans_sections_are_one_clear_error():
     g = torch.Generator().manual_seed(6)
     rows, cols = torch.rand(300, 1, generator=g) ** 3, torch.rand(1, 784, generator=g) ** 3
@@ -215,18 +233,7 @@ def test_corrupt_or_truncated_ans_sections_are_one_clear_error():
     fails(rebuild(blob, {1: patch(a, 2, "<I", 7)}), "centroids where the header says")
     fails(rebuild(blob, {1: patch(a, nnz_at + 4, "16s", bytes(16))}), "no cluster has a frequency")
     # flipped bits inside the ANS words (CRC made valid again): caught by the decoder's checks
-    caught = 0
-    for offset in range(len(a) - 200, len(a), 13):
-        bad = bytearray(a)
-        bad[offset] ^= 0x55
-        try:
-            state2, _ = dcfile.decode_bytes(rebuild(blob, {1: bytes(bad)}))
-        except dcfile.FormatError as e:
-            assert "\n" not in str(e)
-            caught += 1
-        else:  # a flip the model cannot see decodes to other clusters, never to another shape
-            assert state2["fc1.index"].shape == state["fc1.index"].shape
-    assert caught > 0
+    assert flips_caught(blob, a, range(len(a) - 200, len(a), 13), state["fc1.index"].shape) > 0
     old = rebuild(blob, {})
     fails(old[:8] + struct.pack("<H", 4) + old[10:], "kind 'A'")  # no 'A' before version 5
 
@@ -308,18 +315,7 @@ def test_corrupt_neighbours_sections_are_one_clear_error():
     fails(rebuild(blob, {1: patch(a, cluster_model_at, "<B", 2)}), "unknown cluster model 2")
     fails(rebuild(blob, {1: a[:-4]}), "needs|ANS")
     fails(rebuild(blob, {1: a[:model_at + 40]}), "needs|ANS")
-    caught = 0
-    for offset in range(model_at + 13, len(a), 37):
-        bad = bytearray(a)
-        bad[offset] ^= 0x55
-        try:
-            state2, _ = dcfile.decode_bytes(rebuild(blob, {1: bytes(bad)}))
-        except dcfile.FormatError as e:
-            assert "\n" not in str(e)
-            caught += 1
-        else:
-            assert state2["fc1.index"].shape == state["fc1.index"].shape
-    assert caught > 0
+    assert flips_caught(blob, a, range(model_at + 13, len(a), 37), state["fc1.index"].shape) > 0
     fails(blob[:8] + struct.pack("<H", 6) + blob[10:], "section 1")  # a version-6 reader's 'A' has no image
 
 

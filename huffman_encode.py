@@ -10,33 +10,29 @@ decodes it, checks every tensor against the checkpoint, tests both models and wr
 {out_dir}/{model}_compressed.json. Decode mode rebuilds a model from a .dc file alone (no
 checkpoint needed), tests it and saves it as {out_dir}/{model}_decoded.pt.
 
-The file format is in dcfile.py.
+The file format: docs/format.md (dcfile.py, huffman.py, ans.py). Settings: docs/method.md.
 """
 import os
 import time
 
+import training
 import util
-from dcfile import (CODERS, MAX_INDEX_BITS, RUNTIMES, VERSION, bit_equal, decode_file, encode_model, in_runtime,
-                    load_compressed)
+from datasets import DATASETS, DataSpec, load_data
+from dcfile import CODERS, MAX_INDEX_BITS, VERSION, bit_equal, decode_file, encode_model, load_compressed
 from models import MODELS
 from quantize import build_quantized_model, load_quantized
+from runtime import RUNTIMES, in_runtime, to_plain
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # lenet_300_100 | lenet5 | lenet5_caffe | resnet18: reads {out_dir}/{model}_quantized.pt
+model = "lenet_300_100"     # a network of models.MODELS: reads {out_dir}/{model}_quantized.pt
 out_dir = "out"             # checkpoints, the compressed file and JSON summaries
 data_root = ""              # folder holding the data set; '' = the one stage 2 used ('data' with --decode)
 device = "auto"             # where the models are tested: auto (CUDA if available) | cpu | cuda:N
-index_bits = {"*": 0}       # per layer: relative-index span b (gaps up to 2**b-1, section 2); 0 = the b, or
-                            # dense codes (a symbol per weight, 0 = pruned), that make the section smallest;
-                            # the paper: --index_bits="{'conv': 8, 'fc': 5}"
-coder = "huffman"           # huffman (the paper's: canonical Huffman codes) | ans (each quantized layer also coded
-                            # with ANS under context models: row and column counts, or a weight's neighbours in
-                            # the image its row reads as; kept where smaller; needs constriction)
+index_bits = {"*": 0}       # per layer: relative-index span bits (0 = the smallest section; the paper: conv 8, fc 5)
+coder = "huffman"           # huffman (the paper's) | ans (context models, kept where smaller)
 decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
-runtime = "quantized"       # with decode, the layers tested: quantized (codebook, index, mask) | dense (plain
-                            # nn.Linear / nn.Conv2d) | sparse (inference from the compact form, CPU; runtime.py)
-export = ""                 # with decode: also write the plain state dict (nn.Linear / nn.Conv2d keys, weights
-                            # codebook[index] * mask, no masks) to this .pt file, for torchvision or models.py
+runtime = "quantized"       # with decode, the layers tested: quantized | dense | sparse (CPU, runtime.py)
+export = ""                 # with decode: also write the plain state dict (no masks) to this .pt file
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -93,17 +89,17 @@ def byte_table(report, size):
 
 
 def _test_set(data, data_root, device):
-    """The test Batches the earlier stages used. data: {'dataset', 'subset', 'test_batch_size'}."""
-    return util.load_data(data["dataset"], data_root, data["test_batch_size"], data["test_batch_size"],
-                          0.0, data["subset"], device, 0, image_size=data.get("image_size", util.IMAGE_SIZE),
-                          workers=data.get("workers", 4))[2]
+    """The test minibatches the earlier stages used. data: the settings a file's header
+    records, {'dataset', 'subset', 'test_batch_size'} (and ImageNet's image_size, workers)."""
+    spec = DataSpec.from_settings(data, data_root=data_root, batch_size=data["test_batch_size"], val_split=0.0)
+    return load_data(spec, device)[2]
 
 
 def _test(net, test, device):
     """Print the test line of `net`; returns its accuracy in percent."""
-    loss, correct, total = util.evaluate(net.to(device), test)
-    print(util.test_line(loss, correct, total))
-    return util.percent(correct, total)
+    loss, correct, total = training.evaluate(net.to(device), test)
+    print(training.test_line(loss, correct, total))
+    return training.percent(correct, total)
 
 
 def encode_main(cfg, dev):
@@ -167,7 +163,7 @@ def decode_main(cfg, dev):
     print(f"runtime {cfg['runtime']}" + (": " + ", ".join(f"{k} {v}" for k, v in header["runtime"].items())
                                           if "runtime" in header else ""))
     data = header.get("data")
-    util.require(isinstance(data, dict) and data.get("dataset") in util.DATASETS
+    util.require(isinstance(data, dict) and data.get("dataset") in DATASETS
                  and all(type(data.get(k)) is int for k in ("subset", "test_batch_size")),
                  f"{cfg['decode']} names no test set; its model decodes but cannot be tested here")
     accuracy = _test(tested, _test_set(data, cfg["data_root"] or "data", dev), dev)
@@ -176,9 +172,7 @@ def decode_main(cfg, dev):
                          dict(accuracy=dict(decoded=accuracy), source=cfg["decode"]), quantized=header["quantized"])
     print(f"saved {path} (a quantized checkpoint: load it with quantize.load_quantized)")
     if cfg["export"]:
-        import runtime as rt
-
-        plain = {k: v.contiguous() for k, v in rt.to_plain(net).cpu().state_dict().items()}
+        plain = {k: v.contiguous() for k, v in to_plain(net).cpu().state_dict().items()}
         util.save_tensors(cfg["export"], plain)
         print(f"exported {cfg['export']}: a plain state dict of {len(plain)} tensors "
               f"(torch.load(..., weights_only=True); nn.Linear / nn.Conv2d keys, no masks)")

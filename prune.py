@@ -122,6 +122,16 @@ def layer_value(setting, name, kind):
     raise KeyError(f"no value for layer {name!r} (add a '*' default)")
 
 
+
+def per_layer(model, setting, key, which="all"):
+    """{layer name: value} of the per-layer setting `key` for every masked layer of `model`
+    (which: 'all' | 'conv' | 'fc'). Raises ValueError naming the setting where a layer has
+    no value."""
+    try:
+        return {name: layer_value(setting, name, layer_kind(m)) for name, m in masked_layers(model, which)}
+    except KeyError as e:
+        raise ValueError(f"{key}: {e.args[0]}") from None
+
 # --- thresholds: pure functions of one weight tensor and its mask --------------------------
 
 def std_threshold(weight, mask, sensitivity):

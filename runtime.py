@@ -11,6 +11,7 @@ int64 column).
 
 - `to_plain(net)`: ordinary nn.Linear / nn.Conv2d layers, weight = codebook[index] * mask,
   standard state-dict keys: what `torchvision.models.resnet18` or a mask-free model loads.
+- `load(path, runtime)`: a compressed file's model in one of RUNTIMES.
 - `to_sparse(net, example)`: SparseLinear for every masked fc layer, SparseConv2d (unfold and
   the same kernel) for each conv layer where that measured faster on `example`, else plain.
   Each fc layer keeps its weight in whichever of two layouts ran faster on its input: split
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dcfile
 import util
 from prune import MASKED, masked_weight
 
@@ -380,3 +382,40 @@ def to_sparse(net, example):
         return sparse if faster else plain
 
     return _replace(net, make), chosen
+
+
+# --- a compressed file in a runtime -------------------------------------------------------------
+
+RUNTIMES = ("quantized", "dense", "sparse")
+
+
+def in_runtime(net, header, runtime):
+    """A decoded (quantized) model in the runtime named (see load) -> (model, header; for
+    'sparse', header['runtime'] says which layers run sparse). The sparse layers are chosen
+    on an input of the shape the header gives."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "dense":
+        return to_plain(net), header
+    if runtime == "sparse":
+        in_shape = header["model"]["kwargs"].get("in_shape")
+        if not (isinstance(in_shape, list) and len(in_shape) == 3
+                and all(type(v) is int and 0 < v <= 4096 for v in in_shape)):
+            raise dcfile.FormatError("the header gives no input shape to choose the sparse layers with")
+        net, chosen = to_sparse(net, torch.zeros(1, *in_shape))
+        return net, {**header, "runtime": chosen}
+    return net, header
+
+
+def load(path, device="cpu", runtime="quantized"):
+    """Rebuild the model from a compressed file alone, in a runtime -> (nn.Module on `device`,
+    header). runtime: 'quantized' (stage 2's layers, dcfile.load_compressed), 'dense' (plain
+    nn.Linear / nn.Conv2d, weight = codebook[index] * mask, standard state-dict keys:
+    to_plain) or 'sparse' (CPU inference from the compact form: to_sparse)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "sparse" and torch.device(device).type != "cpu":
+        raise ValueError("the sparse runtime runs on the CPU: use device='cpu', or runtime='dense' on a GPU")
+    net, header = dcfile.load_compressed(path)
+    net, header = in_runtime(net, header, runtime)
+    return net.to(device), header

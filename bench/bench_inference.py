@@ -174,8 +174,8 @@ def main(cfg):
                 t = time_layer(weight, csr, n, cfg)
                 entry["layers"][lname]["batches"][str(n)] = t
                 print(row_line(f"{entry['model']} {lname}", density, n, t, mem), flush=True)
-        dense, _ = dcfile.load_compressed(path, runtime="dense")
-        sparse, sh = dcfile.load_compressed(path, runtime="sparse")
+        dense, _ = rt.load(path, runtime="dense")
+        sparse, sh = rt.load(path, runtime="sparse")
         x = torch.randn(1, *in_shape)
         with torch.no_grad():
             ref = dense(x)

@@ -4,9 +4,9 @@
 
 In one run on one machine, for each model (LeNet-5 on MNIST, ResNet-20 on CIFAR-10 by default):
   1. masked layers (weight * mask) vs plain nn.Conv2d / nn.Linear with the same weights,
-  2. in float32 and under bf16 autocast (conv networks in channels_last, as util.fit trains them),
+  2. in float32 and under bf16 autocast (conv networks in channels_last, as training.fit trains them),
 and for the first MNIST model
-  3. util.Batches (one in-memory uint8 tensor, batched indexing) vs a torch DataLoader that
+  3. datasets.Batches (one in-memory uint8 tensor, batched indexing) vs a torch DataLoader that
      normalises image by image, over the same training images in the same order, with the
      same warm-up and repeats as the training steps.
 Every configuration trains on the same minibatches: `warmup` untimed steps, then `steps` timed
@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+import training  # noqa: E402
 import util  # noqa: E402
 from models import build_model  # noqa: E402
 from prune import MASKED  # noqa: E402
@@ -52,7 +54,7 @@ def unmasked(net):
 
 
 class PerImage(torch.utils.data.Dataset):
-    """The textbook data path over the same uint8 images as util.Batches: one image at a
+    """The textbook data path over the same uint8 images as datasets.Batches: one image at a
     time to float, normalised, then collated by a DataLoader."""
 
     def __init__(self, x, y, mean, std):
@@ -67,9 +69,9 @@ class PerImage(torch.utils.data.Dataset):
 
 
 def time_steps(net, batches, precision, cfg):
-    """Seconds per training step (SGD, as util.fit trains: autocast forward, float32 loss),
+    """Seconds per training step (SGD, as training.fit trains: autocast forward, float32 loss),
     the best of `repeats` runs of `steps` steps over the same minibatches after `warmup`."""
-    fmt = util.memory_format(net)
+    fmt = training.memory_format(net)
     net = net.to(memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -120,14 +122,14 @@ def main(cfg):
     for name in cfg["models"]:
         dataset = "cifar10" if name.startswith("resnet") else "mnist"
         if dataset not in data:
-            data[dataset] = util.load_data(dataset, cfg["data_root"], cfg["batch_size"], 1000, 0.1, 0, cpu, 0)[0]
+            data[dataset] = datasets.load_data(datasets.DataSpec(dataset, cfg["data_root"], cfg["batch_size"]), cpu)[0]
         train = data[dataset]
         per_epoch = len(train)
         rows = {}
         for precision in ("fp32", "bf16"):
             for kind in ("masked", "plain"):
                 torch.manual_seed(0)
-                net = build_model(name, in_shape=list(util.DATASETS[dataset][0]))
+                net = build_model(name, in_shape=list(datasets.DATASETS[dataset][0]))
                 if kind == "plain":
                     net = unmasked(net)
                 train.gen.manual_seed(0)  # the same minibatches for every configuration
@@ -149,15 +151,15 @@ def main(cfg):
         order = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))
 
         def in_memory():
-            train.gen.manual_seed(0)  # util.Batches draws `order` first
+            train.gen.manual_seed(0)  # datasets.Batches draws `order` first
             return train
 
-        loader = torch.utils.data.DataLoader(PerImage(train.x, train.y, *util.DATASETS["mnist"][2:]),
+        loader = torch.utils.data.DataLoader(PerImage(train.x, train.y, *datasets.DATASETS["mnist"][2:]),
                                              batch_size=cfg["batch_size"], sampler=order.tolist())
         batches, per_image = time_data_path(in_memory, cfg), time_data_path(lambda: loader, cfg)
         result["data_path"] = dict(batches_ms=1000 * batches, dataloader_ms=1000 * per_image,
                                    dataloader_over_batches=per_image / batches)
-        print(f"data path, ms per minibatch of MNIST: util.Batches {1000 * batches:.2f}, "
+        print(f"data path, ms per minibatch of MNIST: datasets.Batches {1000 * batches:.2f}, "
               f"DataLoader image by image {1000 * per_image:.2f} ({per_image / batches:.1f}x)")
     util.write_json(cfg["out"], result)
     print(f"wrote {cfg['out']}")

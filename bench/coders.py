@@ -9,7 +9,7 @@ call, then `repeats` timed calls, the best kept), decodes each file and checks i
 against the checkpoint, and splits the bytes into cluster indices (weights), positions (relative
 indices, presence bits and counts), codebooks, the other tensors and the header. Prints a table,
 writes bench/results/coders.json with the CPU model and load average, and the table between the
-README's coders markers.
+coders markers of docs/experiments.md (block() renders it from that JSON).
 """
 import glob
 import os
@@ -28,7 +28,7 @@ checkpoints = ["out/bench/lenet_300_100/seed[0-9]/lenet_300_100_quantized.pt",
                "out/bench/resnet20/seed[0-9]/resnet20_quantized.pt",
                "out/bench/lenet5_caffe_ttq/seed[0-9]/lenet5_caffe_quantized.pt",
                "out/bench/resnet20_ttq/seed[0-9]/resnet20_quantized.pt"]  # stage-2 checkpoints (globs)
-readme = "README.md"        # whose table between the coders markers is replaced ('' = leave it)
+doc = "docs/experiments.md"  # whose table between the coders markers is replaced ('' = leave it)
 repeats = 3                 # timed encodes and decodes per coder (the best is kept), after one untimed call
 out = "bench/results/coders.json"  # where the figures are written
 # -----------------------------------------------------------------------------
@@ -43,6 +43,15 @@ def split(report):
                 framing=sum(r["bytes"] - r["weight_bytes"] - r["index_bytes"] - r["codebook_bytes"] for r in q),
                 other=sum(r["bytes"] for r in report["layers"] if r["kind"] != "quantized"),
                 header=report["header_bytes"])
+
+
+BEGIN, END = "<!-- coders:begin -->", "<!-- coders:end -->"
+
+
+def block(result):
+    """The text between the coders markers, from the JSON main writes: the table and the machine."""
+    return (table(result["rows"]) + f"\n\n{result['cpu']}, {result['cpus']} cores, load average "
+            f"{result['load_average']['before'][0]:.1f}; best of {result['repeats']}.")
 
 
 def table(rows):
@@ -96,11 +105,9 @@ def main(cfg):
     result = dict(rows=rows, repeats=cfg["repeats"], cpu=util.cpu_model(), cpus=os.cpu_count(),
                   load_average=dict(before=load_before, after=os.getloadavg()), time=time.strftime("%Y-%m-%d %H:%M"))
     util.write_json(cfg["out"], result)
-    text = table(rows)
-    print(text)
-    if cfg["readme"]:
-        replace_block(cfg["readme"], text + f"\n\n{result['cpu']}, {result['cpus']} cores, load average "
-                      f"{load_before[0]:.1f}; best of {cfg['repeats']}.", "<!-- coders:begin -->", "<!-- coders:end -->")
+    print(table(rows))
+    if cfg["doc"]:
+        replace_block(cfg["doc"], block(result), BEGIN, END)
     print(f"CPU: {result['cpu']}, load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; wrote {cfg['out']}")
 
 

@@ -8,7 +8,7 @@ network again (init_from), one that changes only stage 2 starts from the best ru
 network. After each round the best run is the one with the highest compression ratio whose
 decoded *validation* error is within the recipe's budget; the test set is reported for every
 finished run and never read by the choice. Writes bench/results/levers_<recipe>.json and the
-table between the README's `<!-- levers:<recipe>:begin/end -->` markers; the chosen settings
+table between the `<!-- levers:<recipe>:begin/end -->` markers of docs/experiments.md; the chosen settings
 are then written into config/<recipe>.py by hand (the script prints them).
 """
 import concurrent.futures
@@ -33,10 +33,10 @@ out_dir = "out/levers"      # runs go to {out_dir}/{recipe}/<variant> (give each
 seed = 0                    # the runs' seed (the choice is made on seed 0; other seeds repeat it)
 jobs = 2                    # runs at once within a round
 threads = 0                 # torch threads per run (0 = cores / jobs)
-readme = "README.md"        # whose lever table for this recipe is replaced ('' = leave it)
+doc = "docs/experiments.md"  # whose lever table for this recipe is replaced ('' = leave it)
 out = ""                    # the JSON ('' = bench/results/levers_{recipe}.json)
 reuse = False               # keep a run whose folder holds summaries made with the same settings
-render = False              # only rewrite the README's table from the recorded JSON (no runs)
+render = False              # only rewrite the doc's table from the recorded JSON (no runs)
 base = ""                   # a stage-1 run folder of the recipe (seed 0) to start from: the recipe's stages 2-3
                             # quantize its network, stage-1 levers prune its dense network ('' = run stage 1 too)
 # -----------------------------------------------------------------------------
@@ -105,8 +105,9 @@ def lever_table(runs, chosen, budget):
     return "\n".join(lines)
 
 
-def write_table(readme, name, text):
-    replace_block(readme, text, f"<!-- levers:{name}:begin -->", f"<!-- levers:{name}:end -->")
+def markers(name):
+    """The begin and end markers of recipe `name`'s lever table."""
+    return f"<!-- levers:{name}:begin -->", f"<!-- levers:{name}:end -->"
 
 
 def main(cfg):
@@ -116,8 +117,8 @@ def main(cfg):
         done = json.load(open(out))
         text = lever_table(done["runs"], done["chosen"], done["budget"])
         print(text)
-        if cfg["readme"]:
-            write_table(cfg["readme"], cfg["recipe"], text)
+        if cfg["doc"]:
+            replace_block(cfg["doc"], text, *markers(cfg["recipe"]))
         return
     util.require(cfg["recipe"] in LEVERS, f"no levers for {cfg['recipe']!r}; choose from {', '.join(LEVERS)}")
     recipes = read_recipes(cfg["recipe_dir"])
@@ -171,8 +172,8 @@ def main(cfg):
     util.write_json(out,
                     dict(recipe=name, start=recipe, budget=budget, chosen=best["label"], overrides=best["overrides"],
                          runs=runs, hardware=this_machine()))
-    if cfg["readme"]:
-        write_table(cfg["readme"], name, text)
+    if cfg["doc"]:
+        replace_block(cfg["doc"], text, *markers(name))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ three shell commands it runs (`python pruning.py config/<recipe>.py --seed=...`)
 be reproduced by hand too.
 """
 import concurrent.futures
+import hashlib
 import json
 import os
 import statistics
@@ -42,6 +43,8 @@ hardware = ""               # what this invocation's runs ran on ('' = this mach
 dry_run = False             # print the commands only
 reuse = False               # keep a run whose folder already holds the three summaries, made with the recipe's
                             # settings and seed, instead of running it again (resume; add seeds to a table)
+ship = "bench/results/dc"   # each run's .dc file is copied here as {recipe}-seed{N}.dc, its sha256 recorded
+                            # (bench/verify.py checks them); '' = not shipped
 overrides = {}              # {stage: {setting: value}} over the recipe for every run: collecting runs that took
                             # an earlier dense network, e.g. "{'pruning': {'restart_epochs': 0}}"
 # -----------------------------------------------------------------------------
@@ -143,6 +146,17 @@ def run_one(recipe, seed, cfg, threads, recipes):
     return {**run_stages(f"{recipe} seed {seed}", argv, folder, model, threads), "recipe": recipe, "seed": seed}
 
 
+def ship_file(run, folder):
+    """Copy a run's compressed file to {folder}/{recipe}-seed{N}.dc -> the run with its 'file'
+    (relative to the project where it lies inside it) and 'sha256'."""
+    with open(os.path.join(run["folder"], f"{run['model']}.dc"), "rb") as f:
+        blob = f.read()
+    dest = os.path.abspath(os.path.join(folder, f"{run['recipe']}-seed{run['seed']}.dc"))
+    util.write_bytes(dest, blob)
+    inside = os.path.commonpath([dest, ROOT]) == ROOT
+    return {**run, "file": os.path.relpath(dest, ROOT) if inside else dest, "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def summarise(runs):
     """One row per recipe from its seeds' rows: means, with the spread of the decoded error
     and the ratio over seeds (sample standard deviation; 0 for one seed)."""
@@ -179,6 +193,8 @@ def main(cfg):
     hw = cfg["hardware"] or this_machine()
     with concurrent.futures.ThreadPoolExecutor(cfg["jobs"]) as pool:
         runs = [{**r, "hardware": hw} for r in pool.map(lambda job: run_one(*job, cfg, threads, recipes), todo)]
+    if cfg["ship"]:
+        runs = [ship_file(r, cfg["ship"]) for r in runs]
     # Runs of recipes not run this time stay in the results (and the table), so one recipe can
     # be rerun alone; the rows follow the order of the recipes.
     if os.path.isfile(cfg["out"]):

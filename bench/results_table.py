@@ -55,7 +55,7 @@ def row(folder, model):
                 error=dict(dense=100 - dense_accuracy, retrained=100 - p["accuracy"].get("retrained", dense_accuracy),
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),
                 # the decoded model is the quantized one bit for bit: its validation error is stage 2's
-                val_error=100 - q["validation"]["quantized"],
+                val_error=100 - q["validation"]["quantized"], val_split=s["val_split"],
                 alive=100 * alive / p["params"]["total"],
                 dense_bytes=c["dense_bytes"], compressed_bytes=c["compressed_bytes"], ratio=c["ratio"],
                 epochs=epochs, minutes=(dense.get("seconds", 0) + p["seconds"] + q["seconds"] + c["encode_seconds"]

@@ -18,6 +18,8 @@ import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+import training  # noqa: E402
 import util  # noqa: E402
 from models import build_model  # noqa: E402
 from prune import apply_threshold, masked_layers, std_threshold  # noqa: E402
@@ -40,8 +42,8 @@ def sensitivity_scan(net, data, sensitivities):
     threshold s x std of its weights (the std rule of prune.py) and evaluate on `data`.
     `net` is left as it was. -> {layer: [{sensitivity, threshold, alive (fraction),
     accuracy (percent)}]}, and the unpruned accuracy."""
-    _, correct, total = util.evaluate(net, data)
-    base = util.percent(correct, total)
+    _, correct, total = training.evaluate(net, data)
+    base = training.percent(correct, total)
     curves = {}
     for name, layer in masked_layers(net):
         curves[name] = []
@@ -49,9 +51,9 @@ def sensitivity_scan(net, data, sensitivities):
         for s in sensitivities:
             t = std_threshold(weight, mask, s)
             apply_threshold(layer, t)
-            _, correct, total = util.evaluate(net, data)
+            _, correct, total = training.evaluate(net, data)
             curves[name].append(dict(sensitivity=s, threshold=t, alive=float(layer.mask.mean()),
-                                     accuracy=util.percent(correct, total)))
+                                     accuracy=training.percent(correct, total)))
             with torch.no_grad():  # undo the pruning before the next trial
                 layer.weight.copy_(weight)
                 layer.mask.copy_(mask)
@@ -109,9 +111,7 @@ def main(cfg):
     net.load_state_dict(ckpt["state_dict"])
     s = ckpt["settings"]
     util.require(s["val_split"] > 0, f"{path} was trained with val_split=0: no validation set to scan on")
-    _, val, _ = util.load_data(s["dataset"], cfg["data_root"], s["batch_size"], s["test_batch_size"],
-                               s["val_split"], s["subset"], dev, s["seed"], image_size=s.get("image_size", util.IMAGE_SIZE),
-                               workers=s.get("workers", 4))
+    _, val, _ = datasets.load_data(datasets.DataSpec.from_settings(s, data_root=cfg["data_root"]), dev)
     print(f"device: {util.describe_device(dev)}; {len(val.y)} validation images")
     curves, base = sensitivity_scan(net.eval(), val, cfg["sensitivities"])
     print(f"unpruned validation accuracy {base:.2f}%")

@@ -1,15 +1,22 @@
-"""Shared fixtures: small synthetic data sets in the on-disk layouts the project reads, so the
-suite runs with no network and no ../shared."""
+"""Shared fixtures and helpers: small synthetic data sets in the on-disk layouts the project
+reads (so the suite runs with no network and no ../shared), and quantized state dicts made by
+hand with the compressed file's round trip."""
 import os
 import struct
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dcfile  # noqa: E402
+from models import build_model  # noqa: E402
+from prune import masked_layers  # noqa: E402
+
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+CPU = torch.device("cpu")
 
 
 def _patterns(n, shape, seed):
@@ -100,3 +107,73 @@ def write_fake_imagenet(root, classes=4, train=8, val=3, size=64):
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(img).save(os.path.join(folder, f"{i:04d}.JPEG"), quality=90)
     return root
+
+
+# --- quantized state dicts made by hand, and the file's round trip ---------------------------
+
+MNIST = {"in_shape": [1, 28, 28], "num_classes": 10}
+SMALL = {"in_shape": [1, 8, 8], "num_classes": 10}  # lenet_300_100 with a 64-input fc1: a small file
+
+
+def quantized_state(name, kwargs, density=0.1, clusters=32, seed=0, layers=None):
+    """A state dict in stage 2's contract, made by hand: for each masked layer L (or those in
+    `layers`), L.codebook (k,) float32 holding one 0.0 centroid, L.index (uint8, int16 above
+    256 clusters; 0 where pruned), L.mask; no L.weight. -> (state dict, model args, quantized)."""
+    g = torch.Generator().manual_seed(seed)
+    net = build_model(name, **kwargs)
+    state, quantized = net.state_dict(), {}
+    for layer, _ in masked_layers(net):
+        if layers is not None and layer not in layers:
+            continue
+        k = clusters if isinstance(clusters, int) else clusters.get(layer, 32)
+        shape = state.pop(f"{layer}.weight").shape
+        mask = (torch.rand(shape, generator=g) < density).float()
+        dtype = torch.uint8 if k <= 256 else torch.int16
+        state[f"{layer}.codebook"] = torch.cat([torch.zeros(1), torch.randn(k - 1, generator=g)])
+        state[f"{layer}.index"] = torch.randint(0, k, shape, generator=g, dtype=dtype) * mask.to(dtype)
+        state[f"{layer}.mask"] = mask
+        quantized[layer] = dict(bits=max(1, (k - 1).bit_length()), clusters=k)
+    return state, dict(name=name, kwargs=kwargs), quantized
+
+
+def assert_bit_equal(a, b):
+    assert list(a) and set(a) == set(b)
+    for key in a:
+        assert dcfile.bit_equal(a[key], b[key]), key
+
+
+def round_trip(state, model_args, quantized, index_bits=0, share_tables=True):
+    blob, report = dcfile.encode_model(state, model_args, quantized, index_bits, share_tables=share_tables)
+    decoded, header = dcfile.decode_bytes(blob)
+    assert_bit_equal(state, decoded)
+    assert header["model"] == model_args and header["quantized"] == quantized
+    assert sum(r["bytes"] for r in report["layers"]) + report["header_bytes"] == len(blob)
+    return blob, report
+
+
+def sections(blob):
+    """[(offset, kind, payload)] of a file's sections."""
+    out, pos = [], len(dcfile.MAGIC) + 2
+    while pos < len(blob):
+        length, kind = struct.unpack_from("<IB", blob, pos)
+        out.append((pos, chr(kind), bytes(blob[pos + 5:pos + 5 + length])))
+        pos += dcfile.FRAME + length
+    return out
+
+
+def rebuild(blob, replace):
+    """The file with section i's payload replaced by replace[i] and every CRC made valid, as
+    a hostile writer would do."""
+    parts = [dcfile._section(kind, replace.get(i, payload)) for i, (_, kind, payload) in enumerate(sections(blob))]
+    return dcfile.MAGIC + struct.pack("<H", dcfile.VERSION) + b"".join(parts)
+
+
+def fails(blob, match):
+    with pytest.raises(dcfile.FormatError, match=match) as e:
+        dcfile.decode_bytes(blob)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def patch(payload, offset, fmt, *values):
+    return payload[:offset] + struct.pack(fmt, *values) + payload[offset + struct.calcsize(fmt):]

@@ -1,6 +1,7 @@
 """The research scripts under bench/: the sensitivity scan, the one-command pipeline with its
 results table, and the figures."""
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -8,8 +9,11 @@ import sys
 import pytest
 import torch
 
+import datasets
+import training
 import util
 from conftest import ROOT
+from datasets import DataSpec
 from models import build_model
 from prune import to_masked
 
@@ -25,9 +29,9 @@ CPU = torch.device("cpu")
 
 def test_sensitivity_scan_curves(fake_mnist):
     torch.manual_seed(0)
-    train, val, _ = util.load_data("mnist", fake_mnist, 64, 1000, 0.1, 400, CPU, 0)
+    train, val, _ = datasets.load_data(DataSpec("mnist", fake_mnist, 64, 1000, 0.1, subset=400), CPU)
     net = to_masked(build_model("lenet_300_100"))
-    util.fit(net, net.parameters(), train, val, 1, 1e-2, weight_decay=0.0)
+    training.fit(net, net.parameters(), train, val, 1, 1e-2, training.TrainOptions(weight_decay=0.0))
     before = copy.deepcopy(net.state_dict())
     curves, base = sensitivity.sensitivity_scan(net, val, [0.0, 0.5, 1.0, 4.0])
     assert list(curves) == ["fc1", "fc2", "fc3"]
@@ -68,10 +72,15 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path):
     util.run_stage(pipeline.main, pipeline.SETTINGS, [
         "--recipes=['lenet_300_100']", "--seeds=2", "--jobs=2", f"--data_root={fake_mnist}",
         f"--out_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--out={out}", "--hardware=test machine",
-        f"--recipe_dir={recipes}"])
+        f"--recipe_dir={recipes}", f"--ship={tmp_path / 'dc'}"])
     results = json.loads(out.read_text())
     for r in results["runs"][:2]:
         assert r["compressed_bytes"] == os.path.getsize(os.path.join(r["folder"], "lenet_300_100.dc"))
+        # the file ships beside the results, under its hash
+        shipped = open(r["file"], "rb").read()
+        assert r["file"] == str(tmp_path / "dc" / f"lenet_300_100-seed{r['seed']}.dc")
+        assert shipped == open(os.path.join(r["folder"], "lenet_300_100.dc"), "rb").read()
+        assert r["sha256"] == hashlib.sha256(shipped).hexdigest() and r["val_split"] == 0.1
         assert r["ratio"] == pytest.approx(r["dense_bytes"] / r["compressed_bytes"])
         assert set(r["stage_seconds"]) == {"pruning", "quantization", "huffman_encode"}
     row = results["rows"][0]
@@ -91,7 +100,7 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path):
     stamp = os.path.getmtime(log)
     util.run_stage(pipeline.main, pipeline.SETTINGS, [
         "--recipes=['lenet_300_100']", "--seeds=2", "--reuse=True", f"--out_dir={tmp_path / 'runs'}",
-        "--readme=", f"--out={out}", f"--recipe_dir={recipes}"])
+        "--readme=", f"--out={out}", f"--recipe_dir={recipes}", "--ship="])
     again = json.loads(out.read_text())
     assert [r.get("reused") for r in again["runs"][:2]] == [True, True] and os.path.getmtime(log) == stamp
     assert [r["ratio"] for r in again["runs"]] == [r["ratio"] for r in results["runs"]]
@@ -157,12 +166,12 @@ def test_levers_rounds_build_on_the_best_run(fake_mnist, tmp_path, monkeypatch):
     monkeypatch.setitem(levers.LEVERS, "tiny", dict(budget=100.0, rounds=[
         {"prune harder": dict(pruning=dict(sensitivity={"*": 1.5}))},
         {"2-bit": dict(quantization=dict(bits={"*": 2}))}]))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
+    doc = tmp_path / "experiments.md"
+    doc.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
     out = tmp_path / "levers.json"
     util.run_stage(levers.main, levers.SETTINGS, [
         "--recipe=tiny", f"--recipe_dir={recipes}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path / 'runs'}",
-        f"--readme={readme}", f"--out={out}", "--jobs=1"])
+        f"--doc={doc}", f"--out={out}", "--jobs=1"])
     result = json.loads(out.read_text())
     base, harder, two_bit = result["runs"]
     # any run is within a 100% budget, so each round keeps the smaller file
@@ -174,11 +183,11 @@ def test_levers_rounds_build_on_the_best_run(fake_mnist, tmp_path, monkeypatch):
     assert pruned["settings"]["init_from"] == os.path.join(base["folder"], "lenet_300_100_initial.pt")
     assert pruned["params"]["nonzero"] == json.load(open(os.path.join(
         harder["folder"], "lenet_300_100_pruned.json")))["params"]["nonzero"]
-    assert "| 2: **2-bit** |" in readme.read_text()
-    table = readme.read_text()
-    readme.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
-    util.run_stage(levers.main, levers.SETTINGS, ["--recipe=tiny", "--render=True", f"--readme={readme}", f"--out={out}"])
-    assert readme.read_text() == table  # the table is rebuilt from the recorded runs alone
+    assert "| 2: **2-bit** |" in doc.read_text()
+    table = doc.read_text()
+    doc.write_text("<!-- levers:tiny:begin -->\n<!-- levers:tiny:end -->\n")
+    util.run_stage(levers.main, levers.SETTINGS, ["--recipe=tiny", "--render=True", f"--doc={doc}", f"--out={out}"])
+    assert doc.read_text() == table  # the table is rebuilt from the recorded runs alone
 
 
 def test_recipe_time_runs_the_recipe_short_and_scales_each_phase(fake_mnist, tmp_path):

@@ -6,11 +6,16 @@ import pytest
 import torch
 import torch.nn as nn
 
+import datasets
 import prune
 import quantize
+import training
 import util
+from datasets import DataSpec
 from conftest import run_script
 from models import _BasicBlockA, build_model
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("name,count,blocks", [("resnet20", 269_722, 3), ("resnet56", 853_018, 9)])
@@ -48,12 +53,12 @@ def test_resolve_precision():
 
 def test_bf16_training_keeps_pruned_weights_zero_and_state_float32(fake_cifar, tmp_path):
     torch.manual_seed(0)
-    train, val, _ = util.load_data("cifar10", fake_cifar, 32, 50, 0.2, 0, torch.device("cpu"), 0)
+    train, val, _ = datasets.load_data(DataSpec("cifar10", fake_cifar, 32, 50, 0.2), CPU)
     net = build_model("resnet20")
     prune.prune_by_std(net, 1.0)
     masks = {n: m.mask.clone() for n, m in prune.masked_layers(net)}
     before = {n: m.weight.detach().clone() for n, m in prune.masked_layers(net)}
-    util.fit(net, net.parameters(), train, val, 1, 0.05, weight_decay=5e-4, optimizer="sgd", precision="bf16")
+    training.fit(net, net.parameters(), train, val, 1, 0.05, training.TrainOptions(optimizer="sgd", weight_decay=5e-4, precision="bf16"))
     for name, m in prune.masked_layers(net):
         dead = masks[name] == 0
         assert (m.weight[dead] == 0).all(), name

@@ -16,7 +16,7 @@ import util
 from models import build_model
 from prune import masked_layers
 from quantize import build_quantized_model
-from test_huffman_encode import SMALL, quantized_state
+from conftest import SMALL, quantized_state
 
 
 def random_csr_case(rows, cols, density, k=32, seed=0):
@@ -179,8 +179,8 @@ def write_file(tmp_path, name, kwargs, density=0.1):
 def test_three_runtimes_give_the_same_outputs(tmp_path, name, kwargs):
     path = write_file(tmp_path, name, kwargs)
     quantized, _ = dcfile.load_compressed(path)
-    dense, _ = dcfile.load_compressed(path, runtime="dense")
-    sparse, header = dcfile.load_compressed(path, runtime="sparse")
+    dense, _ = rt.load(path, runtime="dense")
+    sparse, header = rt.load(path, runtime="sparse")
     assert set(header["runtime"]) == {n for n, _ in masked_layers(quantized)}
     assert all(header["runtime"][n] == "sparse" for n, m in masked_layers(quantized) if isinstance(m, nn.Linear))
     x = torch.randn(4, 1, 28, 28)
@@ -189,7 +189,7 @@ def test_three_runtimes_give_the_same_outputs(tmp_path, name, kwargs):
         torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
     with pytest.raises(ValueError, match="unknown runtime"):
-        dcfile.load_compressed(path, runtime="csr")
+        rt.load(path, runtime="csr")
 
 
 def test_export_and_runtime_from_the_command_line(tmp_path, fake_mnist, capsys):
@@ -197,7 +197,7 @@ def test_export_and_runtime_from_the_command_line(tmp_path, fake_mnist, capsys):
     out = tmp_path / "plain.pt"
     args = [f"--decode={path}", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}", "--device=cpu"]
     accuracies = []
-    for runtime in dcfile.RUNTIMES:
+    for runtime in rt.RUNTIMES:
         util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, args + [f"--runtime={runtime}", f"--export={out}"])
         text = capsys.readouterr().out
         accuracies.append(text.split("Accuracy: ")[1].split()[0])

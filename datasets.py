@@ -1,0 +1,226 @@
+"""Data sets and minibatches: MNIST and CIFAR-10 in memory (a local copy, or torchvision's
+download), ImageNet folders through DataLoader workers, and the fixed validation split that
+settings are chosen on. A stage describes its data with one DataSpec and calls load_data."""
+import copy
+import dataclasses
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from util import UserError, rank_and_world, require
+
+DATASETS = {  # in_shape, classes, normalisation mean / std per channel
+    "mnist": ((1, 28, 28), 10, (0.1307,), (0.3081,)),
+    "cifar10": ((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+IMAGE_SIZE = 224  # ImageNet's crop; image_size changes it (small synthetic folders in tests)
+SPLIT_SEED = 0  # the validation split and subsets are fixed, whatever the training seed
+
+
+AUGMENTS = ("none", "shift", "crop_flip")
+
+
+class Batches:
+    """Minibatches from in-memory tensors, with no per-sample Python work.
+
+    x: (N, C, H, W) uint8 images, y: (N,) int64 labels, both on the target device.
+    Yields (float (B, C, H, W) normalised images, (B,) labels). augment, batched and done on
+    the pixels before normalising (so padding is black, as torchvision's RandomCrop pads):
+    'none'; 'shift' (random crop with 2-pixel padding: a digit moved by up to 2 pixels);
+    'crop_flip' (4-pixel padding and a horizontal flip, the usual CIFAR augmentation)."""
+
+    def __init__(self, x, y, batch_size, mean, std, shuffle=False, augment="none", seed=0):
+        require(augment in AUGMENTS, f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.augment = shuffle, augment
+        # Under torchrun a shuffled (training) set is split: every rank draws the same order
+        # (same seed) and takes every world-th image of it, batch_size of them a step.
+        self.rank, self.world = rank_and_world() if shuffle else (0, 1)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=x.device).view(shape) * 255
+        self.std = torch.tensor(std, device=x.device).view(shape) * 255
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __len__(self):
+        return math.ceil(len(self.y) // self.world / self.batch_size)
+
+    def _augment(self, xb):
+        n, _, h, w = xb.shape
+        pad = 2 if self.augment == "shift" else 4
+        padded = F.pad(xb, (pad,) * 4)
+        dy, dx = (torch.randint(0, 2 * pad + 1, (2, n, 1), generator=self.gen)).to(xb.device)
+        rows = (torch.arange(h, device=xb.device) + dy)[:, None, :, None]
+        cols = (torch.arange(w, device=xb.device) + dx)[:, None, None, :]
+        xb = padded[torch.arange(n, device=xb.device)[:, None, None, None],
+                    torch.arange(xb.shape[1], device=xb.device)[None, :, None, None], rows, cols]
+        if self.augment == "shift":
+            return xb
+        flip = (torch.rand(n, generator=self.gen) < 0.5).to(xb.device).view(-1, 1, 1, 1)
+        return torch.where(flip, xb.flip(3), xb)
+
+    def __iter__(self):
+        n = len(self.y)
+        # every rank takes as many images: the ranks step together (their last images wait for the next epoch)
+        order = torch.randperm(n, generator=self.gen)[:n - n % self.world][self.rank::self.world].to(self.x.device) \
+            if self.shuffle else None
+        n = len(order) if order is not None else n
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size] if order is not None else slice(i, i + self.batch_size)
+            xb = self.x[idx].float()
+            if self.augment != "none":
+                xb = self._augment(xb)
+            yield (xb - self.mean) / self.std, self.y[idx]
+
+
+def _read_image_folder(root):
+    """Decode an ImageFolder tree (root/<class>/*.jpg) -> (N, C, H, W) uint8, (N,) int64."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+
+    folder = torchvision.datasets.ImageFolder(root)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in
+              tqdm(folder.samples, desc=f"read {root}", leave=False, mininterval=1)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(folder.targets)
+
+
+def _load_split(dataset, root, train):
+    """The raw train or test split: (N, C, H, W) uint8, (N,) int64. Reads a local copy when
+    there is one, else asks torchvision to download (as a user's machine would)."""
+    import torchvision
+
+    split = "train" if train else "test"
+    try:
+        if dataset == "mnist":
+            ds = torchvision.datasets.MNIST(root, train=train, download=True)
+            return ds.data.unsqueeze(1), ds.targets
+        local = os.path.join(root, "CIFAR10", split)
+        if os.path.isdir(local):
+            return _read_image_folder(local)
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+    except (OSError, RuntimeError, ValueError) as e:
+        where = "MNIST/raw/ (the four IDX files)" if dataset == "mnist" else \
+            "CIFAR10/train/<class>/*.jpg and CIFAR10/test/ (or cifar-10-batches-py/)"
+        raise UserError(f"{dataset} {split} set not found under {os.path.abspath(root)} and the "
+                        f"download failed ({type(e).__name__}): put {where} there, or point "
+                        f"--data_root at a folder that has it") from None
+
+
+class FolderBatches:
+    """Minibatches read from an image folder by DataLoader workers, for data sets that do not
+    fit in memory (ImageNet). dataset: a torchvision ImageFolder; indices: the images used.
+    Training (shuffle): torchvision's RandomResizedCrop(image_size) and a horizontal flip, and
+    a DistributedSampler that gives each torchrun rank its share of every epoch (the same
+    order on every rank, a new one each epoch); evaluation: resize to image_size x 256/224,
+    centre crop. Yields (float (B, 3, S, S) normalised images, (B,) labels) on `device`."""
+
+    def __init__(self, dataset, indices, batch_size, mean, std, device, shuffle=False, seed=0, image_size=IMAGE_SIZE,
+                 workers=4):
+        import torchvision.transforms as T
+
+        resize = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if shuffle else \
+            [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+        folder = copy.copy(dataset)  # its own transform
+        folder.transform = T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+        part = torch.utils.data.Subset(folder, indices.tolist())
+        self.y = torch.tensor(dataset.targets)[indices]
+        self.device, self.epoch = device, 0
+        rank, world = rank_and_world() if shuffle else (0, 1)
+        self.sampler = torch.utils.data.distributed.DistributedSampler(
+            part, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+        self.loader = torch.utils.data.DataLoader(part, batch_size, sampler=self.sampler, num_workers=workers,
+                                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for xb, yb in self.loader:
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+
+def imagenet_folders(data_root):
+    """(train, val) folders of ImageNet under data_root, checked to exist (there is no download:
+    ImageNet's licence asks for a sign-up) -> two paths."""
+    folders = [os.path.join(data_root, "imagenet", split) for split in ("train", "val")]
+    for folder in folders:
+        require(os.path.isdir(folder), f"no ImageNet folder {os.path.abspath(folder)}: put the training and "
+                                       f"validation images under {os.path.abspath(os.path.join(data_root, 'imagenet'))}"
+                                       "/{train,val}/<class>/*.JPEG, or point --data_root at the folder holding them")
+    return folders
+
+
+def _imagenet(spec, device):
+    """load_data for ImageNet: data_root/imagenet/train and .../val, one folder per class."""
+    import torchvision
+
+    train_set, test_set = (torchvision.datasets.ImageFolder(f) for f in imagenet_folders(spec.data_root))
+    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(len(train_set), generator=split_gen)
+    test_idx = torch.arange(len(test_set))
+    if spec.subset:
+        order = order[:spec.subset]
+        test_idx = torch.randperm(len(test_set), generator=split_gen)[:spec.subset].sort().values
+    n_val = int(len(order) * spec.val_split)
+    _, _, mean, std = DATASETS["imagenet"]
+    kw = dict(mean=mean, std=std, device=device, image_size=spec.image_size, workers=spec.workers)
+    return (FolderBatches(train_set, order[n_val:], spec.batch_size, shuffle=True, seed=spec.seed, **kw),
+            FolderBatches(train_set, order[:n_val], spec.test_batch_size, **kw),
+            FolderBatches(test_set, test_idx, spec.test_batch_size, **kw))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What a stage trains and tests on. The fields are the stages' settings of the same names;
+    from_settings fills those an older checkpoint or file did not record."""
+    dataset: str = "mnist"          # a key of DATASETS
+    data_root: str = "data"         # the folder holding MNIST/raw, CIFAR10/ or imagenet/
+    batch_size: int = 128           # training minibatch
+    test_batch_size: int = 1000     # validation and test minibatch
+    val_split: float = 0.1          # fraction of the training set held out (a fixed split)
+    subset: int = 0                 # only this many training and test images (0 = all)
+    seed: int = 0                   # the training batches' order and augmentation
+    augment: str = "auto"           # see Batches; auto = crop_flip for CIFAR-10, none for MNIST
+    image_size: int = IMAGE_SIZE    # imagenet: the crop the networks see
+    workers: int = 4                # imagenet: DataLoader processes
+
+    @classmethod
+    def from_settings(cls, settings, **override):
+        """The spec that `settings` (a stage's, or those recorded in a checkpoint or a file's
+        header) describe, with `override` on top; keys that are not fields are ignored."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in {**settings, **override}.items() if k in fields})
+
+
+def load_data(spec, device):
+    """Train, validation and test minibatches of `spec` (a DataSpec) on `device`: Batches, or
+    FolderBatches for ImageNet. Raises UserError for a bad spec or missing data."""
+    require(spec.dataset in DATASETS, f"unknown dataset {spec.dataset!r}; choose one of {', '.join(DATASETS)}")
+    require(0 <= spec.val_split < 1, f"val_split must be in [0, 1), not {spec.val_split}")
+    require(spec.subset >= 0, f"subset must be >= 0 (0 = all), not {spec.subset}")
+    if spec.dataset == "imagenet":
+        return _imagenet(spec, device)
+    _, _, mean, std = DATASETS[spec.dataset]
+    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
+    x, y = _load_split(spec.dataset, spec.data_root, train=True)
+    xt, yt = _load_split(spec.dataset, spec.data_root, train=False)
+    order = torch.randperm(len(y), generator=split_gen)
+    if spec.subset:
+        order = order[:spec.subset]
+        keep = torch.randperm(len(yt), generator=split_gen)[:spec.subset].sort().values
+        xt, yt = xt[keep], yt[keep]
+    n_val = int(len(order) * spec.val_split)
+    tr, va = order[n_val:], order[:n_val]
+    batches = lambda xs, ys, bs, **kw: Batches(xs.to(device), ys.to(device), bs, mean, std, **kw)
+    augment = spec.augment
+    if augment == "auto":
+        augment = "crop_flip" if spec.dataset == "cifar10" else "none"
+    train = batches(x[tr], y[tr], spec.batch_size, shuffle=True, augment=augment, seed=spec.seed)
+    return train, batches(x[va], y[va], spec.test_batch_size), batches(xt, yt, spec.test_batch_size)

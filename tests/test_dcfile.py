@@ -1,0 +1,451 @@
+"""dcfile.py: the .dc container: relative indices, every section kind, round trips bit for bit,
+hostile and old-version files."""
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dcfile
+import util
+from conftest import MNIST, SMALL, assert_bit_equal, fails, patch, quantized_state, rebuild, round_trip, sections
+from models import build_model
+from prune import masked_layers
+
+
+def test_gaps_with_fillers_known_answer():
+    # span 2**3 - 1 = 7: gap 20 = 7 + 7 + 6 -> two fillers, then 6
+    assert dcfile.gap_stream(np.array([0, 1, 21]), 3).tolist() == [1, 1, 0, 0, 6]
+    # the first non-zero counts from position -1: position 100 = gap 101 = 33 fillers x 3 + 2
+    first_far = dcfile.gap_stream(np.array([100]), 2)
+    assert first_far.tolist() == [0] * 33 + [2]
+    assert dcfile.positions_from_gaps(first_far, 2, 1, 101).tolist() == [100]
+    # a gap of exactly the span needs no filler; one more needs one
+    assert dcfile.gap_stream(np.array([6, 14]), 3).tolist() == [7, 0, 1]
+    assert dcfile.gap_stream(np.array([], np.int64), 5).tolist() == []
+
+@settings(max_examples=80, deadline=None)
+@given(st.sets(st.integers(0, 5000), max_size=200), st.integers(1, dcfile.MAX_INDEX_BITS))
+def test_gap_stream_round_trip(positions, b):
+    positions = np.array(sorted(positions), np.int64)
+    stream = dcfile.gap_stream(positions, b)
+    np.testing.assert_array_equal(dcfile.positions_from_gaps(stream, b, len(positions), 5001), positions)
+    counts = dcfile.span_counts(dcfile.gap_histogram(positions), b)
+    np.testing.assert_array_equal(counts, np.bincount(stream, minlength=1 << b))
+
+
+def test_bad_gap_streams_are_rejected():
+    with pytest.raises(ValueError, match="non-zeros"):  # a trailing filler
+        dcfile.positions_from_gaps(np.array([1, 0]), 3, 1, 100)
+    with pytest.raises(ValueError, match="non-zeros"):  # fewer non-zeros than claimed
+        dcfile.positions_from_gaps(np.array([1, 2]), 3, 3, 100)
+    with pytest.raises(ValueError, match="runs past"):
+        dcfile.positions_from_gaps(np.array([0, 0, 5]), 3, 1, 15)
+
+
+def test_best_span_is_the_smallest_stream():
+    rng = np.random.default_rng(0)
+    for density in (0.02, 0.3, 0.9):
+        positions = np.flatnonzero(rng.random(20000) < density)
+        sizes = {b: dcfile._stream_size(c, dcfile.huffman.code_lengths(c))
+                 for b in range(1, 13) for c in [dcfile.span_counts(dcfile.gap_histogram(positions), b)]}
+        assert sizes[dcfile.best_span(positions)] == min(sizes.values())
+
+
+@pytest.mark.parametrize("index_bits", [0, {"conv": 8, "fc": 5}, 1])
+def test_lenet_300_100_round_trip(index_bits):
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.08)
+    state["fc1.mask"][:, :100] = 0  # the first non-zero far from position 0, long gaps (fillers)
+    state["fc1.index"][:, :100] = 0
+    state["fc2.mask"][3, :] = 1  # survivors whose centroid is 0.0 must survive decoding
+    state["fc2.index"][3, :] = 0
+    _, report = round_trip(state, args, quantized, index_bits)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["fc1"]["fillers"] > 0 and rows["fc2"]["nonzero"] == int(state["fc2.mask"].sum())
+    if index_bits == {"conv": 8, "fc": 5}:
+        assert rows["fc1"]["index_bits"] == 5 and rows["fc1"]["index_bits_raw"] > 5  # fillers cost
+    assert report["dense_bytes"] == 4 * 266610
+
+
+def test_auto_span_beats_every_fixed_span():
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.05, seed=1)
+    sizes = {b: {r["name"]: r["bytes"] for r in dcfile.encode_model(state, args, quantized, b)[1]["layers"]}
+             for b in (0, 1, 2, 3, 4, 5, 6, 8, 12)}
+    for layer in quantized:
+        assert sizes[0][layer] == min(s[layer] for s in sizes.values())
+
+
+def test_dense_codes_where_few_weights_are_pruned():
+    """A ternary-like layer (85% non-zero, 2 values) is stored as one symbol per weight: smaller
+    than any span of relative indices; a sparse one keeps its relative indices."""
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.85, clusters=2, seed=3)
+    state["fc3.mask"] = (torch.rand(state["fc3.mask"].shape, generator=torch.Generator().manual_seed(1)) < 0.05).float()
+    state["fc3.index"] *= state["fc3.mask"].to(torch.uint8)
+    blob, report = round_trip(state, args, quantized)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["fc1"]["index_bits"] == rows["fc2"]["index_bits"] == 0 and rows["fc1"]["index_bytes"] == 0
+    assert rows["fc3"]["index_bits"] > 0
+    for b in (1, 2, 4):
+        fixed = {r["name"]: r["bytes"] for r in dcfile.encode_model(state, args, quantized, b)[1]["layers"]}
+        assert rows["fc1"]["bytes"] < fixed["fc1"] and rows["fc2"]["bytes"] < fixed["fc2"]
+    # 3 symbols of probabilities .15, .425, .425: a Huffman code spends 1.575 bits a weight
+    assert rows["fc1"]["weight_bytes"] * 8 / rows["fc1"]["params"] == pytest.approx(1.575, abs=0.01)
+
+
+def test_hostile_dense_codes_are_rejected():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.9, clusters=2)
+    blob, report = dcfile.encode_model(state, args, quantized)
+    assert report["layers"][0]["index_bits"] == 0
+    q = sections(blob)[1][2]
+    span_at, _ = quant_fields(q)
+    numel = 64 * 300
+    fails(rebuild(blob, {1: patch(q, span_at + 5, "<I", numel - 1)}), "dense codes of")
+    fails(rebuild(blob, {1: patch(q, span_at + 1, "<I", numel + 1)}), "dense codes of")
+    fails(rebuild(blob, {1: patch(q, span_at + 1, "<I", int(state["fc1.mask"].sum()) - 1)}), "non-zeros where")
+    old = rebuild(blob, {})
+    fails(old[:8] + struct.pack("<H", 4) + old[10:], "span of 0 bits")  # no dense codes before version 5
+
+
+def test_lenet5_caffe_edge_layers_round_trip():
+    """An all-pruned layer, a one-centroid codebook, int16 indices (> 256 clusters), a fully
+    dense layer, and a masked layer left unquantized (stored raw with its mask)."""
+    state, args, quantized = quantized_state("lenet5_caffe", MNIST, clusters={"conv2": 1, "fc1": 300},
+                                             layers=["conv1", "conv2", "fc1"])
+    state["conv1.mask"].zero_()
+    state["conv1.index"].zero_()
+    state["conv2.mask"].fill_(1)
+    assert state["fc1.index"].dtype == torch.int16 and "fc2.weight" in state
+    _, report = round_trip(state, args, quantized)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["conv1"]["nonzero"] == 0 and rows["conv2"]["index_bytes"] < 20  # one symbol: no bits
+    assert rows["fc2.weight"]["kind"] == "raw" and rows["fc2.mask"]["dense_bytes"] == 0
+
+
+def test_resnet18_round_trip_with_batch_norm():
+    state, args, quantized = quantized_state(
+        "resnet18", {"in_shape": [3, 32, 32], "num_classes": 10, "pretrained": False, "cifar_stem": True},
+        density=0.03)
+    state["bn1.num_batches_tracked"] = torch.tensor(7)
+    state["layer1.0.bn1.running_var"] = torch.rand(64) + 0.5
+    blob, report = round_trip(state, args, quantized)
+    stats = 2 * sum(m.num_features for m in build_model("resnet18").modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert len(quantized) == 21 and report["dense_bytes"] == 4 * (11173962 + stats)  # parameters and BN statistics
+    assert report["dense_bytes"] / len(blob) > 30
+
+
+def test_loads_into_stage_2_model(tmp_path):
+    import quantize
+    net = build_model("lenet5_caffe", **MNIST)
+    with torch.no_grad():
+        for _, m in masked_layers(net):
+            m.mask.copy_((torch.rand_like(m.mask) < 0.2).float())
+            m.weight.mul_(m.mask)
+    quantized = quantize.quantize_model(net, {"conv": 4, "fc": 3})
+    args = dict(name="lenet5_caffe", kwargs=MNIST)
+    blob, _ = dcfile.encode_model(net.state_dict(), args, quantized)
+    path = tmp_path / "m.dc"
+    path.write_bytes(blob)
+    decoded, header = dcfile.load_compressed(str(path))
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(net.eval()(x), decoded.eval()(x)) and header["model"] == args
+
+
+def test_contract_violations_are_user_errors():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL)
+    bad = dict(state)
+    bad["fc1.index"] = state["fc1.index"].clone()
+    bad["fc1.index"][state["fc1.mask"] == 0] = 1
+    with pytest.raises(util.UserError, match="not 0 at pruned"):
+        dcfile.encode_model(bad, args, quantized)
+    bad = dict(state, **{"fc2.mask": state["fc2.mask"] * 0.5})
+    with pytest.raises(util.UserError, match="other than 0 and 1"):
+        dcfile.encode_model(bad, args, quantized)
+    bad = {k: v for k, v in state.items() if k != "fc3.bias"}
+    with pytest.raises(util.UserError, match="missing.*fc3.bias"):
+        dcfile.encode_model(bad, args, quantized)
+    with pytest.raises(util.UserError, match="centroids"):
+        dcfile.encode_model(state, args, {**quantized, "fc1": dict(bits=6, clusters=64)})
+
+
+@pytest.fixture(scope="module")
+def small_file():
+    """A LeNet-300-100 file with a section per tensor (share_tables=False: the layout the
+    hostile tests below patch)."""
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
+    return dcfile.encode_model(state, args, quantized, share_tables=False)[0]
+
+
+def test_intact_file_decodes(small_file):
+    assert [k for _, k, _ in sections(small_file)] == ["H", "Q", "R", "Q", "R", "Q", "R", "E"]
+    dcfile.decode_bytes(small_file)
+    # Shared, the three float32 biases are one section of their values (two frames fewer).
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
+    blob, _ = round_trip(state, args, quantized)
+    assert [k for _, k, _ in sections(blob)] == ["H", "Q", "G", "Q", "Q", "E"]
+    # the group's dtype, stored dtype, m = 0 (every bias) and k = 0 in place of 3 dtypes
+    assert len(blob) == len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 4) - 3
+
+
+def test_version_2_files_still_decode_bit_for_bit():
+    for name, kwargs in (("lenet_300_100", SMALL), ("resnet20", {"in_shape": [3, 32, 32], "num_classes": 10})):
+        state, args, quantized = quantized_state(name, kwargs)
+        blob, _ = round_trip(shared_biases(state), args, quantized, share_tables=False)  # as version 3 wrote
+        old = as_version2(blob)
+        assert len(old) > len(blob)  # the names and dims version 3 leaves out
+        decoded, _ = dcfile.decode_bytes(old)
+        assert_bit_equal(shared_biases(state), decoded)
+
+
+def test_wrong_magic_and_version(small_file):
+    fails(b"PK\x03\x04" + small_file[4:], "magic")
+    fails(small_file[:8] + struct.pack("<H", dcfile.VERSION + 1) + small_file[10:], f"version {dcfile.VERSION + 1}")
+    fails(small_file[:8] + struct.pack("<H", 0) + small_file[10:], "version 0")
+    fails(b"", "truncated")
+
+
+def test_every_truncation_is_reported(small_file):
+    cuts = sorted({off for off, _, _ in sections(small_file)} | {off + 7 for off, _, _ in sections(small_file)}
+                  | set(range(0, len(small_file), 97)) | {9, len(small_file) - 1})
+    for cut in cuts:
+        fails(small_file[:cut], "truncated")
+    fails(small_file + b"\x00", "follow")
+
+
+@pytest.mark.parametrize("where", ["length", "kind", "payload", "crc"])
+def test_a_flipped_bit_in_each_section_is_caught(small_file, where):
+    for i, (off, _, payload) in enumerate(sections(small_file)):
+        at = {"length": off + 1, "kind": off + 4, "payload": off + 5 + len(payload) // 2,
+              "crc": off + 5 + len(payload) + 2}[where]
+        flipped = bytearray(small_file)
+        flipped[at] ^= 0x10
+        message = fails(bytes(flipped), f"section {i}|truncated")
+        assert "CRC" in message or "truncated" in message or "end marker" in message
+
+
+def quant_fields(payload):
+    """Offset of the span byte in a version-3 'Q' payload (index dtype, mask dtype, k,
+    codebook), and the offset where the streams begin."""
+    pos = 2 + 4 + 4 * struct.unpack_from("<I", payload, 2)[0]
+    return pos, pos + 9
+
+
+def header_of(secs):
+    """The header dict of a version-4 file's sections (zlib-compressed JSON)."""
+    return json.loads(zlib.decompress(secs[0][2]))
+
+
+def as_version2(blob):
+    """The same file in format version 2, as an earlier release wrote it: the header plain
+    JSON, each 'R', 'T' and 'Q' payload starts with its tensor's name, and its dims follow the
+    dtype byte(s)."""
+    secs = sections(blob)
+    header = header_of(secs)
+    layout, _, _ = dcfile.architecture(header["model"], header["quantized"])
+    replace = {0: json.dumps(header).encode()}
+    for i, (kind, name, shape, _) in enumerate(layout, start=1):
+        payload, n_dtypes = secs[i][2], 2 if kind == "Q" else 1
+        raw = name.encode()
+        replace[i] = (struct.pack("<H", len(raw)) + raw + payload[:n_dtypes]
+                      + struct.pack(f"<B{len(shape)}I", len(shape), *shape) + payload[n_dtypes:])
+    out = rebuild(blob, replace)
+    return out[:8] + struct.pack("<H", 2) + out[10:]
+
+
+def test_hostile_counts_are_rejected_before_allocating(small_file):
+    secs = sections(small_file)
+    q = secs[1][2]
+    span_at, streams_at = quant_fields(q)
+    hostile = {
+        "non-zeros": patch(q, span_at + 1, "<I", 2**32 - 1),
+        "entries": patch(q, span_at + 5, "<I", 2**32 - 1),
+        "span of": patch(q, span_at, "<B", 40),
+        "centroids": patch(q, 2, "<I", 2**32 - 1),
+        "code of": patch(q, streams_at, "<I", 2**31),
+        "needs": patch(q, streams_at + 4 + (5 * struct.unpack_from("<I", q, streams_at)[0] + 7) // 8, "<Q", 2**63),
+        "dtype": patch(q, 0, "<B", 200),
+    }
+    for match, payload in hostile.items():
+        fails(rebuild(small_file, {1: payload}), match)
+    # version 2's names and dims are checked against the model
+    old = as_version2(small_file)
+    old_q = sections(old)[1][2]
+    name_end = 2 + len("fc1") + 2
+    for match, payload in (("shape", patch(old_q, name_end, "<B2I", 2, 2**20, 2**20)),
+                           ("another tensor", patch(old_q, 2, "3s", b"fc2"))):
+        bad = rebuild(old, {1: payload})  # rebuild writes the current version: set 2 again
+        fails(bad[:8] + struct.pack("<H", 2) + bad[10:], match)
+    raw = secs[2][2]
+    fails(rebuild(small_file, {2: raw[:-4]}), "needs")
+    fails(rebuild(small_file, {2: raw + b"\x00"}), "stray")
+    header = header_of(secs)
+    huge = dict(header, model=dict(name="lenet_300_100", kwargs={"in_shape": [1, 2**20, 2**20]}))
+    fails(rebuild(small_file, {0: zlib.compress(json.dumps(huge).encode())}), "elements")
+    unknown = dict(header, model=dict(name="gpt", kwargs={}))
+    fails(rebuild(small_file, {0: zlib.compress(json.dumps(unknown).encode())}), "cannot build")
+    fails(rebuild(small_file, {0: zlib.compress(b"\xff{")}), "JSON")
+    fails(rebuild(small_file, {0: b"\xff{"}), "zlib")
+    fails(rebuild(small_file, {0: zlib.compress(b" " * (dcfile.MAX_HEADER + 1))}), "at most")  # a zip bomb
+    fails(rebuild(small_file, {0: secs[0][2] + b"\x00"}), "one zlib stream")
+    fails(rebuild(small_file, {len(secs) - 1: struct.pack("<I", 3)}), "end marker")
+    bad_code = bytearray(q)
+    bad_code[streams_at + 4] = 0xFF  # first code lengths 31, 31, ...: over the 24-bit limit
+    fails(rebuild(small_file, {1: bytes(bad_code)}), "exceeds|Kraft")
+
+
+def shared_biases(state):
+    """The state with each bias replaced by a few shared values (as quantization.py's bias_bits
+    makes them), -0.0 and a NaN among them: bit patterns a table must keep apart."""
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".bias")]:
+        values = torch.tensor([0.0, -0.0, 0.25, -1.5, float("nan")])
+        state[key] = values[torch.arange(state[key].numel()) % 5]
+    return state
+
+
+def test_tabled_tensors_round_trip_and_pay():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL)
+    plain, plain_report = round_trip(state, args, quantized, share_tables=False)
+    shared = shared_biases(state)
+    blob, report = round_trip(shared, args, quantized, share_tables=False)  # each bias its own table
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["fc1.bias"]["kind"] == "tabled" and rows["fc3.bias"]["kind"] == "raw"  # 10 values: raw is smaller
+    assert [k for _, k, _ in sections(blob)] == ["H", "Q", "T", "Q", "T", "Q", "R", "E"]
+    before = {r["name"]: r["bytes"] for r in plain_report["layers"]}
+    assert rows["fc1.bias"]["bytes"] < before["fc1.bias"] / 4  # 300 floats -> 5 codes of at most 3 bits
+    # A version-1 file cannot hold a table.
+    old = as_version2(blob)
+    fails(old[:8] + struct.pack("<H", 1) + old[10:], "section 2 .*kind 'T'")
+
+
+def test_hostile_table_is_rejected():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL)
+    blob, _ = dcfile.encode_model(shared_biases(state), args, quantized, share_tables=False)
+    t = sections(blob)[2][2]
+    k_at = 1  # after the dtype byte
+    assert struct.unpack_from("<I", t, k_at)[0] == 5
+    fails(rebuild(blob, {2: patch(t, k_at, "<I", 301)}), "table of 301 values")
+    fails(rebuild(blob, {2: patch(t, k_at, "<I", 0)}), "table of 0 values")
+    fails(rebuild(blob, {2: t[:-1]}), "needs")
+
+
+def resnet20_shared_bn(seed=0):
+    """ResNet-20 in stage 2's contract with every batch-norm folded and its scales (and its
+    shifts) drawn from one network-wide set of 8 values, as quantization.py's bn_share='network'
+    leaves them."""
+    state, args, quantized = quantized_state("resnet20", {"in_shape": [3, 32, 32], "num_classes": 10}, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    scales, shifts = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    for key, t in state.items():
+        if key.endswith(("bn1.weight", "bn2.weight")):
+            state[key] = scales[torch.randint(0, 8, t.shape, generator=g)]
+        elif key.endswith(("bn1.bias", "bn2.bias")):
+            state[key] = shifts[torch.randint(0, 8, t.shape, generator=g)]
+        elif key.endswith("running_var"):
+            state[key] = torch.full_like(t, 1 - 1e-5)
+    return state, args, quantized
+
+
+def test_shared_tables_round_trip_and_pay():
+    state, args, quantized = resnet20_shared_bn()
+    alone, _ = round_trip(state, args, quantized, share_tables=False)
+    blob, report = round_trip(state, args, quantized)
+    kinds = [k for _, k, _ in sections(blob)]
+    shared = [r for r in report["layers"] if r["kind"] == "shared"]
+    # scales, shifts, running means and running variances of the 19 batch-norms: a group each
+    assert kinds.count("G") == len(shared) >= 4 and all(len(r["members"]) == 19 for r in shared)
+    assert len(blob) < len(alone) - 19 * 3 * 4 * 4  # at least each scale's and shift's table saved
+    decoded, _ = dcfile.decode_bytes(blob)
+    layout, _, _ = dcfile.architecture(args, quantized)
+    assert list(decoded) == dcfile.state_keys(layout)  # in the model's order, groups or not
+    # A file of an earlier version (its header plain JSON) cannot hold a group.
+    old = rebuild(blob, {0: json.dumps(header_of(sections(blob))).encode()})
+    fails(old[:8] + struct.pack("<H", 3) + old[10:], "kind 'G'")
+
+
+def test_group_tables_halve_where_float16_holds_every_value():
+    state, args, quantized = resnet20_shared_bn()
+    scales = [k for k in state if k.endswith(("bn1.weight", "bn2.weight"))]
+    for k in scales[:-1]:
+        state[k] = state[k].half().float()  # exactly representable in float16
+    state[scales[-1]] = state[scales[-1]].half().float() * 0 + torch.tensor(-0.0)  # -0.0: float16 keeps it
+    blob, _ = round_trip(state, args, quantized)
+    stored = [dcfile.DTYPES[payload[1]] for _, kind, payload in sections(blob) if kind == "G"]
+    assert torch.float16 in stored and torch.float32 in stored  # running_var 1 - 1e-5 is not a float16
+
+
+def resnet20_half_bn(seed=0):
+    """ResNet-20 in stage 2's contract with every batch-norm folded and its scales and shifts
+    rounded to float16 (quantization.py's bn_half): 688 distinct values each."""
+    state, args, quantized = resnet20_shared_bn(seed)
+    g = torch.Generator().manual_seed(seed)
+    for key, t in state.items():
+        if key.endswith(("bn1.weight", "bn2.weight", "bn1.bias", "bn2.bias")):
+            state[key] = (torch.rand(t.shape, generator=g) + 0.5).half().float()
+    return state, args, quantized
+
+
+def test_group_holds_float16_values_themselves_where_a_table_costs_more():
+    state, args, quantized = resnet20_half_bn()
+    blob, report = round_trip(state, args, quantized)
+    raw = [(payload, r) for (_, kind, payload), r in zip(sections(blob)[1:], report["layers"]) if kind == "G"
+           and struct.unpack_from("<I", payload, 4)[0] == 0]  # m = 0 (every batch-norm), k = 0
+    assert len(raw) == 2  # the scales and the shifts; running means and variances keep their one-value tables
+    for payload, row in raw:
+        assert dcfile.DTYPES[payload[1]] == torch.float16 and row["params"] == 688
+        assert len(payload) == 4 + 4 + 2 * 688  # dtypes, m = 0, k = 0, 2 bytes a value
+    # Version 5 had no such group; cut short, the values are missing.
+    i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[2] == raw[0][0])
+    old = rebuild(blob, {})
+    fails(old[:8] + struct.pack("<H", 5) + old[10:], "member positions")  # m = 0, then k = 0: neither in 5
+    fails(rebuild(blob, {i: g[:-2]}), "needs")
+    fails(rebuild(blob, {i: g + b"\0"}), "stray")
+
+
+def test_group_of_a_whole_role_names_no_positions():
+    state, args, quantized = resnet20_shared_bn()
+    blob, _ = round_trip(state, args, quantized)
+    groups = [payload for _, kind, payload in sections(blob) if kind == "G"]
+    assert len(groups) == 5 and all(struct.unpack_from("<H", g, 2)[0] == 0 for g in groups)  # m = 0
+    # One scale apart (float64), the other 18 are a group that lists its positions.
+    last = [k for k in state if k.endswith("bn2.weight")][-1]
+    state[last] = state[last].double()
+    blob, _ = round_trip(state, args, quantized)
+    assert sorted(struct.unpack_from("<H", payload, 2)[0] for _, kind, payload in sections(blob) if kind == "G") \
+        == [0, 0, 0, 0, 18]
+    # A version-5 file cannot name its members by role.
+    old = rebuild(round_trip(*resnet20_shared_bn())[0], {})
+    fails(old[:8] + struct.pack("<H", 5) + old[10:], "member positions")
+
+
+def test_hostile_group_is_rejected():
+    state, args, quantized = resnet20_shared_bn()
+    last = [k for k in state if k.endswith("bn1.weight")][-1]
+    state[last] = state[last].double()  # the other 18 scales: a group with its positions listed
+    blob, _ = dcfile.encode_model(state, args, quantized)
+    i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[1] == "G" and s[2][2] != 0)
+    m = struct.unpack_from("<H", g, 2)[0]
+    members = list(struct.unpack_from(f"<{m}H", g, 4))
+    with_members = lambda ps: patch(g, 4, f"<{m}H", *ps)  # noqa: E731
+    layout, _, _ = dcfile.architecture(args, quantized)
+    quantized_at = next(p for p, s in enumerate(layout) if s[0] == "Q" and p > members[0])
+    for ps in ([members[1]] + members[1:], members[:1] + [members[0]] + members[2:],
+               members[:-1] + [len(layout)], sorted(members[:-1] + [quantized_at])):
+        fails(rebuild(blob, {i: with_members(ps)}), "member")
+    k_at = 4 + 2 * m
+    fails(rebuild(blob, {i: patch(g, k_at, "<I", 0)}), "needs|stray")  # k = 0: the members' values, not there
+    fails(rebuild(blob, {i: patch(g, 2, "<H", 1)}), "member")
+    fails(rebuild(blob, {i: patch(g, 1, "<B", dcfile.DTYPES.index(torch.float64))}), "dtype")  # wider than float32
+    fails(rebuild(blob, {i: g[:-1]}), "needs")
+
+
+def test_decode_file_names_the_path(tmp_path, small_file):
+    path = tmp_path / "cut.dc"
+    path.write_bytes(small_file[:-3])
+    with pytest.raises(util.UserError, match="cut.dc: .*truncated"):
+        dcfile.decode_file(str(path))
+
+
+# --- the stages as a user runs them --------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""prune.py: the threshold rules, dynamic network surgery, the Erdos-Renyi-kernel densities,
+the group lasso and dead units, on hand-made tensors with known answers."""
+import pytest
+import torch
+import torch.nn as nn
+
+import prune
+from models import build_model
+from prune import MaskedConv2d, MaskedLinear, drop_dead_units, masked_layers
+
+
+def test_std_threshold_known_answer():
+    w = torch.tensor([-2.0, -1.0, 1.0, 2.0])
+    # unbiased std of {-2,-1,1,2} = sqrt(10/3)
+    assert prune.std_threshold(w, torch.ones(4), 0.6) == pytest.approx(0.6 * (10 / 3) ** 0.5)
+    # survivors only: std of {-2, 2} = sqrt(8) (the zeros already pruned do not count)
+    assert prune.std_threshold(w, torch.tensor([1.0, 0, 0, 1]), 1.0) == pytest.approx(8 ** 0.5)
+
+
+def test_prune_by_std_prunes_below_threshold_and_zeroes_weights():
+    layer = MaskedLinear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-2.0, -1.0], [1.0, 2.0]]))
+    net = nn.Sequential(layer)
+    thresholds = prune.prune_by_std(net, 0.6, "all")  # 0.6 * 1.826 = 1.095 > 1
+    assert list(thresholds) == ["0"]
+    assert layer.mask.tolist() == [[1, 0], [0, 1]]
+    assert layer.weight.tolist() == [[-2, 0], [0, 2]]
+    prune.prune_by_std(net, 0.5, "all")  # survivors {-2, 2}: threshold 0.5 * 2.83 = 1.41 keeps both
+    assert layer.mask.sum() == 2
+
+
+def test_percentile_threshold_known_answer():
+    w = torch.tensor([4.0, -1.0, 3.0, -2.0])
+    assert prune.percentile_threshold(w, 50) == 3.0  # |w| < 3 -> the two smallest go
+    assert prune.percentile_threshold(w, 0) == 0.0
+    assert prune.percentile_threshold(w, 100) == float("inf")
+
+
+def test_global_threshold_is_shared_and_prunes_pooled_percentile():
+    a, b = MaskedLinear(4, 1, bias=False), MaskedLinear(4, 1, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+        b.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    t = prune.prune_global(nn.Sequential(a, b), 50, "all")
+    assert set(t.values()) == {1.0}
+    assert a.mask.sum() == 0 and b.mask.sum() == 4  # the small layer loses everything
+
+
+def test_per_layer_percentile_and_layer_value_precedence():
+    setting = {"fc1": 1, "layer4.*": 2, "conv": 3, "*": 4}
+    assert prune.layer_value(setting, "fc1", "fc") == 1
+    assert prune.layer_value(setting, "layer4.0.conv1", "conv") == 2
+    assert prune.layer_value(setting, "conv2", "conv") == 3
+    assert prune.layer_value(setting, "fc2", "fc") == 4
+    assert prune.layer_value(0.5, "anything", "fc") == 0.5
+
+
+def test_surgery_step_known_answer_with_hysteresis():
+    layer = MaskedLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.05, 0.105, 0.095, -0.2]]))
+        layer.mask.copy_(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    model = nn.Sequential(layer)
+    prune.surgery_step(model, {"0": 0.1}, band=0.1)
+    # below 0.09: pruned; inside 0.09..0.11: unchanged; above 0.11 (in magnitude): spliced back
+    assert layer.mask.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    assert layer.weight.tolist()[0] == pytest.approx([0.05, 0.105, 0.095, -0.2])  # surgery keeps weights
+
+
+def test_scaled_surgery_thresholds_follow_the_weight_scale():
+    layer = MaskedLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, 1.0]]))
+    model = nn.Sequential(layer)
+    thresholds = {"0": 0.25}
+    prune.surgery_step(model, thresholds, band=0.0, sensitivities={"0": 1.0})
+    std = float(layer.weight.detach().std())
+    assert thresholds["0"] == pytest.approx(std)  # re-derived: 1.0 x the std of all the weights
+    assert layer.mask.tolist() == [[0.0, 0.0, float(0.3 >= std), 1.0]]
+    with torch.no_grad():
+        layer.weight.mul_(10)  # the same weights, ten times the scale: the same mask
+    before = layer.mask.clone()
+    prune.surgery_step(model, thresholds, band=0.0, sensitivities={"0": 1.0})
+    assert torch.equal(layer.mask, before) and thresholds["0"] == pytest.approx(10 * std)
+    prune.surgery_step(model, {"0": std}, band=0.0)  # a fixed threshold splices them all back
+    assert layer.mask.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
+def test_density_held_surgery_keeps_each_layers_fraction_whatever_the_weights_do():
+    layer = MaskedLinear(8, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8]]))
+    model = nn.Sequential(layer)
+    thresholds = {"0": 0.0}
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 0.25})
+    assert float(thresholds["0"]) == pytest.approx(0.65)  # halfway between 0.6 dropped and 0.7 kept
+    assert layer.mask.tolist() == [[0, 0, 0, 0, 0, 0, 1, 1]]
+    with torch.no_grad():  # the weights reshuffle and shrink: the two largest are still the two kept
+        layer.weight.copy_(torch.tensor([[0.05, -0.01, 0.02, 0.03, -0.04, 0.06, 0.0, -0.001]]))
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 0.25})
+    assert layer.mask.tolist() == [[1, 0, 0, 0, 0, 1, 0, 0]] and float(thresholds["0"]) == pytest.approx(0.045)
+    # a band keeps the state of weights near the threshold, as for the other rules
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.05, -0.01, 0.02, 0.03, -0.046, 0.06, 0.0, -0.001]]))
+    prune.surgery_step(model, thresholds, band=0.1, densities={"0": 0.25})
+    # t = 0.048: 0.046 (now among the two largest) and 0.05 lie inside 0.0432..0.0528 and keep their state
+    assert layer.mask.tolist() == [[1, 0, 0, 0, 0, 1, 0, 0]] and float(thresholds["0"]) == pytest.approx(0.048)
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 0.0})
+    assert layer.mask.sum() == 0
+    prune.surgery_step(model, thresholds, band=0.0, densities={"0": 1.0})
+    assert layer.mask.tolist() == [[1, 1, 1, 1, 1, 1, 0, 1]]  # every weight above 0 (a weight at 0 stays dead)
+
+
+def test_ramped_density_follows_the_cubic_schedule():
+    # Zhu & Gupta 2017: d + (1 - d)(1 - t / T)^3, from 1 at step 0 to d at step T, then d
+    got = [prune.ramped({"a": 0.2, "b": 1.0}, t, 4) for t in (0, 1, 2, 4, 9)]
+    assert [g["a"] for g in got] == pytest.approx([1.0, 0.2 + 0.8 * 27 / 64, 0.3, 0.2, 0.2])
+    assert all(g["b"] == 1.0 for g in got)
+    assert prune.ramped({"a": 0.2}, 0, 0) == {"a": 0.2}  # no ramp: the target at once
+
+
+def test_gradual_surgery_lowers_the_held_density_step_by_step():
+    torch.manual_seed(0)
+    layer = MaskedLinear(10, 10, bias=False)
+    model = nn.Sequential(layer)
+    step = prune.gradual_surgery(model, {"0": 0.0}, 0.0, {"0": 0.2}, 4)
+    alive = []
+    for _ in range(6):
+        step()
+        alive.append(int(layer.mask.sum()))
+    assert alive == [54, 30, 21, 20, 20, 20]  # 100 x (0.2 + 0.8 (1 - t / 4)^3), rounded
+
+
+def test_dns_splices_gradients_and_finishes_with_exact_zeros():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(6, 3))
+    layer = model[0]
+    thresholds = prune.prune_dns(model, 1.0)
+    pruned = layer.mask == 0
+    assert pruned.any() and layer.splice and (layer.weight[pruned] != 0).all()  # kept, not zeroed
+    x = torch.randn(5, 6)
+    expected = x @ (layer.weight * layer.mask).T + layer.bias
+    out = model(x)
+    assert torch.equal(out, expected)  # computes with weight * mask exactly
+    out.sum().backward()
+    assert (layer.weight.grad[pruned] != 0).all()  # straight-through: pruned weights still learn
+    layer.weight.grad = None
+    prune.finish_surgery(model)
+    assert not layer.splice and (layer.weight[pruned] == 0).all()
+    model(x).sum().backward()
+    assert (layer.weight.grad[pruned] == 0).all()  # after surgery they stay pruned
+    assert set(thresholds) == {"0"} and thresholds["0"] > 0
+
+
+def test_prune_layers_fc_leaves_convs_dense():
+    net = build_model("lenet5")
+    prune.prune_by_std(net, 1.0, "fc")
+    assert net.conv1.mask.all() and net.conv3.mask.all()
+    assert not net.fc1.mask.all() and not net.fc2.mask.all()
+
+
+def test_erk_densities_known_answer():
+    net = nn.Sequential(MaskedLinear(4, 2), MaskedLinear(20, 10))  # 8 weights (6 / 8), 200 (30 / 200)
+    # 25% of 208 = 52: the factor 52 / (0.75 x 8 + 0.15 x 200) would give layer 0 a density over 1,
+    # so it keeps all 8 and layer 1 the other 44 of its 200
+    assert prune.erk_densities(net, 0.25) == {"0": 1.0, "1": pytest.approx(0.22)}
+    assert prune.erk_densities(net, 1.0) == {"0": 1.0, "1": pytest.approx(1.0)}
+    assert prune.erk_densities(net, 0.0) == {"0": 0.0, "1": 0.0}
+    d = prune.erk_densities(build_model("resnet20"), 0.2)
+    layers = dict(masked_layers(build_model("resnet20")))
+    assert sum(d[n] * m.weight.numel() for n, m in layers.items()) == pytest.approx(0.2 * 268336)
+    assert d["conv1"] == d["fc"] == 1.0 and d["layer1.0.conv1"] > d["layer2.1.conv1"] > d["layer3.1.conv1"]
+
+
+def test_prune_by_percentile_for_surgery_keeps_the_largest():
+    layer = MaskedLinear(5, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2, 3, -4, 5], [-6, 7, -8, 9, -10]]))
+    net = nn.Sequential(layer)
+    prune.prune_by_percentile(net, {"0": 100 * (1 - 0.3)}, surgery=True)
+    assert layer.mask.tolist() == [[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
+    assert layer.weight.abs().min() == 1 and layer.splice  # surgery keeps the weights to splice back
+    prune.prune_by_percentile(net, {"0": 100.0})
+    assert layer.mask.sum() == 0 and layer.weight.abs().sum() == 0
+
+
+def test_group_lasso_known_answer_and_whole_units():
+    fc = MaskedLinear(3, 2)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[3.0, 4.0, 12.0], [0.0, 0.0, 5.0]]))
+    fc.mask[0, 2] = 0  # pruned: costs nothing
+    penalty = prune.group_lasso_penalty(nn.Sequential(fc), {"0": 0.5})
+    # rows (3 weights each): |(3, 4, 0)| = 5 and 5; columns (2 each): 3, 4, 5
+    rows, cols = 3 ** 0.5 * (5 + 5), 2 ** 0.5 * (3 + 4 + 5)
+    assert torch.allclose(penalty(), torch.tensor(0.5 * (rows + cols)))
+    # its gradient is the unit direction of each group, scaled: a group is pulled to 0 as a whole
+    penalty().backward()
+    expected = 0.5 * (3 ** 0.5 * torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+                      + 2 ** 0.5 * torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert torch.allclose(fc.weight.grad, expected)
+    assert prune.group_lasso_penalty(nn.Sequential(fc), {"0": 0.0})() == 0  # off
+    # a conv's units are its filters and its input channels
+    conv = MaskedConv2d(2, 3, 3)
+    conv_penalty = prune.group_lasso_penalty(nn.Sequential(conv), {"0": 1.0})()
+    w = conv.weight.detach()
+    by_hand = 18 ** 0.5 * w.flatten(1).norm(dim=1).sum() + 27 ** 0.5 * w.transpose(0, 1).flatten(1).norm(dim=1).sum()
+    assert torch.allclose(conv_penalty, by_hand)
+
+
+def test_dead_units_known_answer():
+    torch.manual_seed(0)
+    net = build_model("lenet_300_100")
+    with torch.no_grad():
+        net.fc1.weight[0] = 0  # neuron 0 of fc1 has no input: it outputs relu(bias) = 2
+        net.fc1.bias[0] = 2.0
+        net.fc3.weight[:, 5] = 0  # neuron 5 of fc2 feeds nothing
+        net.fc3.weight[:, 7] = 0  # neuron 7 of fc2 feeds nothing and has no input
+        net.fc2.weight[7] = 0
+    w2, b2 = net.fc2.weight[:, 0].clone(), net.fc2.bias.clone()
+    w2[5] = 0  # neuron 5's incoming weights go first (unread), its bias no longer matters
+    x = torch.randn(16, 1, 28, 28)
+    before = net(x).detach()
+    b1 = net.fc1.bias.clone()
+    # fc2 row 5, column 0; fc1 neuron 0 (folded, then read by nothing) and fc2 neurons 5 and 7
+    # (without inputs, read by nothing) keep no bias
+    assert drop_dead_units(net) == dict(unread=1, constant=1, weights=300 + 98, biases=3)
+    assert torch.equal(net.fc2.mask[5], torch.zeros(300)) and torch.equal(net.fc2.weight[5], torch.zeros(300))
+    assert (net.fc2.mask[:, 0] == 0).all()
+    b2[5] = b2[7] = 0
+    assert torch.allclose(net.fc2.bias, b2 + 2.0 * w2)
+    assert net.fc1.bias[0] == 0 and torch.equal(net.fc1.bias[1:], b1[1:])
+    assert torch.allclose(net(x), before, atol=1e-5)
+    assert drop_dead_units(net) == dict(unread=0, constant=0, weights=0, biases=0)  # nothing left to find
+    assert drop_dead_units(build_model("resnet20")) is None  # not a chain
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "lenet5_caffe"])
+def test_dead_units_keep_the_outputs_on_random_inputs(name):
+    """Sparse random masks leave many dead units in every layer; the network's outputs stay."""
+    torch.manual_seed(1)
+    net = build_model(name).eval()
+    with torch.no_grad():
+        for _, m in masked_layers(net):
+            m.mask.copy_((torch.rand_like(m.mask) < 0.03).float())
+            m.mask[:3] = 0  # units without inputs, whatever the density
+            m.bias.uniform_(-1, 1)
+    x = torch.randn(32, 1, 28, 28)
+    before = net(x).detach()
+    found = drop_dead_units(net)
+    assert found["unread"] > 0 and found["constant"] > 0 and found["weights"] > 0 and found["biases"] > 0
+    assert torch.allclose(net(x), before, atol=1e-5, rtol=1e-5)

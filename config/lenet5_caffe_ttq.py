@@ -1,11 +1,6 @@
-"""Trained ternary quantization (Zhu, Han, Mao & Dally 2017) of LeNet-5 (caffe) on MNIST, beside
-the Deep Compression recipe of the same dense network (config/lenet5_caffe.py, whose dense
-settings these are). Stage 1 prunes nothing; stage 2 starts from the dense network
-(source=initial) and makes every layer ternary, threshold 0.05 x max|latent|, 10 epochs of Adam
-from lr 1e-3 with a cosine schedule. Chosen on validation among four variants from the same
-dense network (seed 1's): lr 1e-3 with the first and last layers float32 (the paper's choice)
-99.350%, lr 3e-4 99.367%, threshold 0.1 99.350%, every layer ternary 99.383% (and the smallest
-file): README, "Trained ternary quantization"."""
+"""Trained ternary quantization (Zhu, Han, Mao & Dally 2017) of LeNet-5 (caffe) on MNIST, from the
+dense network of config/lenet5_caffe.py: nothing pruned, every layer ternary, threshold 0.05.
+Result: 19.7x at 0.52% test error (1 seed). docs/experiments.md#lenet5_caffe_ttq"""
 model = "lenet5_caffe"
 pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "fp32", "augment": "shift",
            "prune_iterations": 0}

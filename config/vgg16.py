@@ -1,13 +1,8 @@
-"""VGG-16 on ImageNet with the paper's settings (Han, Mao & Dally 2016, Table 5; Han et al. 2015
-Table 5): NOT RUN HERE (no ImageNet on this project's machines, and days of GPU time), so this
-recipe is the paper's, not one chosen on a validation split. Starts from torchvision's
-pretrained weights (no dense training), prunes each layer to the paper's share of surviving
-weights in one step (conv1_1 58% ... fc6-7 4%, fc8 23%), retrains, then 8-bit convs and 5-bit
-fcs. Run on GPU machines with torchrun:
-
-    torchrun --nproc_per_node=8 pruning.py config/vgg16.py --data_root=/data
-    torchrun --nproc_per_node=8 quantization.py config/vgg16.py --data_root=/data
-    python huffman_encode.py config/vgg16.py"""
+"""VGG-16 on ImageNet, torchvision's pretrained weights, with the paper's settings (Han, Mao &
+Dally 2016 Table 5: each layer pruned to the paper's share of surviving weights, 8-bit convs,
+5-bit fcs). Not run here (no ImageNet, days of GPU time), so no result:
+docs/experiments.md#vgg16. On GPUs: torchrun --nproc_per_node=8 pruning.py config/vgg16.py
+--data_root=/data, the same for quantization.py, then python huffman_encode.py config/vgg16.py."""
 model = "vgg16"
 pruning = {"dataset": "imagenet", "pretrained": True, "epochs": 0, "batch_size": 32, "test_batch_size": 100,
            "val_split": 0.01, "workers": 8, "precision": "auto", "optimizer": "sgd", "weight_decay": 5e-4,

@@ -48,6 +48,13 @@ class Batches:
     def __len__(self):
         return math.ceil(len(self.y) // self.world / self.batch_size)
 
+    def state_dict(self):
+        """Where the order and augmentation of the next epoch come from, to resume at it."""
+        return dict(gen=self.gen.get_state())
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["gen"])
+
     def _augment(self, xb):
         n, _, h, w = xb.shape
         pad = 2 if self.augment == "shift" else 4
@@ -138,6 +145,13 @@ class FolderBatches:
 
     def __len__(self):
         return len(self.loader)
+
+    def state_dict(self):
+        """The next epoch's number, which draws its order (DistributedSampler.set_epoch)."""
+        return dict(epoch=self.epoch)
+
+    def load_state_dict(self, state):
+        self.epoch = int(state["epoch"])
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)

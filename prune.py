@@ -12,7 +12,6 @@ weight * mask, but the gradient reaches every weight, and the mask is recomputed
 magnitudes as training goes, so a connection pruned by mistake can grow back.
 """
 import fnmatch
-import itertools
 
 import torch
 import torch.nn as nn
@@ -282,12 +281,25 @@ def ramped(densities, step, steps):
     return {name: d + (1.0 - d) * left for name, d in densities.items()}
 
 
-def gradual_surgery(model, thresholds, band, densities, steps):
+class GradualSurgery:
     """surgery_step with held densities that follow `ramped`: from 100% down to `densities`
-    ({layer name: d}) over `steps` steps (0: the targets from the first step). Returns the
-    callable util.fit calls after every optimizer step."""
-    counter = itertools.count(1)
-    return lambda: surgery_step(model, thresholds, band, None, ramped(densities, next(counter), steps))
+    ({layer name: d}) over `steps` steps (0: the targets from the first step). Called with no
+    arguments after every optimizer step (training.fit's after_step); state_dict holds the
+    steps taken, so that a resumed phase goes on where it stopped."""
+
+    def __init__(self, model, thresholds, band, densities, steps):
+        self.model, self.thresholds, self.band, self.densities, self.steps = model, thresholds, band, densities, steps
+        self.step = 0
+
+    def __call__(self):
+        self.step += 1
+        surgery_step(self.model, self.thresholds, self.band, None, ramped(self.densities, self.step, self.steps))
+
+    def state_dict(self):
+        return dict(step=self.step)
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
 
 
 def finish_surgery(model):

@@ -20,7 +20,7 @@ import training
 import util
 from datasets import AUGMENTS, DATASETS, DataSpec, imagenet_folders, load_data
 from models import MODELS, PRETRAINED, build_model, teacher_from
-from prune import (PRUNE_METHODS, erk_densities, finish_surgery, gradual_surgery, group_lasso_penalty, masked_layers,
+from prune import (PRUNE_METHODS, GradualSurgery, erk_densities, finish_surgery, group_lasso_penalty, masked_layers,
                    per_layer, prune_by_percentile, surgery_step)
 
 # -----------------------------------------------------------------------------
@@ -62,6 +62,7 @@ dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | dens
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
 seed = 0                    # torch seed (weights, batch order)
+resume = False              # continue a killed run from {out_dir}/{model}_pruning.resume.pt (same settings)
 precision = "fp32"          # training arithmetic: auto | fp32 | bf16 (autocast); all else stays float32
 device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def network(cfg, dev):
     return net, model_args
 
 
-def dense_network(net, cfg, model_args, train, val, options, history, dev):
+def dense_network(net, cfg, model_args, train, val, options, history, progress, dev):
     """Step 1 (Han 2015 section 3: learn which connections matter): train `net` dense, or load
     the one init_from names, then run the warm restart if set. -> (what the dense training
     cost, the snapshots kept before each warm restart)."""
@@ -158,7 +159,7 @@ def dense_network(net, cfg, model_args, train, val, options, history, dev):
     else:
         t0 = time.time()
         history["train"] = training.fit(net, net.parameters(), train, val, cfg["epochs"], cfg["lr"], options,
-                                        label="train")
+                                        label="train", progress=progress)
         dense = dict(epochs=cfg["epochs"], seconds=round(time.time() - t0, 1), precision=options.precision)
         snapshots = []
     if cfg["restart_epochs"]:
@@ -168,7 +169,7 @@ def dense_network(net, cfg, model_args, train, val, options, history, dev):
         # cycle's minimum for a better one (SGDR, section 3); the dense cost adds up both cycles.
         t0, before = time.time(), dense or {}
         history["restart"] = training.fit(net, net.parameters(), train, val, cfg["restart_epochs"], cfg["restart_lr"],
-                                          options, label="restart")
+                                          options, label="restart", progress=progress)
         dense = dict(epochs=before.get("epochs", 0) + cfg["restart_epochs"],
                      seconds=round(before.get("seconds", 0) + time.time() - t0, 1),
                      precision=options.precision, restart_epochs=cfg["restart_epochs"])
@@ -210,7 +211,7 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
         return None
     if cfg["dns_threshold"] == "density":  # held at what pruning left, reached over dns_ramp of the steps
         held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])}
-        return gradual_surgery(net, thresholds, cfg["dns_band"], held,
+        return GradualSurgery(net, thresholds, cfg["dns_band"], held,
                                round(cfg["dns_ramp"] * cfg["retrain_epochs"] * steps_per_epoch))
     scaled = per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
         if cfg["dns_threshold"] == "scaled" else None
@@ -220,20 +221,23 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "training")
+    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    progress = training.Progress(stem + "_pruning.resume.pt", cfg, cfg["resume"])
+    if progress.resumed:
+        print(f"resuming from {progress.path}: {progress.where()}")
     net, model_args = network(cfg, dev)
     train, val, test = load_data(DataSpec.from_settings(cfg), dev)
     print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
-    stem = os.path.join(cfg["out_dir"], cfg["model"])
     options = training.TrainOptions(cfg["optimizer"], cfg["schedule"], cfg["weight_decay"], precision)
     report, history = training.Report(net, val, test, table=True), {}
 
     # 1. Train the dense network, or take one trained before: pruning recipes then share it.
-    dense, snapshots = dense_network(net, cfg, model_args, train, val, options, history, dev)
+    dense, snapshots = dense_network(net, cfg, model_args, train, val, options, history, progress, dev)
     report("Before pruning", "dense")
     # Every run folder holds its dense network (stage 2 can start from it: source=initial),
     # unless that file is the one it was read from.
     if not cfg["init_from"] or os.path.realpath(cfg["init_from"]) != os.path.realpath(stem + "_initial.pt"):
-        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, cfg,
+        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, training.recorded(cfg),
                              dict(accuracy=dict(report.accuracy), validation=dict(report.validation), dense=dense),
                              **({"snapshots": snapshots} if snapshots else {}))
 
@@ -250,12 +254,14 @@ def main(cfg):
         after_step = surgery(net, cfg, thresholds, len(train))
         history[f"retrain{it}"] = training.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                                cfg["retrain_lr"], retrain_options, label=f"retrain{it}",
-                                               after_step=after_step, distill=distill, penalty=penalty)
+                                               after_step=after_step, distill=distill, penalty=penalty,
+                                               progress=progress)
         if after_step:
             finish_surgery(net)
         util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun
         report("After Retraining", "retrained")
 
+    settings = training.recorded(cfg)
     stats = util.layer_stats(net)
     masked = {n + ".weight" for n, _ in masked_layers(net)}
     summary = dict(
@@ -263,9 +269,11 @@ def main(cfg):
         validation=report.validation, dense=dense,
         params=dict(total=sum(s["total"] for s in stats), nonzero=sum(s["nonzero"] for s in stats)),
         layers=[{**s, "masked": s["name"] in masked} for s in stats],
-        history=history, settings=cfg, device=str(dev), precision=precision, seconds=round(time.time() - t_start, 1))
-    util.save_checkpoint(stem + "_pruned.pt", "pruned", net, model_args, cfg, summary)
+        history=history, settings=settings, device=str(dev), precision=precision,
+        seconds=round(time.time() - t_start, 1))
+    util.save_checkpoint(stem + "_pruned.pt", "pruned", net, model_args, settings, summary)
     util.write_json(stem + "_pruned.json", summary)
+    progress.close()
     print(f"saved {stem}_pruned.pt and {stem}_pruned.json ({summary['seconds']} s)")
 
 

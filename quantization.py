@@ -51,6 +51,7 @@ distill = 0.0               # weight of the teacher's softened outputs in the lo
 distill_temperature = 4.0   # softmax temperature of that term
 teacher = "dense"           # distill's teacher: dense | snapshots (stage 1's, see pruning.py)
 seed = 0                    # torch seed (batch order) and k-means seed (random and kmeans++ inits)
+resume = False              # continue a killed run from {out_dir}/{model}_quantization.resume.pt (same settings)
 precision = "fp32"          # training arithmetic: auto | fp32 | bf16 (autocast); all else stays float32
 device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def dense_teacher(cfg, stem, dev):
     return training.Distillation(teacher_from(dense, cfg["teacher"]).to(dev), cfg["distill"], cfg["distill_temperature"])
 
 
-def kmeans(net, cfg, data, options, distill, report):
+def kmeans(net, cfg, data, options, distill, report, progress):
     """Steps 1-2 of section 3: weight sharing, then fine-tuning the centroids. -> ({layer:
     {bits, clusters}}, the fine-tuning history)."""
     train, val = data
@@ -133,12 +134,12 @@ def kmeans(net, cfg, data, options, distill, report):
     # Biases and batch-norm train too (batch-norm's running statistics follow the new weights)
     # and absorb part of the quantization error; indices and masks are buffers and do not move.
     history = training.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"], options,
-                           label="finetune", distill=distill)
+                           label="finetune", distill=distill, progress=progress)
     report("After fine-tuning the centroids", "finetuned")
     return quantized, history
 
 
-def ttq(net, cfg, data, options, distill, report):
+def ttq(net, cfg, data, options, distill, report, progress):
     """Steps 1-2 by trained ternary quantization instead (Zhu et al. 2017, section 3): each
     chosen layer becomes {-wn, 0, wp}; the latent weights, the two scales per layer and
     everything left in float32 train together, the zeros moving as latent weights cross the
@@ -151,7 +152,7 @@ def ttq(net, cfg, data, options, distill, report):
             to_ternary(m, ternary[name])
     report("Ternary (scales fitted, before training)", "clustered")
     history = training.fit(net, net.parameters(), train, val, cfg["finetune_epochs"], cfg["lr"], options,
-                           label="ttq", distill=distill)
+                           label="ttq", distill=distill, progress=progress)
     quantized = {}
     for name, m in masked_layers(net):
         if name in ternary:
@@ -203,6 +204,9 @@ def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "fine-tuning")
     stem = os.path.join(cfg["out_dir"], cfg["model"])
+    progress = training.Progress(stem + "_quantization.resume.pt", cfg, cfg["resume"])
+    if progress.resumed:
+        print(f"resuming from {progress.path}: {progress.where()}")
     pruned = util.load_checkpoint(f"{stem}_{cfg['source']}.pt", cfg["source"], dev,
                                   f"run pruning.py --model={cfg['model']} --out_dir={cfg['out_dir']} first")
     net = build_model(pruned["model"]["name"], **pruned["model"]["kwargs"]).to(dev)
@@ -229,7 +233,7 @@ def main(cfg):
     # 1-2. Weight sharing and fine-tuning (or TTQ); 3-4. biases and batch-norm shared.
     options = training.TrainOptions(precision=precision)
     steps = kmeans if cfg["method"] == "kmeans" else ttq
-    quantized, history = steps(net, cfg, (train, val), options, distill, report)
+    quantized, history = steps(net, cfg, (train, val), options, distill, report, progress)
     share_biases(net, cfg, quantized, bias_bits, report)
     fold_norms(net, cfg, report)
     accuracy, validation = report.accuracy, report.validation
@@ -243,7 +247,7 @@ def main(cfg):
     print(f"Accuracy: {start} {accuracy[start]:.2f}% | "
           + " | ".join(f"{names[k]} {accuracy[k]:.2f}%" for k in names if k in accuracy)
           + f" ({accuracy['quantized'] - accuracy[start]:+.2f} points)")
-    settings = {**cfg, "pruning": p}
+    settings = {**training.recorded(cfg), "pruning": p}
     summary = dict(
         model=cfg["model"], dataset=p["dataset"], stage="quantized", accuracy=accuracy, validation=validation,
         layers=rows, dead_units=dead, history=dict(finetune=history), settings=settings, device=str(dev),
@@ -251,6 +255,7 @@ def main(cfg):
     util.save_checkpoint(stem + "_quantized.pt", "quantized", net, pruned["model"], settings,
                          {**summary, "pruning": pruned["metrics"]}, quantized=quantized)
     util.write_json(stem + "_quantized.json", summary)
+    progress.close()
     print(f"saved {stem}_quantized.pt and {stem}_quantized.json ({summary['seconds']} s)")
 
 

@@ -1,15 +1,19 @@
 """The training loop and evaluation of both training stages: fit() (SGD or Adam, cosine
-schedule, optional bf16 autocast, distillation and a penalty term), evaluate() in float32, and
-Report, the accuracy of a network at the named points of a stage."""
+schedule, optional bf16 autocast, distillation and a penalty term), evaluate() in float32,
+Report, the accuracy of a network at the named points of a stage, and Progress, the state a
+killed stage resumes from."""
 import dataclasses
 import math
+import os
+import random
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from util import PRECISIONS, UserError, all_sum, is_main, layer_stats, layer_table, require
+from util import PRECISIONS, UserError, all_sum, is_main, layer_stats, layer_table, require, save_tensors
 
 
 def memory_format(model):
@@ -82,7 +86,7 @@ class Distillation:
 
 
 def fit(model, params, train, val, epochs, lr, options=TrainOptions(), label="train", after_step=None,
-        distill=None, penalty=None):
+        distill=None, penalty=None, progress=None):
     """Train `params` of `model` for `epochs` at learning rate `lr`, printing one summary line
     per epoch.
 
@@ -96,6 +100,8 @@ def fit(model, params, train, val, epochs, lr, options=TrainOptions(), label="tr
     the scale of the hard one's (Hinton et al. section 2).
     penalty: a function of no arguments whose value (a scalar tensor, in float32) is added to
     every step's loss (a group-lasso term, prune.group_lasso_penalty).
+    progress: a Progress, or None: the phase (`label`) resumes from its state, and writes it
+    at the end of every epoch.
     Returns the history [{epoch, train_loss, train_acc, val_loss, val_acc, seconds}]."""
     schedule, precision = options.schedule, options.precision
     teacher, weight, temperature = (distill.teacher, distill.weight, distill.temperature) if distill \
@@ -116,8 +122,8 @@ def fit(model, params, train, val, epochs, lr, options=TrainOptions(), label="tr
     net = model
     if torch.distributed.is_initialized():  # under torchrun: gradients averaged over the ranks every step
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    history = []
-    for epoch in range(1, epochs + 1):
+    done, history = progress.begin(label, model, opt, sched, train, after_step) if progress else (0, [])
+    for epoch in range(done + 1, epochs + 1):
         t0 = time.time()
         model.train()
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
@@ -152,6 +158,8 @@ def fit(model, params, train, val, epochs, lr, options=TrainOptions(), label="tr
         history.append(row)
         print(f"{label} epoch {epoch:3d}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% "
               f"| val loss {val_loss:.4f} acc {row['val_acc']:6.2f}% | {row['seconds']:.1f} s", flush=True)
+        if progress:
+            progress.end_epoch(label, epoch, epochs, model, opt, sched, train, after_step, history)
     return history
 
 
@@ -189,3 +197,124 @@ def check_settings(cfg):
     require(cfg["teacher"] in ("dense", "snapshots"), f"unknown teacher {cfg['teacher']!r}; choose dense or snapshots")
     require(cfg["teacher"] == "dense" or cfg["distill"] > 0,
             "teacher=snapshots teaches through distillation: set --distill (0.9 in the ResNet-20 recipe)")
+
+
+# --- resuming a killed stage -------------------------------------------------------------------
+
+class Progress:
+    """A training stage's resumable state, in one file written atomically at the end of every
+    epoch: the stage's settings; for each training phase finished (fit's label) the network,
+    the random states (torch, CUDA, numpy, Python, the training data's order) and the history
+    at its end; for the phase under way the same at its last epoch, plus the optimizer, the
+    learning-rate schedule and the after-step hook's state.
+
+    A stage resumes by running again from its start: the steps between phases (pruning,
+    k-means, evaluations) recompute the same results from the same network, each phase the
+    file records as finished is replaced by its end state, and the phase under way continues
+    from its last epoch, so the stage's outputs are those of a run never stopped (bit for bit
+    on the same device and threads). `path`: the state file; settings: the stage's; resume:
+    whether to read an existing file (else it is replaced as the stage goes; a stage that
+    torchrun restarted reads it too). Raises UserError where the file cannot be read or was
+    written with other settings."""
+
+    IGNORED = ("resume", "device")  # settings a resumed stage may change
+
+    def __init__(self, path, settings, resume):
+        self.path, self.settings = path, {k: v for k, v in settings.items() if k not in self.IGNORED}
+        self.state = dict(settings=self.settings, finished={}, current=None)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
+        self.resumed = bool((resume or restarted) and os.path.exists(path))
+        if not self.resumed:
+            return
+        hint = f"delete {path} to start the stage again, or run without --resume"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable resume state ({type(e).__name__}): {hint}") from None
+        require(isinstance(state, dict) and {"settings", "finished", "current"} <= set(state),
+                f"{path} is not a resume state: {hint}")
+        differ = next((k for k in sorted(set(self.settings) | set(state["settings"]))
+                       if self.settings.get(k) != state["settings"].get(k)), None)
+        require(differ is None, f"{path} was written with {differ}={state['settings'].get(differ)!r}, not "
+                                f"{self.settings.get(differ)!r}: resume with the same settings, or {hint}")
+        self.state = state
+
+    def where(self):
+        """'phase epoch N' of the latest state, for the stage's first lines."""
+        current, finished = self.state["current"], list(self.state["finished"])
+        if current:
+            return f"{current['label']} epoch {current['epoch']}"
+        return f"the end of {finished[-1]}" if finished else "the start"
+
+    def begin(self, label, model, opt, sched, train, after_step):
+        """Before phase `label` trains: restore what the file holds of it. -> (epochs done,
+        history so far); a finished phase comes back whole (its epochs all done)."""
+        if label in self.state["finished"]:
+            done = self.state["finished"][label]
+            _restore(done, model, train)
+            return len(done["history"]), list(done["history"])
+        current = self.state["current"]
+        if current is None or current["label"] != label:
+            return 0, []
+        _restore(current, model, train)
+        opt.load_state_dict(current["optimizer"])
+        sched.load_state_dict(current["scheduler"])
+        if after_step is not None and hasattr(after_step, "load_state_dict"):
+            after_step.load_state_dict(current["after_step"])
+        return current["epoch"], list(current["history"])
+
+    def end_epoch(self, label, epoch, epochs, model, opt, sched, train, after_step, history):
+        """After each epoch of phase `label`: write the state (atomically; rank 0 only)."""
+        snapshot = _snapshot(model, train, history)
+        if epoch == epochs:
+            self.state["finished"][label] = snapshot
+            self.state["current"] = None
+        else:
+            self.state["current"] = dict(snapshot, label=label, epoch=epoch, optimizer=opt.state_dict(),
+                                         scheduler=sched.state_dict(),
+                                         after_step=after_step.state_dict() if hasattr(after_step, "state_dict")
+                                         else {})
+        save_tensors(self.path, self.state)
+
+    def close(self):
+        """The stage wrote its outputs: its state is no longer needed."""
+        if is_main() and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _snapshot(model, train, history):
+    """What a phase needs to continue from here: the network, the random states and the
+    history (copies, so that later steps do not change them)."""
+    return dict(model={k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                rng=dict(torch=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                         numpy=_numpy_state(), python=_python_state()),
+                data=train.state_dict(), history=[dict(h) for h in history])
+
+
+def _restore(snapshot, model, train):
+    model.load_state_dict(snapshot["model"])
+    torch.set_rng_state(snapshot["rng"]["torch"])
+    if snapshot["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snapshot["rng"]["cuda"])
+    np.random.set_state(("MT19937", snapshot["rng"]["numpy"]["key"].numpy().astype(np.uint32),
+                        *snapshot["rng"]["numpy"]["rest"]))
+    random.setstate((snapshot["rng"]["python"][0], tuple(snapshot["rng"]["python"][1]), snapshot["rng"]["python"][2]))
+    train.load_state_dict(snapshot["data"])
+
+
+def _numpy_state():
+    """numpy's global random state as tensors and plain numbers (weights_only loads them)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(key=torch.from_numpy(key.astype(np.int64)), rest=[int(pos), int(has_gauss), float(gauss)])
+
+
+def _python_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def recorded(settings):
+    """A stage's settings as its checkpoint and JSON record them: without resume, so that a
+    resumed run writes what an uninterrupted one does."""
+    return {k: v for k, v in settings.items() if k != "resume"}

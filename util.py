@@ -214,7 +214,15 @@ def join_ranks(device):
                 f"{torch.cuda.device_count()}: give torchrun --nproc_per_node <= {torch.cuda.device_count()}")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across its restarts (--max-restarts), where a new group
+        # would read the last round's addresses (gloo: connectFullMesh refused): a prefix per round
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+        round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"round{round_}", store), rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend)
     if rank:
         sys.stdout = open(os.devnull, "w")
     return device

@@ -74,8 +74,9 @@ def commands(recipe, seed, cfg, overrides=None, folder=None, stages=STAGES):
     config/<recipe>.py, then this run's seed, folder and `overrides` ({stage: {setting: value}})."""
     folder = folder or os.path.join(cfg["out_dir"], recipe, f"seed{seed}")
     path = os.path.relpath(os.path.join(cfg["recipe_dir"], recipe + ".py"))
-    per_stage = dict(pruning=dict(data_root=cfg["data_root"], seed=seed),
-                     quantization=dict(data_root=cfg["data_root"], seed=seed), huffman_encode={})
+    # A training stage killed earlier continues from its resume state (a finished one left none).
+    per_stage = dict(pruning=dict(data_root=cfg["data_root"], seed=seed, resume=True),
+                     quantization=dict(data_root=cfg["data_root"], seed=seed, resume=True), huffman_encode={})
     argv = []
     for stage in stages:
         script = os.path.relpath(os.path.join(ROOT, f"{stage}.py"))

@@ -177,3 +177,47 @@ def fails(blob, match):
 
 def patch(payload, offset, fmt, *values):
     return payload[:offset] + struct.pack(fmt, *values) + payload[offset + struct.calcsize(fmt):]
+
+
+def kill_when(argv, state_path, label, epoch=1, victim=None, timeout=240):
+    """Start `argv` and SIGKILL it (or the process victim(its pid) names) once its resume
+    state (training.Progress) shows phase `label` at `epoch` or later, as a machine that goes
+    away would. -> (the exit code of the process started, its stderr)."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    log = tempfile.TemporaryFile()  # not a pipe: a full one would stop the process
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError):
+            state = None  # not written yet
+        current = state and state["current"]
+        reached = current and current["label"] == label and current["epoch"] >= epoch
+        if state and (label in state["finished"] or reached):
+            os.kill(victim(proc.pid) if victim else proc.pid, signal.SIGKILL)
+            code = proc.wait(timeout)  # torchrun's agent gives a stopped rank 30 s, then restarts
+            log.seek(0)
+            return code, log.read().decode(errors="replace")
+        time.sleep(0.02)
+    proc.kill()
+    log.seek(0)
+    raise AssertionError(f"{argv[1]} ended before phase {label} reached epoch {epoch}: {log.read()[-500:]}")
+
+
+def children(pid):
+    """The pids of the processes whose parent is `pid` (read from /proc, Linux)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)

@@ -12,14 +12,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import util
-from conftest import ROOT, run_script
+from conftest import ROOT, children, kill_when, run_script
+
+
+def torchrun_argv(script, *args, ranks=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            os.path.join(ROOT, script), *args]
 
 
 def torchrun(script, *args, ranks=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                           os.path.join(ROOT, script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    return subprocess.run(torchrun_argv(script, *args, ranks=ranks), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
 
 
 def test_two_ranks_prune_and_quantize_as_one_process(fake_mnist, tmp_path):
@@ -43,6 +47,26 @@ def test_two_ranks_prune_and_quantize_as_one_process(fake_mnist, tmp_path):
     # the same steps over the same images, in another order: close, not equal
     assert abs(a["accuracy"]["dense"] - b["accuracy"]["dense"]) < 10 and min(a["accuracy"]["dense"],
                                                                             b["accuracy"]["dense"]) > 30  # chance: 10%
+
+
+def test_a_killed_rank_restarts_the_group_from_its_state(fake_mnist, tmp_path, monkeypatch):
+    """torchrun --max-restarts: one rank killed in surgery, the group restarts and resumes from
+    the state rank 0 wrote, to the network an uninterrupted group trains."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--max-restarts=1", f"--data_root={fake_mnist}", "--subset=300", "--epochs=1", "--retrain_epochs=3",
+            "--batch_size=1", "--lr=0.01", "--prune_method=dns", "--sensitivity=1.0", "--device=cpu",
+            f"--out_dir={tmp_path}"]
+    r = torchrun("pruning.py", *args[1:])
+    assert r.returncode == 0, r.stderr
+    whole = torch.load(tmp_path / "lenet_300_100_pruned.pt", weights_only=True)["state_dict"]
+    os.remove(tmp_path / "lenet_300_100_pruned.pt")
+    argv = torchrun_argv("pruning.py", *args[1:])
+    argv.insert(argv.index("--standalone"), args[0])
+    last_rank = lambda agent: children(agent)[-1]  # noqa: E731  (the agent starts rank 0, then rank 1)
+    code, log = kill_when(argv, tmp_path / "lenet_300_100_pruning.resume.pt", "retrain1", 1, victim=last_rank)
+    assert code == 0, log[-3000:]  # the agent restarted both ranks, and they finished
+    resumed = torch.load(tmp_path / "lenet_300_100_pruned.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, resumed[k]) for k, v in whole.items())
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):

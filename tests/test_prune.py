@@ -124,7 +124,7 @@ def test_gradual_surgery_lowers_the_held_density_step_by_step():
     torch.manual_seed(0)
     layer = MaskedLinear(10, 10, bias=False)
     model = nn.Sequential(layer)
-    step = prune.gradual_surgery(model, {"0": 0.0}, 0.0, {"0": 0.2}, 4)
+    step = prune.GradualSurgery(model, {"0": 0.0}, 0.0, {"0": 0.2}, 4)
     alive = []
     for _ in range(6):
         step()

@@ -1,0 +1,68 @@
+"""A killed stage resumes to the same result (training.Progress through pruning.py and
+quantization.py): SIGKILL in the middle of dynamic network surgery, or of the centroids'
+fine-tuning, then --resume=True: the checkpoint and the JSON are the uninterrupted run's, bit
+for bit; resuming with other settings, or from a damaged state, is a one-line error."""
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from conftest import kill_when, run_script
+
+STAGE1 = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--batch_size=1", "--lr=0.01", "--retrain_lr=0.01",
+          "--prune_method=dns", "--dns_threshold=density", "--dns_ramp=0.5", "--sensitivity=1.0", "--device=cpu"]
+
+
+def same_outputs(a, b, stem, stage):
+    """Two run folders hold the same checkpoint (every tensor bit for bit) and the same JSON
+    summary (the seconds each step took aside)."""
+    x = torch.load(os.path.join(a, f"{stem}_{stage}.pt"), weights_only=True)
+    y = torch.load(os.path.join(b, f"{stem}_{stage}.pt"), weights_only=True)
+    assert set(x["state_dict"]) == set(y["state_dict"])
+    assert all(torch.equal(v, y["state_dict"][k]) for k, v in x["state_dict"].items())
+    untimed = lambda o: {k: untimed(v) for k, v in o.items() if k != "seconds"} if isinstance(o, dict) else \
+        [untimed(v) for v in o] if isinstance(o, list) else o  # noqa: E731
+    load = lambda folder: untimed(json.load(open(os.path.join(folder, f"{stem}_{stage}.json"))))  # noqa: E731
+    assert load(a) == load(b)
+
+
+def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # bit for bit needs the same threads in every process
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    stage1 = [os.path.join(os.path.dirname(__file__), "..", "pruning.py"), f"--data_root={fake_mnist}",
+              f"--out_dir={run}", *STAGE1]
+    r = run_script("pruning.py", *stage1[1:])
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(run / "lenet_300_100_pruning.resume.pt")  # a finished stage leaves no state
+    shutil.copytree(run, whole)
+    shutil.rmtree(run)
+
+    # stage 1, killed in surgery's second epoch (after its density ramp has begun), then resumed
+    state = run / "lenet_300_100_pruning.resume.pt"
+    assert kill_when([sys.executable, *stage1], state, "retrain1", 1)[0] != 0
+    assert torch.load(state, weights_only=True)["current"]["label"] == "retrain1"
+    r = run_script("pruning.py", *stage1[1:], "--resume=True")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "retrain1 epoch" in r.stdout
+    same_outputs(run, whole, "lenet_300_100", "pruned")
+
+    # stage 2, killed while it fine-tunes the centroids
+    stage2 = [os.path.join(os.path.dirname(__file__), "..", "quantization.py"), f"--data_root={fake_mnist}",
+              f"--out_dir={run}", "--finetune_epochs=3", "--device=cpu"]
+    assert run_script("quantization.py", *stage2[1:]).returncode == 0
+    for name in ("lenet_300_100_quantized.pt", "lenet_300_100_quantized.json"):
+        shutil.move(run / name, whole / name)
+    state = run / "lenet_300_100_quantization.resume.pt"
+    assert kill_when([sys.executable, *stage2], state, "finetune", 1)[0] != 0
+    r = run_script("quantization.py", *stage2[1:], "--lr=1e-3", "--resume=True")  # other settings: refused
+    assert r.returncode == 2 and "was written with lr=0.0003, not 0.001" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run_script("quantization.py", *stage2[1:], "--resume=True")
+    assert r.returncode == 0, r.stderr
+    same_outputs(run, whole, "lenet_300_100", "quantized")
+
+    # a damaged state is a one-line error, never a silent fresh start
+    state.write_bytes(b"not a state")
+    r = run_script("quantization.py", *stage2[1:], "--resume=True")
+    assert r.returncode == 2 and "is not a readable resume state" in r.stderr and len(r.stderr.splitlines()) == 1

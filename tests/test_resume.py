@@ -1,15 +1,19 @@
 """A killed stage resumes to the same result (training.Progress through pruning.py and
 quantization.py): SIGKILL in the middle of dynamic network surgery, or of the centroids'
 fine-tuning, then --resume=True: the checkpoint and the JSON are the uninterrupted run's, bit
-for bit; resuming with other settings, or from a damaged state, is a one-line error."""
+for bit; so in every other phase (dense training, the warm restart, a second prune-retrain
+cycle, TTQ), stopped in process; resuming with other settings, or from a damaged state, is a
+one-line error."""
 import json
 import os
 import shutil
 import sys
 
+import pytest
 import torch
 
-from conftest import kill_when, run_script
+import training
+from conftest import kill_when, run_here, run_script
 
 STAGE1 = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--batch_size=1", "--lr=0.01", "--retrain_lr=0.01",
           "--prune_method=dns", "--dns_threshold=density", "--dns_ramp=0.5", "--sensitivity=1.0", "--device=cpu"]
@@ -66,3 +70,44 @@ def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, 
     state.write_bytes(b"not a state")
     r = run_script("quantization.py", *stage2[1:], "--resume=True")
     assert r.returncode == 2 and "is not a readable resume state" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+class Killed(Exception):
+    """Raised right after a state is written: the process ends there, as under SIGKILL."""
+
+
+@pytest.mark.parametrize("stage,label,args", [
+    ("pruning", "train", ["--epochs=3", "--prune_method=std"]),
+    ("pruning", "restart", ["--epochs=1", "--restart_epochs=3", "--prune_method=std"]),
+    ("pruning", "retrain2", ["--epochs=1", "--prune_method=std", "--prune_iterations=2"]),
+    ("quantization", "ttq", ["--method=ttq", "--source=initial", "--finetune_epochs=3"]),
+])
+def test_every_phase_resumes_in_process(fake_mnist, tmp_path, capsys, monkeypatch, stage, label, args):
+    common = [f"--data_root={fake_mnist}", f"--out_dir={tmp_path}"]
+    first = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--sensitivity=1.0"]
+    if stage == "quantization":
+        assert run_here("pruning", *common, *first, capsys=capsys)[0] == 0
+    out = "quantized" if stage == "quantization" else "pruned"
+    run = lambda *more: run_here(stage, *common, *([] if stage == "quantization" else first), *args, *more,  # noqa: E731
+                                 capsys=capsys)
+    assert run()[0] == 0
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for suffix in (".pt", ".json"):
+        shutil.move(tmp_path / f"lenet_300_100_{out}{suffix}", whole / f"lenet_300_100_{out}{suffix}")
+
+    real = training.Progress.end_epoch
+
+    def end_epoch(self, phase, epoch, *rest):
+        real(self, phase, epoch, *rest)
+        if (phase, epoch) == (label, 2):
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(training.Progress, "end_epoch", end_epoch)
+        with pytest.raises(Killed):
+            run()
+    code, text, err = run("--resume=True")
+    assert code == 0, err
+    assert f"resuming from {tmp_path}/lenet_300_100_{stage}.resume.pt: {label} epoch 2" in text
+    same_outputs(tmp_path, whole, "lenet_300_100", out)

@@ -544,10 +544,8 @@ def _read_ans(r, name, shape, clusters):
     index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
     numel = math.prod(shape)
     n_rows, n_cols = ans.matrix(shape)
-    k = r.unpack("<I")[0]
-    if k != clusters:
-        raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
-    codebook = torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
+    codebook = _read_codebook(r, clusters, index_dtype)
+    k = len(codebook)
     nnz = r.unpack("<I")[0]
     if nnz > numel:
         raise ValueError(f"{nnz} non-zeros in {numel} elements")
@@ -572,8 +570,11 @@ def _read_ans(r, name, shape, clusters):
                              f"where there are {nnz} non-zeros")
         alive_r, alive_c, p = ans.margins_model(rows, cols, nnz)
         coder = ans.read_words(r)
-        bits = (ans.decode(coder, p.size, bernoulli, p.reshape(-1)) if p.size
-                else np.zeros(0, np.int64)).reshape(len(alive_r), len(alive_c))
+        if p.size:
+            bits = ans.decode(coder, p.size, bernoulli, p.reshape(-1)).reshape(len(alive_r), len(alive_c))
+        else:  # no place to code: the stream must be empty too
+            ans.end(coder)
+            bits = np.zeros((len(alive_r), len(alive_c)), np.int64)
         if not (np.array_equal(bits.sum(1), rows[alive_r]) and np.array_equal(bits.sum(0), cols[alive_c])):
             raise ValueError("presence bits disagree with the row and column counts: corrupt")
         present = np.zeros((n_rows, n_cols), bool)
@@ -607,16 +608,25 @@ def _read_ans(r, name, shape, clusters):
     return _layer_tensors(name, shape, codebook, positions, cluster_ids, index_dtype, mask_dtype)
 
 
+def _read_codebook(r, clusters, index_dtype):
+    """A quantized layer's k u32 and codebook (k,) float32, k checked against the header's
+    `clusters` and against what its index dtype can hold."""
+    k = r.unpack("<I")[0]
+    if k != clusters:
+        raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
+    if k - 1 > np.iinfo(INDEX_DTYPES[index_dtype]).max:
+        raise ValueError(f"{k} centroids, more than its {index_dtype} index can name")
+    return torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
+
+
 def _read_quantized(r, name, shape, clusters):
     """Decode layer `name` (weight shape `shape`, `clusters` centroids) -> its codebook,
     index and mask, each checked against the model before anything is allocated."""
     r.check_name(name)
     index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
     numel = math.prod(r.shape(shape))
-    k = r.unpack("<I")[0]
-    if k != clusters:
-        raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
-    codebook = torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
+    codebook = _read_codebook(r, clusters, index_dtype)
+    k = len(codebook)
     b, nnz, entries = r.unpack("<BII")
     if b == 0 and r.since("dense codes"):  # dense codes: one symbol per element, 0 = pruned, 1 + cluster
         if entries != numel or nnz > numel:

@@ -449,3 +449,13 @@ def test_decode_file_names_the_path(tmp_path, small_file):
 
 
 # --- the stages as a user runs them --------------------------------------------------------------
+
+
+def test_an_index_dtype_too_narrow_for_its_codebook_is_refused():
+    # 300 centroids need an int16 index; a hostile file saying uint8 would wrap them silently
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, clusters={"fc1": 300}, layers=["fc1"])
+    blob, _ = round_trip(state, args, quantized)
+    at, payload = next((i, p) for i, (_, kind, p) in enumerate(sections(blob)) if kind == "Q")
+    assert payload[0] == dcfile.DTYPES.index(torch.int16)
+    fails(rebuild(blob, {at: patch(payload, 0, "<B", dcfile.DTYPES.index(torch.uint8))}),
+          "300 centroids, more than its torch.uint8 index can name")

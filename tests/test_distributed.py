@@ -54,7 +54,7 @@ def test_a_killed_rank_restarts_the_group_from_its_state(fake_mnist, tmp_path, m
     the state rank 0 wrote, to the network an uninterrupted group trains."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["--max-restarts=1", f"--data_root={fake_mnist}", "--subset=300", "--epochs=1", "--retrain_epochs=3",
-            "--batch_size=1", "--lr=0.01", "--prune_method=dns", "--sensitivity=1.0", "--device=cpu",
+            "--batch_size=2", "--lr=0.01", "--prune_method=dns", "--sensitivity=1.0", "--device=cpu",
             f"--out_dir={tmp_path}"]
     r = torchrun("pruning.py", *args[1:])
     assert r.returncode == 0, r.stderr

@@ -15,7 +15,7 @@ import torch
 import training
 from conftest import kill_when, run_here, run_script
 
-STAGE1 = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--batch_size=1", "--lr=0.01", "--retrain_lr=0.01",
+STAGE1 = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--batch_size=2", "--lr=0.01", "--retrain_lr=0.01",
           "--prune_method=dns", "--dns_threshold=density", "--dns_ramp=0.5", "--sensitivity=1.0", "--device=cpu"]
 
 
@@ -32,7 +32,7 @@ def same_outputs(a, b, stem, stage):
     assert load(a) == load(b)
 
 
-def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, tmp_path, monkeypatch):
+def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # bit for bit needs the same threads in every process
     run, whole = tmp_path / "run", tmp_path / "whole"
     stage1 = [os.path.join(os.path.dirname(__file__), "..", "pruning.py"), f"--data_root={fake_mnist}",
@@ -60,16 +60,17 @@ def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, 
         shutil.move(run / name, whole / name)
     state = run / "lenet_300_100_quantization.resume.pt"
     assert kill_when([sys.executable, *stage2], state, "finetune", 1)[0] != 0
-    r = run_script("quantization.py", *stage2[1:], "--lr=1e-3", "--resume=True")  # other settings: refused
-    assert r.returncode == 2 and "was written with lr=0.0003, not 0.001" in r.stderr and len(r.stderr.splitlines()) == 1
+    code, _, err = run_here("quantization", *stage2[1:], "--lr=1e-3", "--resume=True", capsys=capsys)
+    assert code == 2 and "was written with lr=0.0003, not 0.001" in err and len(err.splitlines()) == 1  # refused
     r = run_script("quantization.py", *stage2[1:], "--resume=True")
     assert r.returncode == 0, r.stderr
     same_outputs(run, whole, "lenet_300_100", "quantized")
+    assert not state.exists()  # the finished stage removed its state
 
     # a damaged state is a one-line error, never a silent fresh start
     state.write_bytes(b"not a state")
-    r = run_script("quantization.py", *stage2[1:], "--resume=True")
-    assert r.returncode == 2 and "is not a readable resume state" in r.stderr and len(r.stderr.splitlines()) == 1
+    code, _, err = run_here("quantization", *stage2[1:], "--resume=True", capsys=capsys)
+    assert code == 2 and "is not a readable resume state" in err and len(err.splitlines()) == 1
 
 
 class Killed(Exception):

@@ -1,0 +1,112 @@
+"""The shipped results: bench/verify.py on the committed .dc files, the faults it must catch,
+and the generated blocks of the README and docs/experiments.md against their scripts' output."""
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import coders  # noqa: E402
+import levers  # noqa: E402
+import results_table  # noqa: E402
+import util  # noqa: E402
+import verify  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "bench", "results", "results.json")
+SHIPPED = [r for r in json.load(open(RESULTS))["runs"] if "file" in r]
+
+
+def run_verify(capsys, *args):
+    """bench/verify.py in this process -> (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        util.run_stage(verify.main, verify.SETTINGS, list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_shipped_file_verifies(capsys):
+    """Every committed file decodes to its row: on the real test and validation sets where
+    ../shared/data holds them (MNIST and CIFAR-10), else its hash, bytes and ratio."""
+    assert SHIPPED, "results.json ships no file"
+    have = {"mnist": os.path.isdir(os.path.join(SHARED_DATA, "MNIST")),
+            "cifar10": os.path.isdir(os.path.join(SHARED_DATA, "CIFAR10"))}
+    retest = sorted({r["recipe"] for r in SHIPPED if have["cifar10" if "resnet" in r["model"] else "mnist"]})
+    code, out, err = run_verify(capsys, "--data_root=")
+    assert code == 0, err
+    assert out.count("| ok") == len(SHIPPED)
+    if retest:
+        code, out, err = run_verify(capsys, f"--data_root={SHARED_DATA}", f"--recipes={retest!r}")
+        assert code == 0, err
+        assert out.count("| ok") == sum(r["recipe"] in retest for r in SHIPPED)
+        assert "re-tested" in out
+
+
+@pytest.fixture
+def shipped_copy(tmp_path):
+    """results.json and one shipped file copied to tmp_path, the run pointing at the copy."""
+    results = json.load(open(RESULTS))
+    run = next(r for r in results["runs"] if "file" in r)
+    copy = tmp_path / os.path.basename(run["file"])
+    shutil.copy(os.path.join(ROOT, run["file"]), copy)
+    results["runs"] = [{**run, "file": str(copy)}]
+    results["rows"] = verify.summarise(results["runs"])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    return path, copy, results
+
+
+def test_verify_catches_a_changed_byte(shipped_copy, capsys):
+    path, copy, _ = shipped_copy
+    assert run_verify(capsys, f"--results={path}", "--readme=", "--data_root=")[0] == 0
+    blob = bytearray(copy.read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    copy.write_bytes(bytes(blob))
+    code, out, err = run_verify(capsys, f"--results={path}", "--readme=", "--data_root=")
+    assert code == 1 and "DIFFERS" in out
+    assert "sha256" in err and "does not decode" in err and "CRC" in err
+
+
+def test_verify_catches_a_changed_figure(shipped_copy, capsys, tmp_path):
+    path, _, results = shipped_copy
+    changed = json.loads(json.dumps(results))
+    changed["runs"][0]["compressed_bytes"] += 1
+    path.write_text(json.dumps(changed))
+    code, _, err = run_verify(capsys, f"--results={path}", "--readme=", "--data_root=")
+    assert code == 1 and re.search(r"bytes where results.json records", err)
+    assert "where its runs give" in err  # the row's mean no longer follows from its runs
+    # a README whose table is not the one results.json gives
+    path.write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    text = results_table.table(results["rows"])
+    readme.write_text(f"{results_table.BEGIN}\n{text.replace('|', '| ', 1)}\n{results_table.END}\n")
+    code, _, err = run_verify(capsys, f"--results={path}", f"--readme={readme}", "--data_root=")
+    assert code == 1 and "results table is not the one results.json gives" in err
+    readme.write_text(f"{results_table.BEGIN}\n{text}\n{results_table.END}\n")
+    assert run_verify(capsys, f"--results={path}", f"--readme={readme}", "--data_root=")[0] == 0
+
+
+def blocks(text):
+    """{name: content} of every generated block `<!-- name:begin -->...<!-- name:end -->`."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"<!-- (\S+):begin -->\n(.*?)\n<!-- \1:end -->", text, re.S)}
+
+
+def test_generated_blocks_are_what_their_scripts_write():
+    readme = blocks(open(os.path.join(ROOT, "README.md")).read())
+    doc = blocks(open(os.path.join(ROOT, "docs", "experiments.md")).read())
+    assert set(readme) == {"results"}
+    assert readme["results"] == results_table.table(json.load(open(RESULTS))["rows"])
+    recorded = {os.path.basename(p)[len("levers_"):-len(".json")]: json.load(open(p))
+                for p in glob.glob(os.path.join(ROOT, "bench", "results", "levers_*.json"))}
+    assert set(doc) == {"coders"} | {f"levers:{name}" for name in recorded}
+    for name, done in recorded.items():
+        assert doc[f"levers:{name}"] == levers.lever_table(done["runs"], done["chosen"], done["budget"]), name
+    assert doc["coders"] == coders.block(json.load(open(os.path.join(ROOT, "bench", "results", "coders.json"))))

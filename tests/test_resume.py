@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import training
-from conftest import kill_when, run_here, run_script
+from conftest import kill_when, run_here
 
 STAGE1 = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--batch_size=2", "--lr=0.01", "--retrain_lr=0.01",
           "--prune_method=dns", "--dns_threshold=density", "--dns_ramp=0.5", "--sensitivity=1.0", "--device=cpu"]
@@ -33,12 +33,23 @@ def same_outputs(a, b, stem, stage):
 
 
 def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # bit for bit needs the same threads in every process
+    """SIGKILL: stage 1 in surgery, stage 2 in fine-tuning; the uninterrupted and the resumed runs in process."""
+    # bit for bit needs the same threads in the killed processes and in this one
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kill_and_resume(fake_mnist, tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kill_and_resume(fake_mnist, tmp_path, capsys):
     run, whole = tmp_path / "run", tmp_path / "whole"
     stage1 = [os.path.join(os.path.dirname(__file__), "..", "pruning.py"), f"--data_root={fake_mnist}",
               f"--out_dir={run}", *STAGE1]
-    r = run_script("pruning.py", *stage1[1:])
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_here("pruning", *stage1[1:], capsys=capsys)
+    assert code == 0, err
     assert not os.path.exists(run / "lenet_300_100_pruning.resume.pt")  # a finished stage leaves no state
     shutil.copytree(run, whole)
     shutil.rmtree(run)
@@ -47,23 +58,23 @@ def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, 
     state = run / "lenet_300_100_pruning.resume.pt"
     assert kill_when([sys.executable, *stage1], state, "retrain1", 1)[0] != 0
     assert torch.load(state, weights_only=True)["current"]["label"] == "retrain1"
-    r = run_script("pruning.py", *stage1[1:], "--resume=True")
-    assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout and "retrain1 epoch" in r.stdout
+    code, out, err = run_here("pruning", *stage1[1:], "--resume=True", capsys=capsys)
+    assert code == 0, err
+    assert "resuming from" in out and "retrain1 epoch" in out
     same_outputs(run, whole, "lenet_300_100", "pruned")
 
     # stage 2, killed while it fine-tunes the centroids
     stage2 = [os.path.join(os.path.dirname(__file__), "..", "quantization.py"), f"--data_root={fake_mnist}",
               f"--out_dir={run}", "--finetune_epochs=3", "--device=cpu"]
-    assert run_script("quantization.py", *stage2[1:]).returncode == 0
+    assert run_here("quantization", *stage2[1:], capsys=capsys)[0] == 0
     for name in ("lenet_300_100_quantized.pt", "lenet_300_100_quantized.json"):
         shutil.move(run / name, whole / name)
     state = run / "lenet_300_100_quantization.resume.pt"
     assert kill_when([sys.executable, *stage2], state, "finetune", 1)[0] != 0
     code, _, err = run_here("quantization", *stage2[1:], "--lr=1e-3", "--resume=True", capsys=capsys)
     assert code == 2 and "was written with lr=0.0003, not 0.001" in err and len(err.splitlines()) == 1  # refused
-    r = run_script("quantization.py", *stage2[1:], "--resume=True")
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_here("quantization", *stage2[1:], "--resume=True", capsys=capsys)
+    assert code == 0, err
     same_outputs(run, whole, "lenet_300_100", "quantized")
     assert not state.exists()  # the finished stage removed its state
 

@@ -221,7 +221,7 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "training")
-    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    stem, settings = os.path.join(cfg["out_dir"], cfg["model"]), training.recorded(cfg)
     progress = training.Progress(stem + "_pruning.resume.pt", cfg, cfg["resume"])
     if progress.resumed:
         print(f"resuming from {progress.path}: {progress.where()}")
@@ -237,7 +237,7 @@ def main(cfg):
     # Every run folder holds its dense network (stage 2 can start from it: source=initial),
     # unless that file is the one it was read from.
     if not cfg["init_from"] or os.path.realpath(cfg["init_from"]) != os.path.realpath(stem + "_initial.pt"):
-        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, training.recorded(cfg),
+        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, settings,
                              dict(accuracy=dict(report.accuracy), validation=dict(report.validation), dense=dense),
                              **({"snapshots": snapshots} if snapshots else {}))
 
@@ -261,7 +261,6 @@ def main(cfg):
         util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun
         report("After Retraining", "retrained")
 
-    settings = training.recorded(cfg)
     stats = util.layer_stats(net)
     masked = {n + ".weight" for n, _ in masked_layers(net)}
     summary = dict(

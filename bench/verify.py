@@ -53,13 +53,12 @@ def error_on(net, batches):
 
 def check_file(run, cfg, data, dev):
     """Decode one shipped file and compare it with its run -> (figures now, [differences])."""
-    name = f"{run['file']}"
-    path = os.path.join(ROOT, run["file"])
+    name, path = run["file"], os.path.join(ROOT, run["file"])
     if not os.path.isfile(path):
         return {}, [f"{name}: missing (results.json lists it)"]
-    problems, now = [], dict(bytes=os.path.getsize(path))
-    if sha256(path) != run["sha256"]:
-        problems.append(f"{name}: sha256 {sha256(path)[:16]}... differs from results.json's {run['sha256'][:16]}...")
+    problems, now, digest = [], dict(bytes=os.path.getsize(path)), sha256(path)
+    if digest != run["sha256"]:
+        problems.append(f"{name}: sha256 {digest[:16]}... differs from results.json's {run['sha256'][:16]}...")
     try:
         state, header = dcfile.decode_file(path)
     except ValueError as e:

@@ -2,8 +2,12 @@
 reads (so the suite runs with no network and no ../shared), and quantized state dicts made by
 hand with the compressed file's round trip."""
 import os
+import signal
 import struct
+import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -71,8 +75,6 @@ def fake_cifar(tmp_path_factory):
 
 def run_script(script, *args, cwd=ROOT, timeout=300):
     """Run a stage script in a subprocess with the test's interpreter, CPU only."""
-    import subprocess
-
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -183,11 +185,6 @@ def kill_when(argv, state_path, label, epoch=1, victim=None, timeout=240):
     """Start `argv` and SIGKILL it (or the process victim(its pid) names) once its resume
     state (training.Progress) shows phase `label` at `epoch` or later, as a machine that goes
     away would. -> (the exit code of the process started, its stderr)."""
-    import signal
-    import subprocess
-    import tempfile
-    import time
-
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     log = tempfile.TemporaryFile()  # not a pipe: a full one would stop the process
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import training
-from conftest import kill_when, run_here
+from conftest import ROOT, kill_when, run_here
 
 STAGE1 = ["--subset=300", "--epochs=1", "--retrain_epochs=3", "--batch_size=2", "--lr=0.01", "--retrain_lr=0.01",
           "--prune_method=dns", "--dns_threshold=density", "--dns_ramp=0.5", "--sensitivity=1.0", "--device=cpu"]
@@ -46,7 +46,7 @@ def test_stages_killed_mid_phase_resume_to_the_uninterrupted_result(fake_mnist, 
 
 def kill_and_resume(fake_mnist, tmp_path, capsys):
     run, whole = tmp_path / "run", tmp_path / "whole"
-    stage1 = [os.path.join(os.path.dirname(__file__), "..", "pruning.py"), f"--data_root={fake_mnist}",
+    stage1 = [os.path.join(ROOT, "pruning.py"), f"--data_root={fake_mnist}",
               f"--out_dir={run}", *STAGE1]
     code, _, err = run_here("pruning", *stage1[1:], capsys=capsys)
     assert code == 0, err
@@ -64,7 +64,7 @@ def kill_and_resume(fake_mnist, tmp_path, capsys):
     same_outputs(run, whole, "lenet_300_100", "pruned")
 
     # stage 2, killed while it fine-tunes the centroids
-    stage2 = [os.path.join(os.path.dirname(__file__), "..", "quantization.py"), f"--data_root={fake_mnist}",
+    stage2 = [os.path.join(ROOT, "quantization.py"), f"--data_root={fake_mnist}",
               f"--out_dir={run}", "--finetune_epochs=3", "--device=cpu"]
     assert run_here("quantization", *stage2[1:], capsys=capsys)[0] == 0
     for name in ("lenet_300_100_quantized.pt", "lenet_300_100_quantized.json"):

@@ -31,7 +31,7 @@ import torch
 import ans
 import huffman
 import util
-from models import build_model
+from models import build_model, check_model
 from prune import layer_kind, layer_value
 from quantize import build_quantized_model
 
@@ -859,10 +859,14 @@ def decode_file(path):
         raise FormatError(f"{path}: {e}") from None
 
 
-def load_compressed(path, device="cpu"):
+def load_compressed(path, device="cpu", model=None):
     """Rebuild the model from a compressed file alone -> (nn.Module on `device` in eval mode,
     with stage 2's layers: codebook, index and mask, as the file holds them; header). Other
-    runtimes (plain layers, sparse inference): runtime.load."""
+    runtimes (plain layers, sparse inference): runtime.load. model: for a file whose network
+    comes from a user's factory, that factory ('path/to/file.py:factory'), whose code then
+    runs; the file alone never imports anything."""
+    if model is not None:
+        check_model(model)
     state, header = decode_file(path)
     net = build_quantized_model(without_pretrained_download(header["model"]), header["quantized"])
     net.load_state_dict(state)

@@ -19,12 +19,13 @@ import training
 import util
 from datasets import DATASETS, DataSpec, load_data
 from dcfile import CODERS, MAX_INDEX_BITS, VERSION, bit_equal, decode_file, encode_model, load_compressed
-from models import MODELS
+from models import check_model, file_stem
 from quantize import build_quantized_model, load_quantized
 from runtime import RUNTIMES, in_runtime, to_plain
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # a network of models.MODELS: reads {out_dir}/{model}_quantized.pt
+model = "lenet_300_100"     # the network pruning.py was given: reads {out_dir}/{model}_quantized.pt; with
+                            # decode, name the factory a file's network comes from (nothing else imports it)
 out_dir = "out"             # checkpoints, the compressed file and JSON summaries
 data_root = ""              # folder holding the data set; '' = the one stage 2 used ('data' with --decode)
 device = "auto"             # where the models are tested: auto (CUDA if available) | cpu | cuda:N
@@ -40,8 +41,7 @@ SETTINGS = util.settings_from(globals())
 
 def check_settings(cfg):
     """Reject bad settings before any work, each with one line that names the fix."""
-    util.require(cfg["decode"] or cfg["model"] in MODELS,
-                 f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    check_model(cfg["model"])  # with decode, a factory the file's network needs (its code runs)
     util.require(cfg["runtime"] in RUNTIMES, f"unknown runtime {cfg['runtime']!r}; choose one of {', '.join(RUNTIMES)}")
     util.require(cfg["runtime"] == "quantized" or cfg["decode"], "--runtime applies to --decode=FILE.dc")
     util.require(not cfg["export"] or cfg["decode"], "--export writes a decoded model: give --decode=FILE.dc too")
@@ -103,7 +103,7 @@ def _test(net, test, device):
 
 
 def encode_main(cfg, dev):
-    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    stem = os.path.join(cfg["out_dir"], file_stem(cfg["model"]))
     quantized_net, ckpt = load_quantized(stem + "_quantized.pt", "cpu")
     p = ckpt["settings"]["pruning"]
     # The header keeps what rebuilds and tests the model elsewhere, and no local paths.
@@ -167,7 +167,7 @@ def decode_main(cfg, dev):
                  and all(type(data.get(k)) is int for k in ("subset", "test_batch_size")),
                  f"{cfg['decode']} names no test set; its model decodes but cannot be tested here")
     accuracy = _test(tested, _test_set(data, cfg["data_root"] or "data", dev), dev)
-    path = os.path.join(cfg["out_dir"], header["model"]["name"] + "_decoded.pt")
+    path = os.path.join(cfg["out_dir"], file_stem(header["model"]["name"]) + "_decoded.pt")
     util.save_checkpoint(path, "quantized", net, header["model"], header.get("settings", {}),
                          dict(accuracy=dict(decoded=accuracy), source=cfg["decode"]), quantized=header["quantized"])
     print(f"saved {path} (a quantized checkpoint: load it with quantize.load_quantized)")

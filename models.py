@@ -1,13 +1,23 @@
-"""The networks of the paper, built from masked layers so that every weight can be pruned.
+"""The networks of the paper, built from masked layers so that every weight can be pruned,
+and any other: torchvision's classifiers by name, or a user's factory function.
 
 `build_model(name, **kwargs)` is the one entry point; checkpoints store `name` and `kwargs`
-so that later stages rebuild exactly the same network.
+so that later stages rebuild exactly the same network. A user's factory runs only after
+`name_factory` (called with what the user named): a checkpoint or file that names one
+imports nothing.
 """
+import difflib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune import MaskedConv2d, MaskedLinear, to_masked
+from prune import MASKED, MaskedConv2d, MaskedLinear, to_masked
 
 
 class LeNet300100(nn.Module):
@@ -228,11 +238,188 @@ def teacher_from(initial, which):
     return (members[0] if len(members) == 1 else Ensemble(members)).eval()
 
 
+# --- networks the project does not register: torchvision's, and a user's factory -------------------
+
+TORCHVISION = "torchvision."  # --model=torchvision.<builder>
+# Builders whose defaults do not fit a classifier trained here: the auxiliary heads return a
+# tuple in training mode, which the loss does not take.
+TORCHVISION_DEFAULTS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                        "inception_v3": {"aux_logits": False, "init_weights": True}}
+_FACTORIES = {}  # (module, factory) -> the callable, for the factories a user has named (name_factory)
+
+
+def model_kind(name):
+    """'registered' (models.MODELS), 'torchvision' ('torchvision.<builder>') or 'factory'
+    ('path/to/file.py:factory' or 'package.module:factory'); ValueError for anything else."""
+    if name in MODELS:
+        return "registered"
+    if name.startswith(TORCHVISION) and ":" not in name:
+        return "torchvision"
+    module, sep, factory = name.rpartition(":")
+    if sep and factory.isidentifier() and (module.endswith(".py")
+                                           or all(p.isidentifier() for p in module.split("."))):
+        return "factory"
+    raise ValueError(f"unknown model {name!r}; give one of {', '.join(MODELS)}, torchvision.<builder>, "
+                     "path/to/file.py:factory or package.module:factory")
+
+
+def factory_key(name):
+    """('module', 'factory') naming a factory wherever its file lies: 'nets/small.py:build' and
+    '/home/me/nets/small.py:build' are both ('small', 'build')."""
+    module, _, factory = name.rpartition(":")
+    if module.endswith(".py"):
+        module = os.path.splitext(os.path.basename(module))[0]
+    return module, factory
+
+
+def file_stem(name):
+    """The stem of a network's output files: the name itself, or 'module.factory' for a factory
+    (a path holds slashes)."""
+    return ".".join(factory_key(name)) if model_kind(name) == "factory" else name
+
+
+def torchvision_builders():
+    """The names of torchvision's classification builders."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model(name):
+    """Check a --model string before any work; a factory the user names is imported here (their
+    naming it is the consent to run its code, which no file can give). ValueError on a bad name,
+    a missing file, module or factory."""
+    kind = model_kind(name)
+    if kind == "torchvision" and name[len(TORCHVISION):] not in torchvision_builders():
+        close = difflib.get_close_matches(name[len(TORCHVISION):], torchvision_builders(), 3)
+        raise ValueError(f"torchvision has no classification builder {name[len(TORCHVISION):]!r}"
+                         + (f"; did you mean {', '.join(TORCHVISION + c for c in close)}?" if close else
+                            "; see torchvision.models.list_models(module=torchvision.models)"))
+    if kind == "factory":
+        name_factory(name)
+    return kind
+
+
+def name_factory(name):
+    """Import the factory `name` ('path/to/file.py:factory' or 'package.module:factory') and
+    remember it, so that build_model can build networks that name the same (module, factory).
+    The only place where code of the user's is imported: call it with what the user named."""
+    module_name, _, factory = name.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ValueError(f"no file {module_name} (from --model={name})")
+            folder = os.path.dirname(os.path.abspath(module_name))
+            if folder not in sys.path:  # the file may import its neighbours, as `python file.py` lets it
+                sys.path.insert(0, folder)
+            spec = importlib.util.spec_from_file_location(f"user_model_{factory_key(name)[0]}", module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # a package in the folder the user runs from
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot import {module_name} for --model={name} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name} has no function {factory!r} (from --model={name})")
+    _FACTORIES[factory_key(name)] = fn
+
+
+def _replace_module(net, name, new):
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, new)
+
+
+def _fit_torchvision(net, in_shape, num_classes, pretrained):
+    """Fit a pretrained torchvision network to the data: its first conv to in_shape[0] channels
+    (the RGB filters summed, what a grey image copied to three channels would see) and its head,
+    the last Linear / Conv2d with 1,000 outputs, refitted to num_classes."""
+    layers = [(n, m) for n, m in net.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    name, first = next(((n, m) for n, m in layers if isinstance(m, nn.Conv2d)), (None, None))
+    if first is not None and first.in_channels != in_shape[0]:
+        conv = nn.Conv2d(in_shape[0], first.out_channels, first.kernel_size, first.stride, first.padding,
+                         first.dilation, first.groups, first.bias is not None, first.padding_mode)
+        if pretrained:
+            with torch.no_grad():
+                conv.weight.copy_(first.weight.sum(1, keepdim=True).expand_as(conv.weight) * (3 / in_shape[0]))
+                if first.bias is not None:
+                    conv.bias.copy_(first.bias)
+        _replace_module(net, name, conv)
+    name, head = layers[-1]
+    out = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+    if pretrained and out != num_classes:
+        new = (nn.Linear(head.in_features, num_classes, head.bias is not None) if isinstance(head, nn.Linear)
+               else nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding))
+        _replace_module(net, name, new)
+    return net
+
+
+def _build_torchvision(builder, in_shape=(3, 224, 224), num_classes=1000, pretrained=False, model_args=None):
+    """torchvision's `builder` (any classification builder) with model_args as keywords, its
+    first conv fitted to in_shape's channels and its head to num_classes; pretrained: its DEFAULT
+    weights (downloaded once into $TORCH_HOME)."""
+    import torchvision
+
+    args = {**TORCHVISION_DEFAULTS.get(builder, {}), **(model_args or {})}
+    if pretrained:
+        try:
+            net = torchvision.models.get_model(builder, weights="DEFAULT", **args)
+        except Exception as e:  # no network and no cached file
+            raise RuntimeError(f"could not load the pretrained weights of {builder} ({type(e).__name__}: {e}); "
+                               "connect to the internet once, or set --pretrained=False") from None
+    else:
+        net = torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **args)
+    return _fit_torchvision(net, in_shape, num_classes, pretrained)
+
+
+def _build_factory(name, in_shape, num_classes, model_args=None):
+    """The user's factory `name`, named before by name_factory, called with model_args as
+    keywords, plus num_classes and in_shape where it takes them."""
+    fn = _FACTORIES.get(factory_key(name))
+    if fn is None:
+        module, factory = factory_key(name)
+        raise ValueError(f"this network comes from the factory {factory!r} of module {module!r}, whose code "
+                         f"runs only when you name it: add --model=<path to {module}.py>:{factory}")
+    args = dict(model_args or {})
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes = lambda key: key in params or any(p.kind == p.VAR_KEYWORD for p in params.values())  # noqa: E731
+    if takes("num_classes"):
+        args.setdefault("num_classes", num_classes)
+    if "in_shape" in params:
+        args.setdefault("in_shape", tuple(in_shape))
+    net = fn(**args)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"{name} returned a {type(net).__name__}, not an nn.Module")
+    return net
+
+
+def unmaskable(model):
+    """[(name, class name)] of the layers with weights of their own that the stages leave dense
+    and that are not normalisation layers: every nn.Linear and nn.Conv2d is masked, the rest
+    (Conv1d, ConvTranspose2d, Embedding, attention's projections, ...) is stored as it is."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return [(n, type(m).__name__) for n, m in model.named_modules()
+            if not isinstance(m, MASKED + norms) and any(True for _ in m.parameters(recurse=False))]
+
+
 def build_model(name, **kwargs):
-    """Build a model by name; kwargs (JSON-able: in_shape, num_classes, ...) go to its constructor."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    """Build a model by name; kwargs (JSON-able: in_shape, num_classes, ...) go to its constructor.
+    name: a key of MODELS, 'torchvision.<builder>' (kwargs in_shape, num_classes, pretrained,
+    model_args) or a factory named before with name_factory (kwargs in_shape, num_classes,
+    model_args). Every nn.Linear / nn.Conv2d of the last two becomes its masked twin."""
+    kind = model_kind(name)
     kwargs = dict(kwargs)
     if "in_shape" in kwargs:
         kwargs["in_shape"] = tuple(kwargs["in_shape"])
+    if kind == "torchvision":
+        return to_masked(_build_torchvision(name[len(TORCHVISION):], **kwargs))
+    if kind == "factory":
+        return to_masked(_build_factory(name, **kwargs))
     return MODELS[name](**kwargs)

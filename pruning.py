@@ -19,16 +19,18 @@ import time
 import training
 import util
 from datasets import AUGMENTS, DATASETS, DataSpec, imagenet_folders, load_data
-from models import MODELS, PRETRAINED, build_model, teacher_from
+from models import PRETRAINED, build_model, check_model, file_stem, model_kind, teacher_from, unmaskable
 from prune import (PRUNE_METHODS, GradualSurgery, erk_densities, finish_surgery, group_lasso_penalty, masked_layers,
                    per_layer, prune_by_percentile, surgery_step)
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # a network of models.MODELS (an unknown name lists them)
+model = "lenet_300_100"     # a network of models.MODELS, torchvision.<builder>, path/to/file.py:factory or
+                            # package.module:factory (docs/method.md#your-own-network)
+model_args = {}             # torchvision and factory networks: keywords of the builder, e.g. {'width_mult': 0.5}
 dataset = "mnist"           # mnist | cifar10 | imagenet (data_root/imagenet/{train,val}/<class>/*.JPEG)
 data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; downloaded into if absent
 out_dir = "out"             # checkpoints and JSON summaries go here
-pretrained = False          # resnet18, alexnet, vgg16: start from torchvision's ImageNet weights
+pretrained = False          # resnet18, alexnet, vgg16, torchvision.<builder>: start from torchvision's weights
 cifar_stem = False          # resnet18: 3x3 stride-1 first conv, no max-pool (32x32 inputs)
 batch_size = 128            # training minibatch
 test_batch_size = 1000      # evaluation minibatch
@@ -71,7 +73,9 @@ SETTINGS = util.settings_from(globals())
 
 def check_settings(cfg):
     """Reject bad settings before any work, each with one line that names the fix."""
-    util.require(cfg["model"] in MODELS, f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    kind = check_model(cfg["model"])
+    util.require(kind != "registered" or not cfg["model_args"],
+                 f"model_args applies to torchvision.<builder> and factory networks, not {cfg['model']}")
     util.require(cfg["dataset"] in DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
     util.require(cfg["prune_method"] in PRUNE_METHODS,
                  f"unknown prune_method {cfg['prune_method']!r}; choose one of {', '.join(PRUNE_METHODS)}")
@@ -87,8 +91,8 @@ def check_settings(cfg):
                 "image_size", "workers"):
         util.require(cfg[key] >= (1 if "batch" in key or key == "image_size" else 0),
                      f"{key} must be positive, got {cfg[key]}")
-    util.require(cfg["model"] in PRETRAINED or not cfg["pretrained"],
-                 f"pretrained applies to {', '.join(PRETRAINED)} only")
+    util.require(cfg["model"] in PRETRAINED or kind == "torchvision" or not cfg["pretrained"],
+                 f"pretrained applies to {', '.join(PRETRAINED)} and torchvision.<builder> only")
     util.require(cfg["model"] == "resnet18" or not cfg["cifar_stem"], "cifar_stem applies to resnet18 only")
     util.require(cfg["augment"] in ("auto",) + AUGMENTS,
                  f"unknown augment {cfg['augment']!r}; choose auto, {', '.join(AUGMENTS)}")
@@ -116,7 +120,7 @@ def check_settings(cfg):
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
     util.require(not (cfg["init_from"] and cfg["restart_epochs"]) or os.path.abspath(cfg["init_from"])
-                 != os.path.abspath(os.path.join(cfg["out_dir"], cfg["model"] + "_initial.pt")),
+                 != os.path.abspath(os.path.join(cfg["out_dir"], file_stem(cfg["model"]) + "_initial.pt")),
                  "restart_epochs with init_from writes a new {model}_initial.pt: give an out_dir other than "
                  "init_from's folder (a stage never overwrites its input)")
 
@@ -126,29 +130,34 @@ def network(cfg, dev):
     {'name', 'kwargs'} that rebuild it (without a pretrained download)."""
     in_shape, classes = DATASETS[cfg["dataset"]][:2]
     kwargs = dict(in_shape=list(in_shape), num_classes=classes)
-    if cfg["model"] in PRETRAINED:
+    kind = model_kind(cfg["model"])
+    if cfg["model"] in PRETRAINED or kind == "torchvision":
         kwargs.update(pretrained=cfg["pretrained"])
+    if kind != "registered":
+        kwargs.update(model_args=cfg["model_args"])
     if cfg["model"] == "resnet18":
         kwargs.update(cifar_stem=cfg["cifar_stem"])
     try:
         net = build_model(cfg["model"], **kwargs).to(dev)
-    except RuntimeError as e:
-        raise util.UserError(str(e)) from None
-    model_args = dict(name=cfg["model"], kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
+    except (RuntimeError, ValueError, TypeError) as e:  # a download that failed, a factory's bad arguments
+        raise util.UserError(f"cannot build {cfg['model']}: {e}") from None
+    for name, cls in unmaskable(net):
+        print(f"{name} ({cls}) stays dense: the stages mask nn.Linear and nn.Conv2d only")
+    arch = dict(name=cfg["model"], kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
         per_layer(net, cfg[key], key, cfg["prune_layers"])
-    return net, model_args
+    return net, arch
 
 
-def dense_network(net, cfg, model_args, train, val, options, history, progress, dev):
+def dense_network(net, cfg, arch, train, val, options, history, progress, dev):
     """Step 1 (Han 2015 section 3: learn which connections matter): train `net` dense, or load
     the one init_from names, then run the warm restart if set. -> (what the dense training
     cost, the snapshots kept before each warm restart)."""
     if cfg["init_from"]:
         initial = util.load_checkpoint(cfg["init_from"], "initial", dev,
                                        "give init_from a {model}_initial.pt written by pruning.py")
-        util.require(initial["model"] == model_args,
-                     f"{cfg['init_from']} holds {initial['model']}, not the {model_args} these settings build")
+        util.require(initial["model"] == arch,
+                     f"{cfg['init_from']} holds {initial['model']}, not the {arch} these settings build")
         net.load_state_dict(initial["state_dict"])
         snapshots = initial.get("snapshots", [])
         util.require(cfg["teacher"] == "dense" or snapshots or cfg["restart_epochs"],
@@ -176,7 +185,7 @@ def dense_network(net, cfg, model_args, train, val, options, history, progress, 
     return dense, snapshots
 
 
-def retraining_terms(net, cfg, model_args, snapshots, dev):
+def retraining_terms(net, cfg, arch, snapshots, dev):
     """What retraining adds to the loss -> (Distillation or None, penalty or None). The dense
     network, frozen, teaches the pruned one (distill > 0; with teacher=snapshots, beside the
     networks at the ends of its earlier cosine cycles, logits averaged): its softened outputs
@@ -185,7 +194,7 @@ def retraining_terms(net, cfg, model_args, snapshots, dev):
     together, so that surgery takes those units whole."""
     distill = None
     if cfg["distill"]:
-        teacher = teacher_from(dict(model=model_args, state_dict=net.state_dict(), snapshots=snapshots),
+        teacher = teacher_from(dict(model=arch, state_dict=net.state_dict(), snapshots=snapshots),
                                cfg["teacher"]).to(dev)
         distill = training.Distillation(teacher, cfg["distill"], cfg["distill_temperature"])
     strengths = per_layer(net, cfg["group_lasso"], "group_lasso")
@@ -221,30 +230,30 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "training")
-    stem, settings = os.path.join(cfg["out_dir"], cfg["model"]), training.recorded(cfg)
+    stem, settings = os.path.join(cfg["out_dir"], file_stem(cfg["model"])), training.recorded(cfg)
     progress = training.Progress(stem + "_pruning.resume.pt", cfg, cfg["resume"])
     if progress.resumed:
         print(f"resuming from {progress.path}: {progress.where()}")
-    net, model_args = network(cfg, dev)
+    net, arch = network(cfg, dev)
     train, val, test = load_data(DataSpec.from_settings(cfg), dev)
     print(f"data: {cfg['dataset']} train {len(train.y)}, validation {len(val.y)}, test {len(test.y)}")
     options = training.TrainOptions(cfg["optimizer"], cfg["schedule"], cfg["weight_decay"], precision)
     report, history = training.Report(net, val, test, table=True), {}
 
     # 1. Train the dense network, or take one trained before: pruning recipes then share it.
-    dense, snapshots = dense_network(net, cfg, model_args, train, val, options, history, progress, dev)
+    dense, snapshots = dense_network(net, cfg, arch, train, val, options, history, progress, dev)
     report("Before pruning", "dense")
     # Every run folder holds its dense network (stage 2 can start from it: source=initial),
     # unless that file is the one it was read from.
     if not cfg["init_from"] or os.path.realpath(cfg["init_from"]) != os.path.realpath(stem + "_initial.pt"):
-        util.save_checkpoint(stem + "_initial.pt", "initial", net, model_args, settings,
+        util.save_checkpoint(stem + "_initial.pt", "initial", net, arch, settings,
                              dict(accuracy=dict(report.accuracy), validation=dict(report.validation), dense=dense),
                              **({"snapshots": snapshots} if snapshots else {}))
 
     # 2-3. Prune the small weights, then retrain the survivors; iterating with the threshold
     # recomputed on the survivors prunes further each cycle (section 3.3). Dynamic network
     # surgery instead re-evaluates the masks after every step of retraining.
-    distill, penalty = retraining_terms(net, cfg, model_args, snapshots, dev)
+    distill, penalty = retraining_terms(net, cfg, arch, snapshots, dev)
     retrain_options = training.TrainOptions(cfg["optimizer"], cfg["schedule"], cfg["retrain_weight_decay"], precision)
     for it in range(1, cfg["prune_iterations"] + 1):
         thresholds = prune(net, cfg)
@@ -270,7 +279,7 @@ def main(cfg):
         layers=[{**s, "masked": s["name"] in masked} for s in stats],
         history=history, settings=settings, device=str(dev), precision=precision,
         seconds=round(time.time() - t_start, 1))
-    util.save_checkpoint(stem + "_pruned.pt", "pruned", net, model_args, settings, summary)
+    util.save_checkpoint(stem + "_pruned.pt", "pruned", net, arch, settings, summary)
     util.write_json(stem + "_pruned.json", summary)
     progress.close()
     print(f"saved {stem}_pruned.pt and {stem}_pruned.json ({summary['seconds']} s)")

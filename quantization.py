@@ -23,13 +23,13 @@ import torch.nn as nn
 import training
 import util
 from datasets import DataSpec, load_data
-from models import MODELS, build_model, teacher_from
+from models import build_model, check_model, file_stem, teacher_from
 from prune import drop_dead_units, masked_layers, per_layer
 from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, round_to_half, share_values,
                       to_ternary, ternary_to_quantized)
 
 # -----------------------------------------------------------------------------
-model = "lenet_300_100"     # a network of models.MODELS: reads {out_dir}/{model}_{source}.pt
+model = "lenet_300_100"     # the network pruning.py was given: reads {out_dir}/{model}_{source}.pt
 source = "pruned"           # stage 1's checkpoint to start from: pruned | initial (the dense network)
 method = "kmeans"           # kmeans (2**bits shared values per layer, centroids fine-tuned) | ttq (ternary)
 data_root = "data"          # folder holding the data set; which one is stage 1's
@@ -81,7 +81,7 @@ def quant_table(rows):
 
 def check_settings(cfg):
     """Reject bad settings before any work, each with one line that names the fix."""
-    util.require(cfg["model"] in MODELS, f"unknown model {cfg['model']!r}; choose one of {', '.join(MODELS)}")
+    check_model(cfg["model"])
     util.require(cfg["source"] in ("pruned", "initial"),
                  f"unknown source {cfg['source']!r}; choose pruned or initial")
     util.require(cfg["method"] in ("kmeans", "ttq"), f"unknown method {cfg['method']!r}; choose kmeans or ttq")
@@ -203,7 +203,7 @@ def fold_norms(net, cfg, report):
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "fine-tuning")
-    stem = os.path.join(cfg["out_dir"], cfg["model"])
+    stem = os.path.join(cfg["out_dir"], file_stem(cfg["model"]))
     progress = training.Progress(stem + "_quantization.resume.pt", cfg, cfg["resume"])
     if progress.resumed:
         print(f"resuming from {progress.path}: {progress.where()}")

@@ -407,15 +407,16 @@ def in_runtime(net, header, runtime):
     return net, header
 
 
-def load(path, device="cpu", runtime="quantized"):
+def load(path, device="cpu", runtime="quantized", model=None):
     """Rebuild the model from a compressed file alone, in a runtime -> (nn.Module on `device`,
     header). runtime: 'quantized' (stage 2's layers, dcfile.load_compressed), 'dense' (plain
     nn.Linear / nn.Conv2d, weight = codebook[index] * mask, standard state-dict keys:
-    to_plain) or 'sparse' (CPU inference from the compact form: to_sparse)."""
+    to_plain) or 'sparse' (CPU inference from the compact form: to_sparse). model: the factory
+    a user's network comes from (dcfile.load_compressed)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "sparse" and torch.device(device).type != "cpu":
         raise ValueError("the sparse runtime runs on the CPU: use device='cpu', or runtime='dense' on a GPU")
-    net, header = dcfile.load_compressed(path)
+    net, header = dcfile.load_compressed(path, model=model)
     net, header = in_runtime(net, header, runtime)
     return net.to(device), header

@@ -1,6 +1,7 @@
-"""Data sets and minibatches: MNIST and CIFAR-10 in memory (a local copy, or torchvision's
-download), ImageNet folders through DataLoader workers, and the fixed validation split that
-settings are chosen on. A stage describes its data with one DataSpec and calls load_data."""
+"""Data sets and minibatches: MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 and SVHN in memory (a local
+copy, or torchvision's download), a user's image folder (in memory where it fits, else through
+DataLoader workers), ImageNet folders through DataLoader workers, and the fixed validation split
+that settings are chosen on. A stage describes its data with one DataSpec and calls load_data."""
 import copy
 import dataclasses
 import math
@@ -14,9 +15,21 @@ from util import UserError, rank_and_world, require
 
 DATASETS = {  # in_shape, classes, normalisation mean / std per channel
     "mnist": ((1, 28, 28), 10, (0.1307,), (0.3081,)),
+    "fashion_mnist": ((1, 28, 28), 10, (0.2860,), (0.3530,)),
     "cifar10": ((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "imagenet": ((3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # data_root/{train,test}/<class>/*: (3, image_size, image_size), its classes, the training
+    # set's own statistics (data_shape, load_data)
+    "folder": (None, None, None, None),
 }
+# Where torchvision keeps each set under data_root (and downloads it to), and what the
+# augmentation 'auto' picks: flips for photos, shifts for digits and house numbers.
+TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10",
+                    "cifar100": "CIFAR100", "svhn": "SVHN"}
+AUTO_AUGMENT = {"cifar10": "crop_flip", "cifar100": "crop_flip", "folder": "crop_flip", "svhn": "shift"}
+IN_MEMORY = 4 << 30  # bytes of decoded images a folder data set keeps in memory; a larger one streams
 IMAGE_SIZE = 224  # ImageNet's crop; image_size changes it (small synthetic folders in tests)
 SPLIT_SEED = 0  # the validation split and subsets are fixed, whatever the training seed
 
@@ -102,17 +115,22 @@ def _load_split(dataset, root, train):
 
     split = "train" if train else "test"
     try:
-        if dataset == "mnist":
-            ds = torchvision.datasets.MNIST(root, train=train, download=True)
+        if dataset in ("mnist", "fashion_mnist"):
+            ds = getattr(torchvision.datasets, TORCHVISION_SETS[dataset])(root, train=train, download=True)
             return ds.data.unsqueeze(1), ds.targets
-        local = os.path.join(root, "CIFAR10", split)
+        if dataset == "svhn":
+            ds = torchvision.datasets.SVHN(os.path.join(root, "SVHN"), split=split, download=True)
+            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+        local = os.path.join(root, TORCHVISION_SETS[dataset], split)
         if os.path.isdir(local):
             return _read_image_folder(local)
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+        ds = getattr(torchvision.datasets, TORCHVISION_SETS[dataset])(root, train=train, download=True)
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
-    except (OSError, RuntimeError, ValueError) as e:
-        where = "MNIST/raw/ (the four IDX files)" if dataset == "mnist" else \
-            "CIFAR10/train/<class>/*.jpg and CIFAR10/test/ (or cifar-10-batches-py/)"
+    except (OSError, RuntimeError, ValueError, ImportError) as e:
+        where = {"mnist": "MNIST/raw/ (the four IDX files)", "fashion_mnist": "FashionMNIST/raw/ (the four IDX files)",
+                 "svhn": "SVHN/{train,test}_32x32.mat (scipy reads them)",
+                 "cifar10": "CIFAR10/train/<class>/*.jpg and CIFAR10/test/ (or cifar-10-batches-py/)",
+                 "cifar100": "CIFAR100/train/<class>/*.jpg and CIFAR100/test/ (or cifar-100-python/)"}[dataset]
         raise UserError(f"{dataset} {split} set not found under {os.path.abspath(root)} and the "
                         f"download failed ({type(e).__name__}): put {where} there, or point "
                         f"--data_root at a folder that has it") from None
@@ -190,20 +208,127 @@ def _imagenet(spec, device):
             FolderBatches(test_set, test_idx, spec.test_batch_size, **kw))
 
 
+def folder_classes(data_root):
+    """The classes of a folder data set, checked before any work: data_root/train and
+    data_root/test each hold a folder of images per class, the test set's classes among the
+    training set's. -> sorted class names (a class's label is its place here)."""
+    import torchvision
+
+    found = {}
+    for split in ("train", "test"):
+        folder = os.path.join(data_root, split)
+        require(os.path.isdir(folder), f"no folder {os.path.abspath(folder)}: dataset=folder reads "
+                                       f"{os.path.abspath(data_root)}/{{train,test}}/<class>/<images>")
+        found[split] = {c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c)) and any(
+            torchvision.datasets.folder.has_file_allowed_extension(f, torchvision.datasets.folder.IMG_EXTENSIONS)
+            for f in os.listdir(os.path.join(folder, c)))}
+        require(found[split], f"{os.path.abspath(folder)} holds no class folder with images: put each class's "
+                              "images (.jpg, .png, ...) in a folder named after it")
+    extra = sorted(found["test"] - found["train"])
+    require(not extra, f"classes of {os.path.abspath(os.path.join(data_root, 'test'))} with no training images: "
+                       f"{', '.join(extra[:5])}")
+    return sorted(found["train"])
+
+
+class _ClassFolder:
+    """A torchvision ImageFolder over root/<class>/* whose labels are places in `classes`
+    (the training set's), so that a test folder missing a class keeps the same labels."""
+
+    def __new__(cls, root, classes, transform=None):
+        import torchvision
+
+        class Folder(torchvision.datasets.ImageFolder):
+            def find_classes(self, directory):
+                here = [c for c in classes if os.path.isdir(os.path.join(directory, c))]
+                return here, {c: classes.index(c) for c in here}
+
+        return Folder(root, transform=transform)
+
+
+def _decode_image(path, image_size):
+    """One image file as RGB, resized (shorter side) and centre-cropped to image_size ->
+    (3, S, S) uint8."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = TF.center_crop(TF.resize(im.convert("RGB"), image_size), image_size)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+def _decode_folder(folder, image_size):
+    """Every image of an ImageFolder (_decode_image) -> (N, 3, S, S) uint8, (N,) int64."""
+    images = [_decode_image(path, image_size)
+              for path, _ in tqdm(folder.samples, desc=f"read {folder.root}", leave=False, mininterval=1)]
+    return torch.stack(images).contiguous(), torch.tensor(folder.targets)
+
+
+def _statistics(x):
+    """Per-channel mean and std in 0..1 of (N, C, H, W) uint8 images, in chunks."""
+    total, square, count = 0.0, 0.0, 0
+    for chunk in x.split(1024):
+        c = chunk.double().transpose(0, 1).reshape(chunk.shape[1], -1) / 255
+        total, square, count = total + c.sum(1), square + (c * c).sum(1), count + c.shape[1]
+    mean = total / count
+    return tuple(mean.tolist()), tuple((square / count - mean * mean).clamp_min(1e-12).sqrt().tolist())
+
+
+def _folder(spec, device):
+    """load_data for dataset=folder: data_root/{train,test}/<class>/*, images resized to
+    image_size, normalised with the training set's own statistics (the validation images
+    left out), decoded into memory where they take at most IN_MEMORY bytes, else streamed by
+    DataLoader workers (FolderBatches, statistics from up to 2,000 training images)."""
+    classes = folder_classes(spec.data_root)
+    train_set, test_set = (_ClassFolder(os.path.join(spec.data_root, s), classes) for s in ("train", "test"))
+    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(len(train_set), generator=split_gen)
+    test_idx = torch.arange(len(test_set))
+    if spec.subset:
+        order = order[:spec.subset]
+        test_idx = torch.randperm(len(test_set), generator=split_gen)[:spec.subset].sort().values
+    n_val = int(len(order) * spec.val_split)
+    tr, va = order[n_val:], order[:n_val]
+    if (len(order) + len(test_idx)) * 3 * spec.image_size ** 2 > IN_MEMORY:
+        sample = tr[torch.randperm(len(tr), generator=split_gen)[:2000]]
+        mean, std = _statistics(torch.stack([_decode_image(train_set.samples[i][0], spec.image_size)
+                                             for i in sample.tolist()]))
+        kw = dict(mean=mean, std=std, device=device, image_size=spec.image_size, workers=spec.workers)
+        return (FolderBatches(train_set, tr, spec.batch_size, shuffle=True, seed=spec.seed, **kw),
+                FolderBatches(train_set, va, spec.test_batch_size, **kw),
+                FolderBatches(test_set, test_idx, spec.test_batch_size, **kw))
+    train_set.samples = [train_set.samples[i] for i in order.tolist()]
+    train_set.targets = [train_set.targets[i] for i in order.tolist()]
+    test_set.samples = [test_set.samples[i] for i in test_idx.tolist()]
+    test_set.targets = [test_set.targets[i] for i in test_idx.tolist()]
+    x, y = _decode_folder(train_set, spec.image_size)
+    xt, yt = _decode_folder(test_set, spec.image_size)
+    mean, std = _statistics(x[n_val:])
+    return _in_memory(spec, device, (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val]), (xt, yt), mean, std)
+
+
+def data_shape(spec):
+    """(in_shape, classes) of the data `spec` names; a folder data set's are read from its
+    folders (checked: folder_classes) and its image_size."""
+    if spec.dataset == "folder":
+        return (3, spec.image_size, spec.image_size), len(folder_classes(spec.data_root))
+    return DATASETS[spec.dataset][:2]
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What a stage trains and tests on. The fields are the stages' settings of the same names;
     from_settings fills those an older checkpoint or file did not record."""
     dataset: str = "mnist"          # a key of DATASETS
-    data_root: str = "data"         # the folder holding MNIST/raw, CIFAR10/ or imagenet/
+    data_root: str = "data"         # the folder holding MNIST/raw, CIFAR10/, imagenet/ ... or {train,test}/
     batch_size: int = 128           # training minibatch
     test_batch_size: int = 1000     # validation and test minibatch
     val_split: float = 0.1          # fraction of the training set held out (a fixed split)
     subset: int = 0                 # only this many training and test images (0 = all)
     seed: int = 0                   # the training batches' order and augmentation
-    augment: str = "auto"           # see Batches; auto = crop_flip for CIFAR-10, none for MNIST
-    image_size: int = IMAGE_SIZE    # imagenet: the crop the networks see
-    workers: int = 4                # imagenet: DataLoader processes
+    augment: str = "auto"           # see Batches; auto = AUTO_AUGMENT's, else none
+    image_size: int = IMAGE_SIZE    # imagenet, folder: the size the networks see
+    workers: int = 4                # imagenet, a streamed folder: DataLoader processes
 
     @classmethod
     def from_settings(cls, settings, **override):
@@ -221,6 +346,8 @@ def load_data(spec, device):
     require(spec.subset >= 0, f"subset must be >= 0 (0 = all), not {spec.subset}")
     if spec.dataset == "imagenet":
         return _imagenet(spec, device)
+    if spec.dataset == "folder":
+        return _folder(spec, device)
     _, _, mean, std = DATASETS[spec.dataset]
     split_gen = torch.Generator().manual_seed(SPLIT_SEED)
     x, y = _load_split(spec.dataset, spec.data_root, train=True)
@@ -232,9 +359,12 @@ def load_data(spec, device):
         xt, yt = xt[keep], yt[keep]
     n_val = int(len(order) * spec.val_split)
     tr, va = order[n_val:], order[:n_val]
-    batches = lambda xs, ys, bs, **kw: Batches(xs.to(device), ys.to(device), bs, mean, std, **kw)
-    augment = spec.augment
-    if augment == "auto":
-        augment = "crop_flip" if spec.dataset == "cifar10" else "none"
-    train = batches(x[tr], y[tr], spec.batch_size, shuffle=True, augment=augment, seed=spec.seed)
-    return train, batches(x[va], y[va], spec.test_batch_size), batches(xt, yt, spec.test_batch_size)
+    return _in_memory(spec, device, (x[tr], y[tr]), (x[va], y[va]), (xt, yt), mean, std)
+
+
+def _in_memory(spec, device, train, val, test, mean, std):
+    """Batches of in-memory (uint8 images, labels) pairs: training, validation, test."""
+    batches = lambda xy, bs, **kw: Batches(xy[0].to(device), xy[1].to(device), bs, mean, std, **kw)  # noqa: E731
+    augment = AUTO_AUGMENT.get(spec.dataset, "none") if spec.augment == "auto" else spec.augment
+    return (batches(train, spec.batch_size, shuffle=True, augment=augment, seed=spec.seed),
+            batches(val, spec.test_batch_size), batches(test, spec.test_batch_size))

@@ -90,8 +90,8 @@ def byte_table(report, size):
 
 def _test_set(data, data_root, device):
     """The test minibatches the earlier stages used. data: the settings a file's header
-    records, {'dataset', 'subset', 'test_batch_size'} (and ImageNet's image_size, workers)."""
-    spec = DataSpec.from_settings(data, data_root=data_root, batch_size=data["test_batch_size"], val_split=0.0)
+    records, {'dataset', 'subset', 'test_batch_size'} (and ImageNet's or a folder's image_size, workers)."""
+    spec = DataSpec.from_settings({"val_split": 0.0, **data}, data_root=data_root, batch_size=data["test_batch_size"])
     return load_data(spec, device)[2]
 
 
@@ -108,7 +108,10 @@ def encode_main(cfg, dev):
     p = ckpt["settings"]["pruning"]
     # The header keeps what rebuilds and tests the model elsewhere, and no local paths.
     data = dict(dataset=p["dataset"], subset=p["subset"], test_batch_size=p["test_batch_size"],
-                **(dict(image_size=p["image_size"], workers=p["workers"]) if p["dataset"] == "imagenet" else {}))
+                **(dict(image_size=p["image_size"], workers=p["workers"]) if p["dataset"] in ("imagenet", "folder")
+                   else {}),
+                # a folder's normalisation comes from its training images less the validation split
+                **(dict(val_split=p["val_split"]) if p["dataset"] == "folder" else {}))
 
     t0 = time.time()
     # The decoder needs each layer's codebook size only; stage 2's other notes stay in its JSON.
@@ -164,7 +167,9 @@ def decode_main(cfg, dev):
                                           if "runtime" in header else ""))
     data = header.get("data")
     util.require(isinstance(data, dict) and data.get("dataset") in DATASETS
-                 and all(type(data.get(k)) is int for k in ("subset", "test_batch_size")),
+                 and all(type(data.get(k)) is int for k in ("subset", "test_batch_size"))
+                 and all(type(data[k]) is int for k in ("image_size", "workers") if k in data)
+                 and type(data.get("val_split", 0.0)) is float,
                  f"{cfg['decode']} names no test set; its model decodes but cannot be tested here")
     accuracy = _test(tested, _test_set(data, cfg["data_root"] or "data", dev), dev)
     path = os.path.join(cfg["out_dir"], file_stem(header["model"]["name"]) + "_decoded.pt")

@@ -319,19 +319,30 @@ def group_lasso_penalty(model, strengths):
     the norms taken over a unit's weights (an fc row or column, a conv filter or input channel:
     g and g' weights each) as the layer computes with them (weight * mask: pruned weights cost
     nothing). An input unit of LeNet-300-100's fc1 is a pixel: the norm over its 300 weights
-    is what lets the border pixels go whole. strengths: {layer name: a}; layers at 0 are left
-    out. Returns a function of no arguments giving the penalty (a scalar tensor)."""
+    is what lets the border pixels go whole. In a grouped conv an input channel feeds its own
+    group's filters only (a depthwise conv's one filter: its input and output units are the
+    same weights). strengths: {layer name: a}; layers at 0 are left out. Returns a function of
+    no arguments giving the penalty (a scalar tensor)."""
     layers = [(m, a) for name, m in masked_layers(model) if (a := strengths.get(name, 0.0)) > 0]
 
     def penalty():
         total = 0.0
         for m, a in layers:
             w = m.weight * m.mask
-            rows, cols = w.flatten(1), w.transpose(0, 1).flatten(1)
+            rows, cols = w.flatten(1), input_units(w, getattr(m, "groups", 1))
             total = total + a * (rows.shape[1] ** 0.5 * torch.linalg.vector_norm(rows, dim=1).sum()
                                  + cols.shape[1] ** 0.5 * torch.linalg.vector_norm(cols, dim=1).sum())
         return total
     return penalty
+
+
+def input_units(w, groups=1):
+    """The weights of each input unit of a layer, a row per input channel (or fc input):
+    w (out, in / groups, *kernel) -> (in, out / groups x kernel size). Input channel
+    g x (in / groups) + j of a grouped conv is read by group g's filters only, at their place j."""
+    out, per_group = w.shape[0], w.shape[1]
+    w = w.reshape(groups, out // groups, per_group, -1)  # (group, filter in group, channel in group, kernel)
+    return w.permute(0, 2, 1, 3).reshape(groups * per_group, -1)
 
 
 PRUNE_METHODS = {"std": prune_by_std, "percentile": prune_by_percentile, "global": prune_global,

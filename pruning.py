@@ -13,12 +13,13 @@ Writes {out_dir}/{model}_initial.pt (dense, trained), {out_dir}/{model}_pruned.p
 retrained, the input of quantization.py) and {out_dir}/{model}_pruned.json.
 """
 import functools
+import math
 import os
 import time
 
 import training
 import util
-from datasets import AUGMENTS, DATASETS, DataSpec, imagenet_folders, load_data
+from datasets import AUGMENTS, DATASETS, DataSpec, data_shape, folder_classes, imagenet_folders, load_data
 from models import PRETRAINED, build_model, check_model, file_stem, model_kind, teacher_from, unmaskable
 from prune import (PRUNE_METHODS, GradualSurgery, erk_densities, finish_surgery, group_lasso_penalty, masked_layers,
                    per_layer, prune_by_percentile, surgery_step)
@@ -27,8 +28,9 @@ from prune import (PRUNE_METHODS, GradualSurgery, erk_densities, finish_surgery,
 model = "lenet_300_100"     # a network of models.MODELS, torchvision.<builder>, path/to/file.py:factory or
                             # package.module:factory (docs/method.md#your-own-network)
 model_args = {}             # torchvision and factory networks: keywords of the builder, e.g. {'width_mult': 0.5}
-dataset = "mnist"           # mnist | cifar10 | imagenet (data_root/imagenet/{train,val}/<class>/*.JPEG)
-data_root = "data"          # folder holding MNIST/raw or CIFAR10/{train,test}; downloaded into if absent
+dataset = "mnist"           # mnist | fashion_mnist | cifar10 | cifar100 | svhn | imagenet | folder (yours:
+                            # data_root/{train,test}/<class>/<images>, see datasets.py)
+data_root = "data"          # folder holding the data set (MNIST/raw, CIFAR10/, ...); downloaded into if absent
 out_dir = "out"             # checkpoints and JSON summaries go here
 pretrained = False          # resnet18, alexnet, vgg16, torchvision.<builder>: start from torchvision's weights
 cifar_stem = False          # resnet18: 3x3 stride-1 first conv, no max-pool (32x32 inputs)
@@ -37,8 +39,8 @@ test_batch_size = 1000      # evaluation minibatch
 val_split = 0.1             # fraction of the training set held out: settings are chosen on it
 augment = "shift"           # none | shift (up to 2 px) | crop_flip | auto (cifar10 crop_flip, mnist none)
 subset = 0                  # use only this many train and test images (0 = all); for quick runs
-image_size = 224            # imagenet: the crop the networks see
-workers = 4                 # imagenet: DataLoader processes decoding JPEGs
+image_size = 224            # imagenet, folder: the size the networks see (folder: resized and centre-cropped)
+workers = 4                 # imagenet, a folder too large for memory: DataLoader processes decoding images
 init_from = ""              # a {model}_initial.pt to prune instead of training anew ('' = train)
 epochs = 20                 # dense training epochs
 lr = 0.05                   # dense training learning rate
@@ -63,6 +65,9 @@ dns_band = 0.1              # dns: weights within +-band x threshold keep their 
 dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | density (held per layer)
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
+max_drop = 0.0              # > 0: the automatic recipe: erk_alive searched on validation, the sparsest whose network
+                            # stays within max_drop / 2 points of dense (quantization.py spends the other half)
+search_probes = 4           # max_drop: densities tried, each retrained retrain_epochs / search_probes epochs
 seed = 0                    # torch seed (weights, batch order)
 resume = False              # continue a killed run from {out_dir}/{model}_pruning.resume.pt (same settings)
 precision = "fp32"          # training arithmetic: auto | fp32 | bf16 (autocast); all else stays float32
@@ -111,12 +116,18 @@ def check_settings(cfg):
                  "erk_alive sets the densities that surgery holds: set --prune_method=dns --dns_threshold=density "
                  "(one iteration)")
     util.require(0 <= cfg["dns_ramp"] <= 1, f"dns_ramp must be in [0, 1], got {cfg['dns_ramp']}")
+    util.require(cfg["max_drop"] >= 0, f"max_drop must be >= 0 points (0 = the recipe's densities), got {cfg['max_drop']}")
+    util.require(not cfg["max_drop"] or (not cfg["erk_alive"] and cfg["prune_iterations"] == 1),
+                 "max_drop searches erk_alive itself: leave erk_alive at 0 and prune_iterations at 1")
+    util.require(cfg["search_probes"] >= 1, f"search_probes must be >= 1, got {cfg['search_probes']}")
     util.require(cfg["dns_ramp"] == 0 or cfg["dns_threshold"] == "density",
                  f"dns_ramp ramps the held density: set --dns_threshold=density (got {cfg['dns_threshold']})")
     util.require(cfg["dns_threshold"] in ("fixed", "scaled", "density"),
                  f"unknown dns_threshold {cfg['dns_threshold']!r}; choose fixed, scaled or density")
     if cfg["dataset"] == "imagenet":  # before a pretrained network downloads
         imagenet_folders(cfg["data_root"])
+    if cfg["dataset"] == "folder":
+        folder_classes(cfg["data_root"])
     util.require(not cfg["init_from"] or os.path.isfile(cfg["init_from"]),
                  f"no checkpoint at {cfg['init_from']}: give init_from a {{model}}_initial.pt written by pruning.py")
     util.require(not (cfg["init_from"] and cfg["restart_epochs"]) or os.path.abspath(cfg["init_from"])
@@ -128,7 +139,7 @@ def check_settings(cfg):
 def network(cfg, dev):
     """The model the settings name, its last layer fitted to the data set's classes, and the
     {'name', 'kwargs'} that rebuild it (without a pretrained download)."""
-    in_shape, classes = DATASETS[cfg["dataset"]][:2]
+    in_shape, classes = data_shape(DataSpec.from_settings(cfg))
     kwargs = dict(in_shape=list(in_shape), num_classes=classes)
     kind = model_kind(cfg["model"])
     if cfg["model"] in PRETRAINED or kind == "torchvision":
@@ -227,6 +238,48 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
     return functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
 
 
+SEARCH_RANGE = (0.01, 1.0)  # the automatic recipe's bracket of erk_alive (1.0: dense, always within)
+
+
+def search_alive(net, cfg, train, val, options, distill, penalty, progress, dev):
+    """The automatic recipe's densities (max_drop > 0): the fewest weights alive, as the fraction
+    `alive` of the Erdos-Renyi-kernel allocation (Evci et al. 2020), whose network, pruned there
+    and retrained briefly with density-held surgery, keeps its validation accuracy within
+    max_drop / 2 points of the dense network's (stage 2 spends the other half). Bisection on
+    log(alive) within SEARCH_RANGE, search_probes probes of retrain_epochs / search_probes epochs:
+    the search costs about one retraining. A short retraining recovers less than the full one
+    after it, so the choice errs dense. Each probe starts from the dense network, which `net`
+    holds again at the end. -> {'alive', 'target', 'dense', 'probes': [{alive, validation,
+    epochs, within}]}"""
+    dense_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    _, correct, total = training.evaluate(net, val)
+    correct, total = util.all_sum([correct, total], dev)  # under torchrun every rank takes the same branch
+    dense = training.percent(correct, total)
+    target, (lo, hi) = dense - cfg["max_drop"] / 2, SEARCH_RANGE
+    epochs = max(1, round(cfg["retrain_epochs"] / cfg["search_probes"]))
+    probe_cfg = {**cfg, "prune_method": "dns", "dns_threshold": "density", "dns_ramp": 0.0}
+    probes = []
+    for i in range(1, cfg["search_probes"] + 1):
+        alive = math.sqrt(lo * hi)
+        thresholds = prune(net, {**probe_cfg, "erk_alive": alive})
+        training.fit(net, net.parameters(), train, val, epochs, cfg["retrain_lr"], options, label=f"probe{i}",
+                     after_step=surgery(net, probe_cfg, thresholds, len(train)), distill=distill, penalty=penalty,
+                     progress=progress)
+        finish_surgery(net)
+        _, correct, total = training.evaluate(net, val)
+        correct, total = util.all_sum([correct, total], dev)
+        accuracy = training.percent(correct, total)
+        probes.append(dict(alive=alive, validation=accuracy, epochs=epochs, within=accuracy >= target))
+        print(f"search {i}/{cfg['search_probes']}: {100 * alive:6.2f}% alive -> validation {accuracy:.2f}% "
+              f"({'within' if accuracy >= target else 'below'} {target:.2f}%: dense {dense:.2f}% less "
+              f"max_drop / 2)", flush=True)
+        lo, hi = (lo, alive) if accuracy >= target else (alive, hi)
+        net.load_state_dict(dense_state)
+    print(f"search: {100 * hi:.2f}% alive, the sparsest within" if hi < 1 else
+          "search: no density tried stayed within: the network stays dense")
+    return dict(alive=hi, target=target, dense=dense, probes=probes)
+
+
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "training")
@@ -255,6 +308,11 @@ def main(cfg):
     # surgery instead re-evaluates the masks after every step of retraining.
     distill, penalty = retraining_terms(net, cfg, arch, snapshots, dev)
     retrain_options = training.TrainOptions(cfg["optimizer"], cfg["schedule"], cfg["retrain_weight_decay"], precision)
+    # The automatic recipe first finds the densities on validation, then prunes there as a recipe would.
+    search = search_alive(net, cfg, train, val, retrain_options, distill, penalty, progress, dev) \
+        if cfg["max_drop"] else None
+    if search:
+        cfg = {**cfg, "erk_alive": search["alive"], "prune_method": "dns", "dns_threshold": "density"}
     for it in range(1, cfg["prune_iterations"] + 1):
         thresholds = prune(net, cfg)
         for name, t in thresholds.items():
@@ -277,7 +335,7 @@ def main(cfg):
         validation=report.validation, dense=dense,
         params=dict(total=sum(s["total"] for s in stats), nonzero=sum(s["nonzero"] for s in stats)),
         layers=[{**s, "masked": s["name"] in masked} for s in stats],
-        history=history, settings=settings, device=str(dev), precision=precision,
+        history=history, search=search, settings=settings, device=str(dev), precision=precision,
         seconds=round(time.time() - t_start, 1))
     util.save_checkpoint(stem + "_pruned.pt", "pruned", net, arch, settings, summary)
     util.write_json(stem + "_pruned.json", summary)

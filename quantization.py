@@ -15,18 +15,20 @@ Reads {out_dir}/{model}_pruned.pt (or _initial.pt with source=initial; written b
 writes {out_dir}/{model}_quantized.pt (the input of stage 3) and {out_dir}/{model}_quantized.json. The data set, batch sizes,
 validation split and subset are those stage 1 used, so the three test figures compare with its.
 """
+import copy
 import os
 import time
 
+import torch
 import torch.nn as nn
 
 import training
 import util
 from datasets import DataSpec, load_data
 from models import build_model, check_model, file_stem, teacher_from
-from prune import drop_dead_units, masked_layers, per_layer
-from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_model, round_to_half, share_values,
-                      to_ternary, ternary_to_quantized)
+from prune import drop_dead_units, layer_kind, layer_value, masked_layers, per_layer
+from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_layer, quantize_model, round_to_half,
+                      share_values, to_ternary, ternary_to_quantized)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # the network pruning.py was given: reads {out_dir}/{model}_{source}.pt
@@ -45,6 +47,8 @@ ttq_float = {"*": False, "first": True, "last": True}  # ttq, per layer: keep it
 drop_dead = True            # first prune the weights of units that cannot change the output (lossless)
 entropy_weight = {"*": 0.0} # per layer: entropy-constrained clustering after k-means (0 = off)
 init = "linear"             # centroid initialisation: linear | density | random | kmeans++
+max_drop = 0.0              # kmeans, > 0: the automatic recipe's bits, searched on validation (bits is ignored): per
+                            # layer the fewest whose clustered network stays within max_drop points of stage 1's dense
 finetune_epochs = 10        # epochs of centroid fine-tuning (kmeans) or ternary training (ttq)
 lr = 3e-4                   # its learning rate (Adam, cosine schedule)
 distill = 0.0               # weight of the teacher's softened outputs in the loss (0 = labels only)
@@ -100,6 +104,8 @@ def check_settings(cfg):
     util.require(cfg["fold_bn"] or not cfg["bn_half"], "bn_half rounds folded batch-norms: set --fold_bn=True")
     util.require(not (cfg["bn_half"] and cfg["bn_bits"]), "bn_half and bn_bits both store the batch-norms: set one")
     util.require(cfg["bn_share"] in ("layer", "network"), f"unknown bn_share {cfg['bn_share']!r}; choose layer or network")
+    util.require(cfg["max_drop"] >= 0, f"max_drop must be >= 0 points (0 = the bits setting), got {cfg['max_drop']}")
+    util.require(not cfg["max_drop"] or cfg["method"] == "kmeans", "max_drop searches k-means bits: set --method=kmeans")
     util.require(cfg["finetune_epochs"] >= 0, f"finetune_epochs must be >= 0, got {cfg['finetune_epochs']}")
     util.require(cfg["lr"] > 0, f"lr must be positive, got {cfg['lr']}")
     training.check_settings(cfg)
@@ -119,14 +125,64 @@ def dense_teacher(cfg, stem, dev):
     return training.Distillation(teacher_from(dense, cfg["teacher"]).to(dev), cfg["distill"], cfg["distill_temperature"])
 
 
-def kmeans(net, cfg, data, options, distill, report, progress):
-    """Steps 1-2 of section 3: weight sharing, then fine-tuning the centroids. -> ({layer:
-    {bits, clusters}}, the fine-tuning history)."""
+SEARCH_BITS = range(2, 9)  # the automatic recipe's uniform start: the fewest of these within max_drop
+
+
+def search_bits(net, cfg, val, floor, dev):
+    """The automatic recipe's bits (max_drop > 0), chosen on validation without fine-tuning
+    (which only recovers accuracy, so the choice errs wide): the fewest uniform bits of
+    SEARCH_BITS whose clustered network's validation accuracy is at least `floor`, then layer by
+    layer, the most non-zeros first, one bit fewer while it stays at least `floor`. Each trial
+    evaluates `net` with its weights replaced by their k-means values (each layer clustered once
+    per bit width). -> ({layer: bits}, [{bits, validation, within}] of every trial)"""
+    layers = dict(masked_layers(net))
+    weights = {name: m.weight.detach().clone() for name, m in layers.items()}
+    cache = {}
+
+    def shared(name, b):  # the layer's weight with 2**b shared values, clustered as quantize_layer does
+        if (name, b) not in cache:
+            layer = copy.deepcopy(layers[name])
+            quantize_layer(layer, b, cfg["init"], cfg["seed"], layer_value(cfg["entropy_weight"], name,
+                                                                           layer_kind(layer)))
+            cache[name, b] = layer.weight.detach()
+        return cache[name, b]
+
+    trials = []
+
+    def within(bits):
+        with torch.no_grad():
+            for name, m in layers.items():
+                m.weight.copy_(shared(name, bits[name]))
+        _, correct, total = training.evaluate(net, val)
+        correct, total = util.all_sum([correct, total], dev)  # under torchrun every rank decides alike
+        accuracy = training.percent(correct, total)
+        trials.append(dict(bits=dict(bits), validation=accuracy, within=accuracy >= floor))
+        return accuracy >= floor
+
+    for b in SEARCH_BITS:
+        bits = {name: b for name in layers}
+        if within(bits):
+            break
+    print(f"search: {bits[next(iter(layers))]} bits everywhere -> validation {trials[-1]['validation']:.2f}% "
+          f"(at least {floor:.2f}%: stage 1's dense less max_drop)", flush=True)
+    for name in sorted(layers, key=lambda n: -int(layers[n].mask.sum())):
+        while bits[name] > 1 and within({**bits, name: bits[name] - 1}):
+            bits[name] -= 1
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.weight.copy_(weights[name])
+    print(f"search: {len(trials)} trials; bits " + ", ".join(f"{n} {b}" for n, b in bits.items()), flush=True)
+    return bits, trials
+
+
+def kmeans(net, cfg, data, options, distill, report, progress, bits):
+    """Steps 1-2 of section 3: weight sharing at `bits` ({layer: bits}), then fine-tuning the
+    centroids. -> ({layer: {bits, clusters}}, the fine-tuning history)."""
     train, val = data
     # 1. k-means on each layer's surviving weights (section 3.1); with entropy_weight, then
     # traded for shorter codes (stage 3 entropy-codes the indices, so what a layer costs is
     # the entropy of its index stream, not its bits).
-    quantized = quantize_model(net, per_layer(net, cfg["bits"], "bits"), cfg["init"], cfg["seed"],
+    quantized = quantize_model(net, bits, cfg["init"], cfg["seed"],
                                per_layer(net, cfg["entropy_weight"], "entropy_weight"))
     util.same_on_every_rank([t for _, m in masked_layers(net) for t in (m.codebook, m.index)], "the codebooks")
     report(f"After clustering ({cfg['init']} init)", "clustered")
@@ -139,7 +195,7 @@ def kmeans(net, cfg, data, options, distill, report, progress):
     return quantized, history
 
 
-def ttq(net, cfg, data, options, distill, report, progress):
+def ttq(net, cfg, data, options, distill, report, progress, bits=None):
     """Steps 1-2 by trained ternary quantization instead (Zhu et al. 2017, section 3): each
     chosen layer becomes {-wn, 0, wp}; the latent weights, the two scales per layer and
     everything left in float32 train together, the zeros moving as latent weights cross the
@@ -229,17 +285,30 @@ def main(cfg):
     if dead is not None:
         print(f"dead units: {dead['unread']} unread, {dead['constant']} constant (folded into the next bias): "
               f"{dead['weights']} weights pruned, {dead['biases']} biases of idle units zeroed, the same function")
+    elif cfg["drop_dead"]:
+        print(f"dead units: not looked for ({cfg['model']} declares no chain of layers, as models.py's networks do)")
     zeros = {name: m.weight.detach() == 0 for name, m in masked_layers(net)}  # what stays 0 from here on
     # 1-2. Weight sharing and fine-tuning (or TTQ); 3-4. biases and batch-norm shared.
     options = training.TrainOptions(precision=precision)
     steps = kmeans if cfg["method"] == "kmeans" else ttq
-    quantized, history = steps(net, cfg, (train, val), options, distill, report, progress)
+    search, bits = None, per_layer(net, cfg["bits"], "bits")
+    if cfg["max_drop"]:  # the automatic recipe: bits chosen on validation against stage 1's dense network
+        dense = pruned["metrics"]["validation"].get("dense")
+        util.require(dense is not None, f"max_drop: {stem}_{cfg['source']}.pt records no dense validation accuracy")
+        bits, trials = search_bits(net, cfg, val, dense - cfg["max_drop"], dev)
+        search = dict(floor=dense - cfg["max_drop"], dense=dense, bits=bits, trials=trials)
+    quantized, history = steps(net, cfg, (train, val), options, distill, report, progress, bits)
     share_biases(net, cfg, quantized, bias_bits, report)
     fold_norms(net, cfg, report)
     accuracy, validation = report.accuracy, report.validation
     accuracy["quantized"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes
     validation["quantized"] = validation[list(validation)[-1]]
 
+    if search:  # what the file will hold, on validation, against the accuracy the user gave up
+        search["within"] = validation["quantized"] >= search["floor"]
+        print(f"automatic recipe: validation {validation['quantized']:.2f}% against the dense {search['dense']:.2f}% "
+              f"({validation['quantized'] - search['dense']:+.2f} points; max_drop {cfg['max_drop']}): "
+              + ("within" if search["within"] else "NOT within: raise max_drop, or retrain longer"))
     rows = layer_rows(net, quantized, zeros)
     print(quant_table(rows))
     names = dict(clustered="ternary" if cfg["method"] == "ttq" else "after clustering",
@@ -250,7 +319,7 @@ def main(cfg):
     settings = {**training.recorded(cfg), "pruning": p}
     summary = dict(
         model=cfg["model"], dataset=p["dataset"], stage="quantized", accuracy=accuracy, validation=validation,
-        layers=rows, dead_units=dead, history=dict(finetune=history), settings=settings, device=str(dev),
+        layers=rows, dead_units=dead, history=dict(finetune=history), search=search, settings=settings, device=str(dev),
         precision=precision, seconds=round(time.time() - t_start, 1))
     util.save_checkpoint(stem + "_quantized.pt", "quantized", net, pruned["model"], settings,
                          {**summary, "pruning": pruned["metrics"]}, quantized=quantized)

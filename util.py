@@ -129,7 +129,7 @@ def stage_settings(defaults, argv, stage):
     cfg = parse_settings(defaults, argv)  # checks the overrides, and names the model
     if path is None:
         path = os.path.join(RECIPE_DIR, cfg["model"] + ".py")
-        if not os.path.isfile(path):
+        if "/" in cfg["model"] or ":" in cfg["model"] or not os.path.isfile(path):  # a factory has no recipe here
             return cfg, None
     base = _apply(defaults, read_recipe(path)[stage], f" in {path} ({stage})")
     return parse_settings(base, argv), path

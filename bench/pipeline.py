@@ -24,6 +24,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import util  # noqa: E402
+from models import file_stem  # noqa: E402
 from results_table import replace_block, row, table, this_machine  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -50,13 +51,14 @@ overrides = {}              # {stage: {setting: value}} over the recipe for ever
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
-# Recipes are the files config/<recipe>.py (a stage given `--model=X` runs config/X.py). Three
+# Recipes are the files config/<recipe>.py (a stage given `--model=X` runs config/X.py). Four
 # kinds: '<model>' is ours, past the paper; '<model>_iterative' is the paper's method (Han 2015
 # iterative pruning, no augmentation) with our bits and shared biases; '<model>_ttq' is trained
-# ternary quantization (Zhu et al. 2017) of the same dense network.
-ORDER = ("lenet_300_100", "lenet_300_100_ratio", "lenet_300_100_iterative", "lenet5_caffe", "lenet5_caffe_ratio",
-         "lenet5_caffe_iterative", "lenet5_caffe_ttq",
-         "lenet5", "resnet20", "resnet20_ttq", "resnet18")
+# ternary quantization (Zhu et al. 2017) of the same dense network; '<model>_auto' is the
+# automatic recipe (max_drop: densities and bits searched on validation).
+ORDER = ("lenet_300_100", "lenet_300_100_ratio", "lenet_300_100_iterative", "lenet_300_100_auto", "lenet5_caffe",
+         "lenet5_caffe_ratio", "lenet5_caffe_iterative", "lenet5_caffe_ttq",
+         "lenet5", "resnet20", "resnet20_ttq", "resnet18", "mobilenet_v2", "shufflenet_v2_auto")
 
 
 def read_recipes(folder):
@@ -98,7 +100,7 @@ SUMMARIES = dict(pruning="pruned", quantization="quantized", huffman_encode="com
 def finished(folder, recipe, seed, overrides=None):
     """Whether `folder` holds the three stages' JSON summaries and they were made with this
     recipe's settings ({stage: settings}), these overrides and this seed."""
-    model = recipe["pruning"]["model"]
+    model = file_stem(recipe["pruning"]["model"])
     for stage, suffix in SUMMARIES.items():
         try:
             got = json.load(open(os.path.join(folder, f"{model}_{suffix}.json")))["settings"]
@@ -138,7 +140,7 @@ def run_one(recipe, seed, cfg, threads, recipes):
     """Run one recipe's pipeline for one seed. Returns the result row (stage_seconds None for
     a reused run)."""
     folder, argv = commands(recipe, seed, cfg, cfg["overrides"])
-    model = recipes[recipe]["pruning"]["model"]
+    model = file_stem(recipes[recipe]["pruning"]["model"])
     if cfg["reuse"] and finished(folder, recipes[recipe], seed, cfg["overrides"]):
         r = row(folder, model)
         print(f"{recipe} seed {seed}: reused {folder}: error {r['error']['decoded']:.2f}% at {r['ratio']:.1f}x",

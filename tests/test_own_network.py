@@ -125,6 +125,17 @@ def test_erk_keeps_depthwise_convs_dense_at_low_density():
     assert kept == pytest.approx(0.2 * sum(m.weight.numel() for m in layers.values()))
 
 
+def test_ternary_depthwise_conv():
+    torch.manual_seed(0)
+    conv = prune.MaskedConv2d(4, 8, 3, padding=2, dilation=2, groups=4)
+    x = torch.randn(2, 4, 6, 6)
+    quantize.to_ternary(conv, 0.05)
+    ternary = conv(x)
+    quantize.ternary_to_quantized(conv)
+    assert torch.allclose(conv(x), ternary, atol=1e-6) and conv.weight.shape == (8, 1, 3, 3)
+    assert len(torch.unique(conv.weight)) <= 3 and len(conv.codebook) == 2
+
+
 @pytest.mark.parametrize("coder", ["huffman", "ans"])
 def test_grouped_network_file_round_trip(coder, registry):
     kwargs = named_example()
@@ -298,3 +309,22 @@ def test_automatic_recipe_searches_on_validation_within_its_budget(tmp_path, fak
     assert {r["name"]: r["bits"] for r in q["layers"]} == s["bits"]
     assert any(t["within"] and t["bits"] == s["bits"] for t in s["trials"])  # the choice was measured
     assert s["within"] == (q["validation"]["quantized"] >= s["floor"]) and s["within"]
+
+
+def test_where_the_bytes_go_by_kind_of_layer():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import where_bytes
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    q = dict(kind="quantized")
+    rows = [dict(q, name="dw", shape=[8, 1, 3, 3], params=72, nonzero=72, bytes=30),
+            dict(q, name="g", shape=[8, 2, 3, 3], params=144, nonzero=40, bytes=20),
+            dict(q, name="pw", shape=[16, 8, 1, 1], params=128, nonzero=30, bytes=25),
+            dict(q, name="c", shape=[8, 3, 3, 3], params=216, nonzero=50, bytes=35),
+            dict(q, name="fc", shape=[10, 16], params=160, nonzero=16, bytes=10),
+            dict(kind="raw", name="bn.weight", shape=[8], params=8, bytes=16)]
+    table = where_bytes.where(dict(layers=rows, header_bytes=14, compressed_bytes=150), {"dw": 8, "g": 4, "pw": 1, "c": 1})
+    assert {k: v["bytes"] for k, v in table.items()} == {"depthwise conv": 30, "grouped conv": 20, "pointwise conv": 25,
+                                                         "conv": 35, "fc": 10, "stored whole": 16, "header": 14}
+    assert sum(v["share"] for v in table.values()) == pytest.approx(1.0)

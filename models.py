@@ -335,9 +335,10 @@ def _replace_module(net, name, new):
 
 
 def _fit_torchvision(net, in_shape, num_classes, pretrained):
-    """Fit a pretrained torchvision network to the data: its first conv to in_shape[0] channels
-    (the RGB filters summed, what a grey image copied to three channels would see) and its head,
-    the last Linear / Conv2d with 1,000 outputs, refitted to num_classes."""
+    """Fit a torchvision network to the data: its first conv to in_shape[0] channels (pretrained:
+    the RGB filters summed and shared among them, so that an image whose channels are all one
+    grey sees what the RGB network saw of it in colour-less grey) and, when pretrained, its head
+    (the last Linear or Conv2d) refitted to num_classes."""
     layers = [(n, m) for n, m in net.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     name, first = next(((n, m) for n, m in layers if isinstance(m, nn.Conv2d)), (None, None))
     if first is not None and first.in_channels != in_shape[0]:
@@ -345,7 +346,7 @@ def _fit_torchvision(net, in_shape, num_classes, pretrained):
                          first.dilation, first.groups, first.bias is not None, first.padding_mode)
         if pretrained:
             with torch.no_grad():
-                conv.weight.copy_(first.weight.sum(1, keepdim=True).expand_as(conv.weight) * (3 / in_shape[0]))
+                conv.weight.copy_(first.weight.sum(1, keepdim=True).expand_as(conv.weight) / in_shape[0])
                 if first.bias is not None:
                     conv.bias.copy_(first.bias)
         _replace_module(net, name, conv)

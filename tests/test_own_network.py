@@ -64,6 +64,17 @@ def test_torchvision_builder_by_name_masks_every_conv_and_linear():
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 7) and models.unmaskable(net) == []
 
 
+def test_pretrained_first_conv_sees_a_grey_image_as_the_rgb_one_did():
+    import torchvision
+
+    net = torchvision.models.get_model("resnet18", num_classes=1000)  # stands in for pretrained weights
+    rgb = net.conv1.weight.detach().clone()
+    models._fit_torchvision(net, (1, 32, 32), 7, pretrained=True)
+    x = torch.rand(2, 1, 32, 32)
+    want = torch.nn.functional.conv2d(x.expand(2, 3, 32, 32), rgb, stride=2, padding=3)
+    assert torch.allclose(net.conv1(x), want, atol=1e-5) and net.fc.out_features == 7
+
+
 def test_layers_the_stages_cannot_mask_are_named():
     class Odd(nn.Module):
         def __init__(self):

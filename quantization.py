@@ -136,12 +136,12 @@ def search_bits(net, cfg, val, floor, dev):
     evaluates `net` with its weights replaced by their k-means values (each layer clustered once
     per bit width). -> ({layer: bits}, [{bits, validation, within}] of every trial)"""
     layers = dict(masked_layers(net))
-    weights = {name: m.weight.detach().clone() for name, m in layers.items()}
+    pristine = {name: copy.deepcopy(m) for name, m in layers.items()}  # the trials overwrite the weights
     cache = {}
 
     def shared(name, b):  # the layer's weight with 2**b shared values, clustered as quantize_layer does
         if (name, b) not in cache:
-            layer = copy.deepcopy(layers[name])
+            layer = copy.deepcopy(pristine[name])
             quantize_layer(layer, b, cfg["init"], cfg["seed"], layer_value(cfg["entropy_weight"], name,
                                                                            layer_kind(layer)))
             cache[name, b] = layer.weight.detach()
@@ -170,7 +170,7 @@ def search_bits(net, cfg, val, floor, dev):
             bits[name] -= 1
     with torch.no_grad():
         for name, m in layers.items():
-            m.weight.copy_(weights[name])
+            m.weight.copy_(pristine[name].weight)
     print(f"search: {len(trials)} trials; bits " + ", ".join(f"{n} {b}" for n, b in bits.items()), flush=True)
     return bits, trials
 

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import util  # noqa: E402
-from pipeline import commands, finished, read_recipes, run_stages  # noqa: E402
+from pipeline import commands, read_recipes, run_stages, stages_done  # noqa: E402
 from results_table import replace_block, row, this_machine  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def main(cfg):
         stages = util.STAGES if prune_again else util.STAGES[1:]
         settings = merge(overrides, dict(pruning=dict(init_from=dense))) if prune_again and dense else overrides
         folder, argv = commands(name, cfg["seed"], cfg, settings, os.path.join(root, slug(label)), stages)
-        if cfg["reuse"] and finished(folder, recipe, cfg["seed"], settings):
+        if cfg["reuse"] and stages_done(folder, recipe, cfg["seed"], settings) == len(util.STAGES):
             result = row(folder, model)
         else:
             if start_from:

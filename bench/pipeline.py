@@ -42,8 +42,8 @@ out = "bench/results/results.json"  # the rows, per seed and per model
 hardware = ""               # what this invocation's runs ran on ('' = this machine's CPU and core count); each
                             # run keeps its own in the results, so rows from another machine stay labelled
 dry_run = False             # print the commands only
-reuse = False               # keep a run whose folder already holds the three summaries, made with the recipe's
-                            # settings and seed, instead of running it again (resume; add seeds to a table)
+reuse = False               # keep what a run's folder already holds: each stage whose summary (and those of the
+                            # stages before it) was made with the recipe's settings and seed is not run again
 ship = "bench/results/dc"   # each run's .dc file is copied here as {recipe}-seed{N}.dc, its sha256 recorded
                             # (bench/verify.py checks them); '' = not shipped
 overrides = {}              # {stage: {setting: value}} over the recipe for every run: collecting runs that took
@@ -97,20 +97,20 @@ def shell(argv):
 SUMMARIES = dict(pruning="pruned", quantization="quantized", huffman_encode="compressed")
 
 
-def finished(folder, recipe, seed, overrides=None):
-    """Whether `folder` holds the three stages' JSON summaries and they were made with this
-    recipe's settings ({stage: settings}), these overrides and this seed."""
+def stages_done(folder, recipe, seed, overrides=None):
+    """How many of the three stages, from the first, `folder` holds the JSON summaries of, made
+    with this recipe's settings ({stage: settings}), these overrides and this seed (0..3)."""
     model = file_stem(recipe["pruning"]["model"])
-    for stage, suffix in SUMMARIES.items():
+    for done, (stage, suffix) in enumerate(SUMMARIES.items()):
         try:
             got = json.load(open(os.path.join(folder, f"{model}_{suffix}.json")))["settings"]
         except (OSError, ValueError, KeyError, TypeError):
-            return False
+            return done
         want = {**recipe[stage], **(overrides or {}).get(stage, {}),
                 **({} if stage == "huffman_encode" else {"seed": seed})}
         if any(got.get(k) != v for k, v in want.items()):
-            return False
-    return True
+            return done
+    return len(SUMMARIES)
 
 
 def run_stages(name, argv, folder, model, threads):
@@ -141,12 +141,16 @@ def run_one(recipe, seed, cfg, threads, recipes):
     a reused run)."""
     folder, argv = commands(recipe, seed, cfg, cfg["overrides"])
     model = file_stem(recipes[recipe]["pruning"]["model"])
-    if cfg["reuse"] and finished(folder, recipes[recipe], seed, cfg["overrides"]):
+    done = stages_done(folder, recipes[recipe], seed, cfg["overrides"]) if cfg["reuse"] else 0
+    if done == len(STAGES):
         r = row(folder, model)
         print(f"{recipe} seed {seed}: reused {folder}: error {r['error']['decoded']:.2f}% at {r['ratio']:.1f}x",
               flush=True)
         return {**r, "recipe": recipe, "seed": seed, "stage_seconds": None, "reused": True}
-    return {**run_stages(f"{recipe} seed {seed}", argv, folder, model, threads), "recipe": recipe, "seed": seed}
+    if done:  # the stages after the last one finished (delete a summary to run its stage again)
+        print(f"{recipe} seed {seed}: keeps {', '.join(STAGES[:done])} of {folder}", flush=True)
+    return {**run_stages(f"{recipe} seed {seed}", argv[done:], folder, model, threads), "recipe": recipe,
+            "seed": seed}
 
 
 def ship_file(run, folder):

@@ -105,10 +105,10 @@ def test_pipeline_seeds_results_table_and_plots(fake_mnist, tmp_path):
     assert [r.get("reused") for r in again["runs"][:2]] == [True, True] and os.path.getmtime(log) == stamp
     assert [r["ratio"] for r in again["runs"]] == [r["ratio"] for r in results["runs"]]
     recipe = util.read_recipe(recipes / "lenet_300_100.py")
-    assert pipeline.finished(results["runs"][1]["folder"], recipe, 1)
-    assert not pipeline.finished(results["runs"][1]["folder"], recipe, 0)
+    assert pipeline.stages_done(results["runs"][1]["folder"], recipe, 1) == 3
+    assert pipeline.stages_done(results["runs"][1]["folder"], recipe, 0) == 0
     recipe["quantization"]["bits"] = {"*": 4}
-    assert not pipeline.finished(results["runs"][1]["folder"], recipe, 1)
+    assert pipeline.stages_done(results["runs"][1]["folder"], recipe, 1) == 1  # stage 1 is kept, 2 and 3 rerun
 
     seed0 = results["runs"][0]["folder"]
     util.run_stage(plots.main, plots.SETTINGS, [f"--run={seed0}", f"--out={tmp_path / 'plots'}"])

@@ -339,3 +339,27 @@ def test_where_the_bytes_go_by_kind_of_layer():
     assert {k: v["bytes"] for k, v in table.items()} == {"depthwise conv": 30, "grouped conv": 20, "pointwise conv": 25,
                                                          "conv": 35, "fc": 10, "stored whole": 16, "header": 14}
     assert sum(v["share"] for v in table.values()) == pytest.approx(1.0)
+
+
+def test_bit_search_trials_cluster_the_original_weights():
+    import copy
+
+    import quantization
+    import training
+
+    torch.manual_seed(0)
+    net = nn.Sequential(prune.MaskedLinear(16, 32), nn.ReLU(), prune.MaskedLinear(32, 5))
+    x = torch.randn(400, 16)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # labels the float network gets all right
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = dict(init="linear", seed=0, entropy_weight={"*": 0.0})
+    bits, trials = quantization.search_bits(net, cfg, [(x, y)], 97.0, CPU)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the weights come back
+    for t in trials:  # each trial is the network clustered from its original weights at those bits
+        trial = copy.deepcopy(net)
+        quantize.quantize_model(trial, {"0": t["bits"]["0"], "2": t["bits"]["2"]})
+        assert training.percent(*training.evaluate(trial, [(x, y)])[1:]) == pytest.approx(t["validation"])
+        assert t["within"] == (t["validation"] >= 97.0)
+    assert trials[-1]["within"] or bits != trials[-1]["bits"]
+    assert any(t["within"] and t["bits"] == bits for t in trials)

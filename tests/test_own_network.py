@@ -295,14 +295,14 @@ def test_a_factory_network_through_the_three_stages(tmp_path, capsys, registry):
 def test_automatic_recipe_searches_on_validation_within_its_budget(tmp_path, fake_mnist, capsys):
     out = str(tmp_path)
     code, text, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--epochs=2",
-                               "--retrain_epochs=4", "--search_probes=2", "--max_drop=2.0", "--batch_size=32", "--augment=none",
+                               "--retrain_epochs=2", "--search_probes=2", "--max_drop=2.0", "--batch_size=32", "--augment=none",
                                capsys=capsys)
     assert code == 0, err
     pruned = json.load(open(f"{out}/lenet_300_100_pruned.json"))
     search = pruned["search"]
     # budget: the probes retrain as long as one retraining does
-    assert [p["epochs"] for p in search["probes"]] == [2, 2]
-    assert sum(p["epochs"] for p in search["probes"]) + len(pruned["history"]["retrain1"]) == 2 * 4
+    assert [p["epochs"] for p in search["probes"]] == [1, 1]
+    assert sum(p["epochs"] for p in search["probes"]) + len(pruned["history"]["retrain1"]) == 2 * 2
     # bisection on log(alive): the choice is the sparsest probe within, and pruning holds it
     for p in search["probes"]:
         assert p["within"] == (p["validation"] >= search["target"])

@@ -44,13 +44,14 @@ def row(folder, model):
     dense = dict(p.get("dense") or dict(epochs=s["epochs"]))
     dense["seconds"] = dense.get("seconds", 0) - sum(h["seconds"] for h in p.get("history", {}).get("restart", [])) \
         if s.get("init_from") else 0
-    epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"]
+    epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"] \
+        + sum(probe["epochs"] for probe in (p.get("search") or {}).get("probes", []))  # the automatic recipe's
     quantized = q["accuracy"]["quantized"]
     dense_accuracy = p["accuracy"].get("dense", p["accuracy"].get("initial"))  # "initial": runs before the rename
     # Weights alive in the file: stage 2 can zero more (ternary layers, dead units, a zero centroid).
     pruned_nonzero = {l["name"]: l["nonzero"] for l in p["layers"]}
     alive = p["params"]["nonzero"] - sum(pruned_nonzero[l["name"] + ".weight"] - l["nonzero"] for l in q["layers"])
-    return dict(model=model, folder=folder, params=p["params"]["total"],
+    return dict(model=model, folder=folder, dataset=s["dataset"], params=p["params"]["total"],
                 # a run that prunes nothing (prune_iterations=0: TTQ) retrains nothing: its dense network
                 error=dict(dense=100 - dense_accuracy, retrained=100 - p["accuracy"].get("retrained", dense_accuracy),
                            quantized=100 - quantized, decoded=100 - c["accuracy"]["decoded"]),

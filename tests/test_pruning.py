@@ -181,7 +181,7 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--teacher=best", "--distill=0.5"], "unknown teacher 'best'; choose dense or snapshots"),
     (["--teacher=snapshots"], "teacher=snapshots teaches through distillation: set --distill"),
     (["--teacher=snapshots", "--distill=0.5"], "teacher=snapshots needs a warm restart to keep a snapshot"),
-    (["--dataset=svhn"], "unknown dataset 'svhn'"),
+    (["--dataset=kmnist"], "unknown dataset 'kmnist'"),
     (["--sensitivty=1"], "unknown setting 'sensitivty'; valid settings: model, model_args, dataset"),
     (["--epochs=ten"], "setting epochs expects int"),
     (["--sensitivity=-0.5"], "sensitivity must be >= 0"),

@@ -114,6 +114,11 @@ def _load_split(dataset, root, train):
     import torchvision
 
     split = "train" if train else "test"
+    if dataset == "svhn":
+        try:
+            import scipy.io  # noqa: F401  torchvision reads SVHN's .mat files with it
+        except ImportError:
+            raise UserError("dataset=svhn reads SVHN's .mat files with scipy: pip install scipy") from None
     try:
         if dataset in ("mnist", "fashion_mnist"):
             ds = getattr(torchvision.datasets, TORCHVISION_SETS[dataset])(root, train=train, download=True)

@@ -194,23 +194,36 @@ def imagenet_folders(data_root):
     return folders
 
 
+def _split(n_train, n_test, spec):
+    """The fixed split (seed SPLIT_SEED, whatever the training seed) of a data set with n_train
+    training and n_test test images: -> (training, validation, test) index tensors, val_split of
+    the (subset of the) training images held out, the test images all or a sorted subset."""
+    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(n_train, generator=split_gen)
+    test_idx = torch.arange(n_test)
+    if spec.subset:
+        order = order[:spec.subset]
+        test_idx = torch.randperm(n_test, generator=split_gen)[:spec.subset].sort().values
+    n_val = int(len(order) * spec.val_split)
+    return order[n_val:], order[:n_val], test_idx
+
+
+def _streamed(train_set, test_set, split, spec, device, mean, std):
+    """FolderBatches of ImageFolders by DataLoader workers: (training, validation, test)."""
+    tr, va, te = split
+    kw = dict(mean=mean, std=std, device=device, image_size=spec.image_size, workers=spec.workers)
+    return (FolderBatches(train_set, tr, spec.batch_size, shuffle=True, seed=spec.seed, **kw),
+            FolderBatches(train_set, va, spec.test_batch_size, **kw),
+            FolderBatches(test_set, te, spec.test_batch_size, **kw))
+
+
 def _imagenet(spec, device):
     """load_data for ImageNet: data_root/imagenet/train and .../val, one folder per class."""
     import torchvision
 
     train_set, test_set = (torchvision.datasets.ImageFolder(f) for f in imagenet_folders(spec.data_root))
-    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
-    order = torch.randperm(len(train_set), generator=split_gen)
-    test_idx = torch.arange(len(test_set))
-    if spec.subset:
-        order = order[:spec.subset]
-        test_idx = torch.randperm(len(test_set), generator=split_gen)[:spec.subset].sort().values
-    n_val = int(len(order) * spec.val_split)
     _, _, mean, std = DATASETS["imagenet"]
-    kw = dict(mean=mean, std=std, device=device, image_size=spec.image_size, workers=spec.workers)
-    return (FolderBatches(train_set, order[n_val:], spec.batch_size, shuffle=True, seed=spec.seed, **kw),
-            FolderBatches(train_set, order[:n_val], spec.test_batch_size, **kw),
-            FolderBatches(test_set, test_idx, spec.test_batch_size, **kw))
+    return _streamed(train_set, test_set, _split(len(train_set), len(test_set), spec), spec, device, mean, std)
 
 
 def folder_classes(data_root):
@@ -286,28 +299,19 @@ def _folder(spec, device):
     DataLoader workers (FolderBatches, statistics from up to 2,000 training images)."""
     classes = folder_classes(spec.data_root)
     train_set, test_set = (_ClassFolder(os.path.join(spec.data_root, s), classes) for s in ("train", "test"))
-    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
-    order = torch.randperm(len(train_set), generator=split_gen)
-    test_idx = torch.arange(len(test_set))
-    if spec.subset:
-        order = order[:spec.subset]
-        test_idx = torch.randperm(len(test_set), generator=split_gen)[:spec.subset].sort().values
-    n_val = int(len(order) * spec.val_split)
-    tr, va = order[n_val:], order[:n_val]
-    if (len(order) + len(test_idx)) * 3 * spec.image_size ** 2 > IN_MEMORY:
-        sample = tr[torch.randperm(len(tr), generator=split_gen)[:2000]]
+    tr, va, te = _split(len(train_set), len(test_set), spec)
+    if (len(tr) + len(va) + len(te)) * 3 * spec.image_size ** 2 > IN_MEMORY:
+        sample = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(SPLIT_SEED))[:2000]]
         mean, std = _statistics(torch.stack([_decode_image(train_set.samples[i][0], spec.image_size)
                                              for i in sample.tolist()]))
-        kw = dict(mean=mean, std=std, device=device, image_size=spec.image_size, workers=spec.workers)
-        return (FolderBatches(train_set, tr, spec.batch_size, shuffle=True, seed=spec.seed, **kw),
-                FolderBatches(train_set, va, spec.test_batch_size, **kw),
-                FolderBatches(test_set, test_idx, spec.test_batch_size, **kw))
-    train_set.samples = [train_set.samples[i] for i in order.tolist()]
-    train_set.targets = [train_set.targets[i] for i in order.tolist()]
-    test_set.samples = [test_set.samples[i] for i in test_idx.tolist()]
-    test_set.targets = [test_set.targets[i] for i in test_idx.tolist()]
+        return _streamed(train_set, test_set, (tr, va, te), spec, device, mean, std)
+    order = torch.cat([va, tr]).tolist()  # decoded in this order: the validation images first
+    train_set.samples, train_set.targets = [train_set.samples[i] for i in order], [train_set.targets[i] for i in order]
+    test_set.samples = [test_set.samples[i] for i in te.tolist()]
+    test_set.targets = [test_set.targets[i] for i in te.tolist()]
     x, y = _decode_folder(train_set, spec.image_size)
     xt, yt = _decode_folder(test_set, spec.image_size)
+    n_val = len(va)
     mean, std = _statistics(x[n_val:])
     return _in_memory(spec, device, (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val]), (xt, yt), mean, std)
 
@@ -354,16 +358,11 @@ def load_data(spec, device):
     if spec.dataset == "folder":
         return _folder(spec, device)
     _, _, mean, std = DATASETS[spec.dataset]
-    split_gen = torch.Generator().manual_seed(SPLIT_SEED)
     x, y = _load_split(spec.dataset, spec.data_root, train=True)
     xt, yt = _load_split(spec.dataset, spec.data_root, train=False)
-    order = torch.randperm(len(y), generator=split_gen)
+    tr, va, te = _split(len(y), len(yt), spec)
     if spec.subset:
-        order = order[:spec.subset]
-        keep = torch.randperm(len(yt), generator=split_gen)[:spec.subset].sort().values
-        xt, yt = xt[keep], yt[keep]
-    n_val = int(len(order) * spec.val_split)
-    tr, va = order[n_val:], order[:n_val]
+        xt, yt = xt[te], yt[te]
     return _in_memory(spec, device, (x[tr], y[tr]), (x[va], y[va]), (xt, yt), mean, std)
 
 

@@ -290,8 +290,9 @@ def check_model(name):
     naming it is the consent to run its code, which no file can give). ValueError on a bad name,
     a missing file, module or factory."""
     kind = model_kind(name)
-    if kind == "torchvision" and name[len(TORCHVISION):] not in torchvision_builders():
-        close = difflib.get_close_matches(name[len(TORCHVISION):], torchvision_builders(), 3)
+    builders = torchvision_builders() if kind == "torchvision" else []
+    if kind == "torchvision" and name[len(TORCHVISION):] not in builders:
+        close = difflib.get_close_matches(name[len(TORCHVISION):], builders, 3)
         raise ValueError(f"torchvision has no classification builder {name[len(TORCHVISION):]!r}"
                          + (f"; did you mean {', '.join(TORCHVISION + c for c in close)}?" if close else
                             "; see torchvision.models.list_models(module=torchvision.models)"))

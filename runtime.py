@@ -252,6 +252,7 @@ class _Sparse(nn.Module):
         form, self.layout = csr_from_layer(layer), "split"
         if example is not None:
             form, self.layout = choose_layout(form, example)
+        self.form = form  # numpy views of the buffers below, so that a call builds nothing
         for key, value in form.items():
             self.register_buffer(key, torch.from_numpy(value))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().cpu().clone(),
@@ -261,11 +262,6 @@ class _Sparse(nn.Module):
         """Bytes of the weight's compact form held in memory (row pointers, columns and
         clusters or packed words, codebook), the bias left out as for the dense weight it replaces."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def _multiply(self, x):
-        """W x for x (in, n) float32 tensor -> (rows, n) tensor."""
-        form = {key: b.numpy() for key, b in self.named_buffers()}
-        return torch.from_numpy(multiply(form, x.detach().numpy()))
 
 
 class SparseLinear(_Sparse):
@@ -280,34 +276,223 @@ class SparseLinear(_Sparse):
 
     def forward(self, x):
         shape = x.shape
-        y = self._multiply(x.reshape(-1, self.in_features).float().t().contiguous()).t()
+        xt = x.detach().reshape(-1, self.in_features).float().t().contiguous().numpy()
+        y = torch.from_numpy(multiply(self.form, xt)).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
 
-class SparseConv2d(_Sparse):
-    """nn.Conv2d (groups 1) from the compressed form: unfold the input into columns
-    (N, C*kh*kw, L) and multiply each image's columns by the sparse (out, C*kh*kw) weight.
-    x: (N, C, H, W) -> (N, out, H', W')."""
+# --- sparse convolution, direct, from the compact form -------------------------------------------
+# out[o, i, j] = sum over o's non-zeros (c, u, v) of w * xpad[c, i*s + u*d, j*s + v*d], xpad the
+# zero-padded input. The padded input is split into its s x s stride phases, plane (c, a, b) =
+# xpad[c, a::s, b::s], each (hp, wp), so that every non-zero reads its plane shifted by
+# (u*d // s, v*d // s) with stride 1. With the outputs laid out (ho, wp), wp - wo spare columns a
+# row that are dropped at the end, a non-zero's whole contribution to its output channel is one
+# contiguous run: acc[q] += w * planes[offset + q], q < ho * wp. Each output channel keeps a
+# block of its outputs in L1 while its non-zeros pass over it, four at a time (one load and
+# store of the block for four multiply-adds), vectorised over q: the arithmetic is the
+# non-zeros' alone, and the input is read in place, with no unfolded copy (kh * kw times the
+# input) as im2col makes. A plane has one spare zero row at the bottom, so that the spare
+# columns of the last output row read zeros inside the plane; where no non-zero reads to the
+# right of its own column (kw = 1) nothing needs it, and an unpadded, stride-1 conv of that kind
+# (a pointwise one) reads its input as it comes, with no planes made.
 
-    def __init__(self, layer):
-        if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ValueError("SparseConv2d takes groups=1 convs with numeric zero padding")
+CONV_BLOCK = 1024  # outputs (floats) of one channel accumulated at once: 4 KB, well inside L1
+
+
+@numba.njit(cache=True, nogil=True)
+def _phases(x, ph, pw, sh, sw, planes):
+    """Write x (N, C, H, W) into planes (N, C*sh*sw, hp, wp), zeroed: plane c*sh*sw + a*sw + b
+    holds rows a, a+sh, ... and columns b, b+sw, ... of x zero-padded by (ph, pw)."""
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                r, a = (i + ph) // sh, (i + ph) % sh
+                for b in range(sw):
+                    j0 = (b - pw) % sw  # the first column of x that lands in phase b
+                    src = x[n, c, i, j0::sw]
+                    dst = planes[n, (c * sh + a) * sw + b, r, (j0 + pw) // sw:]
+                    for k in range(len(src)):  # views: no negative-index checks, so LLVM vectorises
+                        dst[k] = src[k]
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _conv_channels(t0, t1, row_ptr, offset, cluster, codebook, planes, wp, epilogue, out):
+    """Output channels t0 <= t < t1 of the (image, channel) pairs, t = n * rows + o:
+    out[n, o] (ho, wo) from planes (N, size). epilogue (4, rows): scale, shift, low, high:
+    out = min(max(scale * (W x) + shift, low), high), a bias, batch norm and ReLU / ReLU6 in one."""
+    rows = len(row_ptr) - 1
+    ho, wo = out.shape[2], out.shape[3]
+    step = max(1, CONV_BLOCK // wp)  # output rows a block
+    acc = np.empty(step * wp, np.float32)
+    for t in range(t0, t1):
+        n, o = t // rows, t % rows
+        x = planes[n]
+        scale, shift, low, high = epilogue[0, o], epilogue[1, o], epilogue[2, o], epilogue[3, o]
+        for i0 in range(0, ho, step):
+            m, q0 = (min(ho, i0 + step) - i0) * wp, i0 * wp
+            for q in range(m):
+                acc[q] = 0.0
+            j, end = row_ptr[o], row_ptr[o + 1]
+            while j + 4 <= end:
+                w0, w1 = codebook[cluster[j]], codebook[cluster[j + 1]]
+                w2, w3 = codebook[cluster[j + 2]], codebook[cluster[j + 3]]
+                # slices, not x[offset + q]: a view's index is known non-negative, so the loop vectorises
+                x0, x1 = x[offset[j] + q0:offset[j] + q0 + m], x[offset[j + 1] + q0:offset[j + 1] + q0 + m]
+                x2, x3 = x[offset[j + 2] + q0:offset[j + 2] + q0 + m], x[offset[j + 3] + q0:offset[j + 3] + q0 + m]
+                for q in range(m):
+                    acc[q] += (w0 * x0[q] + w1 * x1[q]) + (w2 * x2[q] + w3 * x3[q])
+                j += 4
+            while j < end:
+                w, x0 = codebook[cluster[j]], x[offset[j] + q0:offset[j] + q0 + m]
+                for q in range(m):
+                    acc[q] += w * x0[q]
+                j += 1
+            for i in range(m // wp):
+                row, a = out[n, o, i0 + i], acc[i * wp:i * wp + wo]
+                for k in range(wo):
+                    row[k] = min(max(scale * a[k] + shift, low), high)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _conv_serial(row_ptr, offset, cluster, codebook, planes, wp, epilogue, out):
+    _conv_channels(0, out.shape[0] * (len(row_ptr) - 1), row_ptr, offset, cluster, codebook, planes, wp,
+                   epilogue, out)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _conv_parallel(row_ptr, offset, cluster, codebook, planes, wp, epilogue, out, chunks):
+    """_conv_serial's work in `chunks` runs of channels spread over numba's threads."""
+    total = out.shape[0] * (len(row_ptr) - 1)
+    chunks = min(total, chunks)
+    for c in numba.prange(chunks):
+        _conv_channels(c * total // chunks, (c + 1) * total // chunks, row_ptr, offset, cluster, codebook,
+                       planes, wp, epilogue, out)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _affine(y, epilogue, out):
+    """out (rows, L) = min(max(scale * y + shift, low), high), row by row (see _conv_channels)."""
+    for o in range(y.shape[0]):
+        scale, shift, low, high = epilogue[0, o], epilogue[1, o], epilogue[2, o], epilogue[3, o]
+        for k in range(y.shape[1]):
+            out[o, k] = min(max(scale * y[o, k] + shift, low), high)
+
+
+def epilogue(rows, bias=None, bn=None, act=None):
+    """(4, rows) float32: the scale, shift, low and high that _conv_channels applies to W x for
+    a conv with this bias (rows,) or None, followed by an eval-mode nn.BatchNorm2d or None and
+    an nn.ReLU, nn.ReLU6 / nn.Hardtanh or None."""
+    e = np.empty((4, rows), np.float32)
+    scale, shift = torch.ones(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+    if bias is not None:
+        shift = bias.detach().cpu().double()
+    if bn is not None:
+        var = bn.running_var if bn.track_running_stats else None
+        util.require(var is not None, "batch norm without running statistics cannot be folded")
+        s = 1 / torch.sqrt(var.detach().cpu().double() + bn.eps)
+        if bn.affine:
+            s = s * bn.weight.detach().cpu().double()
+        shift = (shift - bn.running_mean.detach().cpu().double()) * s
+        if bn.affine:
+            shift = shift + bn.bias.detach().cpu().double()
+        scale = s
+    e[0], e[1] = scale.numpy(), shift.numpy()
+    e[2], e[3] = -np.inf, np.inf
+    if isinstance(act, nn.ReLU):
+        e[2] = 0.0
+    elif isinstance(act, nn.Hardtanh):  # nn.ReLU6 among them
+        e[2], e[3] = act.min_val, act.max_val
+    return e
+
+
+def conv_geometry(layer, h, w):
+    """(hp, wp, ho, wo): the stride-phase planes' shape (one spare row) and the output's, for
+    an (h, w) input to `layer` (anything with nn.Conv2d's kernel_size, stride, padding and
+    dilation pairs)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    spare = int((kw - 1) * dw >= sw)  # some non-zero reads its plane shifted right
+    return -(-(h + 2 * ph) // sh) + spare, -(-(w + 2 * pw) // sw), ho, wo
+
+
+def conv_offsets(layer, form, hp, wp):
+    """(nnz,) int32: where each non-zero of the codebook-CSR form (csr_from_layer's; rows the
+    output channels, columns (c, u, v) within the row's group) starts reading the flattened
+    stride-phase planes (N, C*sh*sw * hp*wp)."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    rows = np.repeat(np.arange(layer.out_channels), np.diff(form["row_ptr"]))
+    col = form["col"].astype(np.int64)
+    c = rows // (layer.out_channels // layer.groups) * (layer.in_channels // layer.groups) + col // (kh * kw)
+    u, v = col % (kh * kw) // kw * dh, col % kw * dw
+    plane = (c * sh + u % sh) * sw + v % sw
+    offset = plane * hp * wp + u // sh * wp + v // sw
+    if len(offset) and offset.max() + hp * wp >= 2 ** 31:
+        raise ValueError("the input is too large for int32 offsets into the sparse conv's planes")
+    return offset.astype(np.int32)
+
+
+class SparseConv2d(_Sparse):
+    """nn.Conv2d (any stride, zero padding, dilation and groups, depthwise included) from the
+    compressed form, with the batch norm and ReLU / ReLU6 that follow it folded in (bn, act:
+    see epilogue). x: (N, C, H, W) -> (N, out, H', W'). Its kernel, `path`:
+    - 'direct' (see above), on one thread, or with parallel=True on numba's threads;
+    - 'gemm' (groups 1): the codebook-CSR product of the fc layers (multiply) with each image's
+      columns, F.unfold's (C*kh*kw, H'*W'), or the input itself for an unpadded, stride-1
+      pointwise conv; it wins where an output map is a few pixels and each non-zero's run short.
+    The direct path keeps the offsets of each input size it meets (4 bytes a non-zero)."""
+
+    def __init__(self, layer, parallel=False, path="direct", bn=None, act=None):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("SparseConv2d takes convs with numeric zero padding")
+        if path not in ("direct", "gemm") or (path == "gemm" and layer.groups != 1):
+            raise ValueError(f"path {path!r}: 'direct', or 'gemm' for a conv of one group")
         super().__init__(layer)
-        self.out_channels = layer.out_channels
-        self.kernel_size, self.stride = layer.kernel_size, layer.stride
-        self.padding, self.dilation = layer.padding, layer.dilation
+        for key in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, key, getattr(layer, key))
+        self.parallel, self.path, self._plans = parallel, path, {}
+        self.epilogue = epilogue(self.out_channels, self.bias, bn, act)
+        self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def _plan(self, h, w):
+        """(offsets, hp, wp, ho, wo) for an (h, w) input, made on its first call."""
+        if (h, w) not in self._plans:
+            hp, wp, ho, wo = conv_geometry(self, h, w)
+            self._plans[h, w] = (conv_offsets(self, self.form, hp, wp), hp, wp, ho, wo)
+        return self._plans[h, w]
 
     def forward(self, x):
+        n, c, h, w = x.shape
+        if self.path == "gemm":
+            return self._gemm(x)
+        offset, hp, wp, ho, wo = self._plan(h, w)
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        x = x.detach().float().contiguous().numpy()
+        if (hp, wp) == (h, w):  # stride 1, no padding, no spare row: the input is its own plane
+            planes = x
+        else:
+            planes = np.zeros((n, c * sh * sw, hp, wp), np.float32)
+            _phases(x, ph, pw, sh, sw, planes)
+        out = np.empty((n, self.out_channels, ho, wo), np.float32)
+        args = (self.form["row_ptr"], offset, self.form["cluster"], self.form["codebook"], planes.reshape(n, -1), wp,
+                self.epilogue, out)
+        if self.parallel:  # a few runs a thread, so that uneven rows even out
+            _conv_parallel(*args, 4 * numba.get_num_threads())
+        else:
+            _conv_serial(*args)
+        return torch.from_numpy(out)
+
+    def _gemm(self, x):
         n, _, h, w = x.shape
-        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        y = torch.stack([self._multiply(c.contiguous()) for c in cols])  # (N, out, L)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1)
-        return y.view(n, self.out_channels, ho, wo)
+        _, _, ho, wo = conv_geometry(self, h, w)
+        x = x.detach().float()
+        cols = (x.reshape(n, self.in_channels, h * w) if self.pointwise
+                else F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)).contiguous().numpy()
+        out = np.empty((n, self.out_channels, ho * wo), np.float32)
+        for i in range(n):
+            _affine(multiply(self.form, cols[i]), self.epilogue, out[i])
+        return torch.from_numpy(out.reshape(n, self.out_channels, ho, wo))
 
 
 def plain_layer(layer):
@@ -348,12 +533,56 @@ def to_plain(net):
     return _replace(copy.deepcopy(net), lambda _, m: plain_layer(m))
 
 
-def to_sparse(net, example):
-    """A CPU copy of `net` for inference from the compact form: every masked fc layer becomes
-    a SparseLinear, in the layout that ran faster on its own input during a forward pass of
-    `example` (N, C, H, W); each conv layer becomes a SparseConv2d (split layout) where that
-    ran faster than the plain conv on its input, else a plain conv.
-    Returns (model in eval mode, {layer name: 'sparse' | 'dense'})."""
+def fastest(candidates, x, reps=7):
+    """The name of the fastest of {name: module} on input x: each called once untimed (numba
+    compiles, oneDNN picks its kernel), then in turns, reps times, the best call kept."""
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.no_grad():
+        for module in candidates.values():
+            module(x)
+        for _ in range(reps):
+            for name, module in candidates.items():
+                best[name] = min(best[name], util.best_time(lambda: module(x), 1)[0])
+    return min(best, key=best.get)
+
+
+FORMS = ("dense", "sparse", "sparse-parallel", "sparse-gemm")  # what to_sparse may run a layer in
+
+
+def foldable(net):
+    """{conv: (its nn.Sequential, [keys of the modules folded into it], batch norm, activation or
+    None)} for each masked conv that an eval-mode nn.BatchNorm2d of its channels follows in one
+    nn.Sequential, and maybe then an nn.ReLU or nn.Hardtanh (ReLU6): torchvision's
+    Conv2dNormActivation and the convs of its MobileNetV2 blocks. What a forward() method
+    calls in its own order (a ResNet block's conv, bn, relu) is left as it is."""
+    found = {}
+    for seq in net.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        items = list(seq._modules.items())
+        for i, (_, conv) in enumerate(items[:-1]):
+            bn_key, bn = items[i + 1]
+            if not (isinstance(conv, MASKED[1]) and isinstance(bn, nn.BatchNorm2d) and not bn.training
+                    and bn.track_running_stats and bn.num_features == conv.out_channels):
+                continue
+            act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
+            if not isinstance(act, (nn.ReLU, nn.Hardtanh)):
+                act_key, act = None, None
+            found[conv] = (seq, [k for k in (bn_key, act_key) if k is not None], bn, act)
+    return found
+
+
+def to_sparse(net, example, forms=FORMS):
+    """A CPU copy of `net` for inference from the compact form, each masked layer in whichever
+    of `forms` was fastest on its own input during a forward pass of `example` (N, C, H, W)
+    (fastest): 'dense' (the plain layer), 'sparse' (a SparseLinear in its faster layout, or a
+    SparseConv2d's direct kernel on one thread), 'sparse-parallel' (on numba's threads),
+    'sparse-gemm' (SparseConv2d's gemm path). A layer that cannot win runs dense; one that no
+    form in `forms` can run, too. The batch norm and ReLU / ReLU6 that follow a conv in one
+    nn.Sequential (foldable) are folded into it, whatever its form (a dense conv's weight by
+    torch's fuse_conv_bn_eval), and leave the Sequential.
+    Returns (model in eval mode, {layer name: form}, [names of the layers with a batch norm folded in])."""
+    util.require(set(forms) <= set(FORMS) and forms, f"forms: some of {', '.join(FORMS)}")
     net = copy.deepcopy(net).cpu().eval()
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].detach()))
@@ -362,26 +591,33 @@ def to_sparse(net, example):
         net(example.cpu())
     for h in hooks:
         h.remove()
-    chosen = {}
+    fold, chosen, folded = foldable(net), {}, []
 
     def make(name, layer):
+        x, plain = inputs[name], plain_layer(layer)
+        seq, keys, bn, act = fold.get(layer, (None, [], None, None))
+        if bn is not None:
+            plain = torch.nn.utils.fusion.fuse_conv_bn_eval(plain.eval(), bn)
+            plain = nn.Sequential(plain, act) if act is not None else plain
+            folded.append(name)
+        candidates = {"dense": plain}
         if isinstance(layer, nn.Linear):
-            chosen[name] = "sparse"
-            return SparseLinear(layer, inputs[name])
-        plain = plain_layer(layer)
-        try:
-            sparse = SparseConv2d(layer)
-        except ValueError:
-            chosen[name] = "dense"
-            return plain
-        x = inputs[name]
-        with torch.no_grad():
-            sparse(x), plain(x)  # warm-up: numba compiles, oneDNN picks its kernel
-            faster = util.best_time(lambda: sparse(x), 5)[0] < util.best_time(lambda: plain(x), 5)[0]
-        chosen[name] = "sparse" if faster else "dense"
-        return sparse if faster else plain
+            candidates["sparse"] = SparseLinear(layer, x)
+        elif layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            candidates["sparse"] = SparseConv2d(layer, bn=bn, act=act)
+            if numba.get_num_threads() > 1:
+                candidates["sparse-parallel"] = SparseConv2d(layer, parallel=True, bn=bn, act=act)
+            if layer.groups == 1:
+                candidates["sparse-gemm"] = SparseConv2d(layer, path="gemm", bn=bn, act=act)
+        candidates = {k: v for k, v in candidates.items() if k in forms} or {"dense": plain}
+        chosen[name] = fastest(candidates, x) if len(candidates) > 1 else next(iter(candidates))
+        return candidates[chosen[name]]
 
-    return _replace(net, make), chosen
+    net = _replace(net, make)
+    for seq, keys, _, _ in (fold[layer] for layer in fold):
+        for key in keys:
+            del seq._modules[key]  # an nn.Sequential runs what its _modules hold, keys with gaps included
+    return net, chosen, folded
 
 
 # --- a compressed file in a runtime -------------------------------------------------------------
@@ -389,10 +625,11 @@ def to_sparse(net, example):
 RUNTIMES = ("quantized", "dense", "sparse")
 
 
-def in_runtime(net, header, runtime):
+def in_runtime(net, header, runtime, batch=1):
     """A decoded (quantized) model in the runtime named (see load) -> (model, header; for
-    'sparse', header['runtime'] says which layers run sparse). The sparse layers are chosen
-    on an input of the shape the header gives."""
+    'sparse', header['runtime'] gives each layer's form and header['runtime_folded'] the
+    layers with a batch norm folded in: to_sparse). The forms are chosen on a batch of
+    `batch` inputs of the shape the header gives."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "dense":
@@ -402,21 +639,23 @@ def in_runtime(net, header, runtime):
         if not (isinstance(in_shape, list) and len(in_shape) == 3
                 and all(type(v) is int and 0 < v <= 4096 for v in in_shape)):
             raise dcfile.FormatError("the header gives no input shape to choose the sparse layers with")
-        net, chosen = to_sparse(net, torch.zeros(1, *in_shape))
-        return net, {**header, "runtime": chosen}
+        util.require(type(batch) is int and batch >= 1, f"batch {batch!r}: a whole number >= 1")
+        net, chosen, folded = to_sparse(net, torch.zeros(batch, *in_shape))
+        return net, {**header, "runtime": chosen, "runtime_folded": folded}
     return net, header
 
 
-def load(path, device="cpu", runtime="quantized", model=None):
+def load(path, device="cpu", runtime="quantized", model=None, batch=1):
     """Rebuild the model from a compressed file alone, in a runtime -> (nn.Module on `device`,
     header). runtime: 'quantized' (stage 2's layers, dcfile.load_compressed), 'dense' (plain
     nn.Linear / nn.Conv2d, weight = codebook[index] * mask, standard state-dict keys:
-    to_plain) or 'sparse' (CPU inference from the compact form: to_sparse). model: the factory
-    a user's network comes from (dcfile.load_compressed)."""
+    to_plain) or 'sparse' (CPU inference from the compact form: to_sparse, its forms chosen
+    for batches of `batch`). model: the factory a user's network comes from
+    (dcfile.load_compressed)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "sparse" and torch.device(device).type != "cpu":
         raise ValueError("the sparse runtime runs on the CPU: use device='cpu', or runtime='dense' on a GPU")
     net, header = dcfile.load_compressed(path, model=model)
-    net, header = in_runtime(net, header, runtime)
+    net, header = in_runtime(net, header, runtime, batch)
     return net.to(device), header

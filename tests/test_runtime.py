@@ -1,6 +1,7 @@
 """The plain export and the sparse runtime (runtime.py): kernels against dense products on
 hand-made shapes, layers and whole decoded models against the plain export, and the
 --export / --runtime options of huffman_encode.py --decode."""
+import copy
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import huffman_encode
 import runtime as rt
 import util
 from models import build_model
-from prune import masked_layers
+from prune import MASKED, masked_layers
 from quantize import build_quantized_model
 from conftest import SMALL, quantized_state
 
@@ -115,6 +116,111 @@ def test_parallel_and_serial_kernels_agree():
     np.testing.assert_allclose(c, a[:, 0], rtol=1e-5, atol=1e-5)
 
 
+def masked_conv(cin, cout, k, stride, padding, dilation, groups, density, bias, seed=0):
+    """A MaskedConv2d at `density`, its surviving weights on a 16-value grid (a codebook)."""
+    from prune import MaskedConv2d
+    g = torch.Generator().manual_seed(seed)
+    layer = MaskedConv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-8, 8, layer.weight.shape, generator=g) / 8)
+        if bias:
+            layer.bias.copy_(torch.randn(cout, generator=g))
+    layer.mask.copy_((torch.rand(layer.weight.shape, generator=g) < density).float())
+    if cout > 2:
+        layer.mask[1] = 0  # an empty filter: its output is the bias alone
+    return layer.eval()
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups", [
+    (3, 8, 3, 1, 1, 1, 1), (4, 6, 3, 2, 1, 1, 1), (5, 7, 5, 1, 0, 1, 1), (4, 4, 3, 1, 2, 2, 1),
+    (6, 9, (3, 1), (2, 1), (1, 0), 1, 3), (8, 8, 3, 2, 1, 1, 8), (8, 8, 3, 1, 1, 1, 8), (6, 10, 1, 1, 0, 1, 1),
+    (6, 10, 1, 2, 0, 1, 1), (3, 5, 4, 3, 2, (1, 2), 1), (16, 16, (2, 3), (3, 2), (0, 1), 1, 4)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_sparse_conv_equals_conv2d(cin, cout, k, stride, padding, dilation, groups, density):
+    """Direct sparse convolution (both kernels) against F.conv2d over strides, padding,
+    dilation, groups (depthwise included), batches 1 and 3, odd sizes, empty filters."""
+    layer = masked_conv(cin, cout, k, stride, padding, dilation, groups, density, bias=density > 0)
+    plain = rt.plain_layer(layer)
+    for parallel in (False, True):
+        sparse = rt.SparseConv2d(layer, parallel=parallel)
+        for n, hw in ((1, (11, 9)), (3, (8, 13)), (1, (11, 9))):  # the second (11, 9) reuses its offsets
+            x = torch.randn(n, cin, *hw, generator=torch.Generator().manual_seed(n))
+            with torch.no_grad():
+                want, got = plain(x), sparse(x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert set(sparse._plans) == {(11, 9), (8, 13)}
+
+
+def test_fastest_form_is_recorded_and_every_form_agrees(tmp_path):
+    """to_sparse times each layer's forms on its own input and records the one it runs; every
+    form it can pick gives the plain network's outputs."""
+    net = quantized_net("resnet20", {"in_shape": [3, 16, 16], "num_classes": 10}, density=0.2)
+    x = torch.randn(2, 3, 16, 16)
+    sparse, chosen, folded = rt.to_sparse(net, x[:1])
+    assert folded == []  # a ResNet block calls its batch norms itself
+    assert set(chosen) == {n for n, _ in masked_layers(net)}
+    assert set(chosen.values()) <= set(rt.FORMS)
+    runs = dict(sparse.named_modules())
+    for name, form in chosen.items():
+        kind = {"dense": (nn.Conv2d, nn.Linear), "sparse": (rt.SparseConv2d, rt.SparseLinear),
+                "sparse-parallel": rt.SparseConv2d, "sparse-gemm": rt.SparseConv2d}[form]
+        assert isinstance(runs[name], kind) and not isinstance(runs[name], MASKED)
+    with torch.no_grad():
+        want = rt.to_plain(net)(x)
+        torch.testing.assert_close(sparse(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        # every conv forced sparse gives the same outputs
+        forced = rt._replace(copy.deepcopy(net), lambda _, m: rt.SparseLinear(m) if isinstance(m, nn.Linear)
+                             else rt.SparseConv2d(m, parallel=True))
+        torch.testing.assert_close(forced(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_epilogue_folds_bias_batch_norm_and_activation():
+    """Known answers: scale = gamma / sqrt(var + eps), shift = (bias - mean) * scale + beta,
+    clamped to ReLU's [0, inf) or ReLU6's [0, 6]."""
+    bn = nn.BatchNorm2d(2, eps=1.0).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
+        bn.running_var.copy_(torch.tensor([3.0, 0.0]))
+        bn.weight.copy_(torch.tensor([2.0, 3.0]))
+        bn.bias.copy_(torch.tensor([0.25, -4.0]))
+    e = rt.epilogue(2, torch.tensor([1.0, 2.0]), bn, nn.ReLU6())
+    np.testing.assert_allclose(e, [[1.0, 3.0], [0.75, 5.0], [0.0, 0.0], [6.0, 6.0]])
+    e = rt.epilogue(2, None, None, nn.ReLU())
+    np.testing.assert_allclose(e, [[1, 1], [0, 0], [0, 0], [np.inf, np.inf]])
+    assert np.isneginf(rt.epilogue(3)[2]).all() and np.isposinf(rt.epilogue(3)[3]).all()
+
+
+def test_batch_norm_and_activation_fold_into_every_form():
+    """conv, BatchNorm2d, ReLU / ReLU6 in one nn.Sequential run as one layer in each form, the
+    batch norms leave the model, and the outputs stay the plain network's."""
+    from prune import MaskedConv2d, MaskedLinear
+    torch.manual_seed(0)
+    net = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                        MaskedConv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        MaskedConv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4), nn.Flatten(), MaskedLinear(4 * 5 * 5, 5))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+        if isinstance(m, MASKED):
+            m.mask.copy_((torch.rand_like(m.mask) < 0.5).float())
+    net.eval()
+    x = torch.randn(3, 3, 9, 9)
+    with torch.no_grad():
+        want = net(x)
+        for forms in (rt.FORMS, ("dense",), ("sparse",), ("sparse-parallel",), ("sparse-gemm",)):
+            fast, chosen, folded = rt.to_sparse(net, x[:1], forms)
+            assert folded == ["0", "3", "6"]
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+            if "dense" not in chosen.values():  # a sparse conv applies its activation itself
+                assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fast.modules())
+            # the depthwise conv has no gemm path: it runs dense there
+            assert chosen["3"] == ("dense" if forms == ("sparse-gemm",) else chosen["3"])
+            assert set(chosen.values()) <= set(forms) | {"dense"}
+            torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+
+
 def quantized_net(name, kwargs, density=0.1, seed=0):
     state, args, quantized = quantized_state(name, kwargs, density=density, seed=seed)
     net = build_quantized_model(args, quantized)
@@ -182,7 +288,7 @@ def test_three_runtimes_give_the_same_outputs(tmp_path, name, kwargs):
     dense, _ = rt.load(path, runtime="dense")
     sparse, header = rt.load(path, runtime="sparse")
     assert set(header["runtime"]) == {n for n, _ in masked_layers(quantized)}
-    assert all(header["runtime"][n] == "sparse" for n, m in masked_layers(quantized) if isinstance(m, nn.Linear))
+    assert set(header["runtime"].values()) <= set(rt.FORMS)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         want = quantized(x)

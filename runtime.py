@@ -305,70 +305,90 @@ CONV_BLOCK = 1024  # outputs (floats) of one channel accumulated at once: 4 KB, 
 def _phases(x, ph, pw, sh, sw, planes):
     """Write x (N, C, H, W) into planes (N, C*sh*sw, hp, wp), zeroed: plane c*sh*sw + a*sw + b
     holds rows a, a+sh, ... and columns b, b+sw, ... of x zero-padded by (ph, pw)."""
+    h, w = x.shape[2], x.shape[3]
+    if sh == 1 and sw == 1:  # one plane a channel: each row copied whole
+        for n in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                for i in range(h):
+                    src, dst = x[n, c, i], planes[n, c, i + ph, pw:pw + w]
+                    for k in range(w):
+                        dst[k] = src[k]
+        return
     for n in range(x.shape[0]):
         for c in range(x.shape[1]):
-            for i in range(x.shape[2]):
+            for i in range(h):
                 r, a = (i + ph) // sh, (i + ph) % sh
                 for b in range(sw):
                     j0 = (b - pw) % sw  # the first column of x that lands in phase b
-                    src = x[n, c, i, j0::sw]
-                    dst = planes[n, (c * sh + a) * sw + b, r, (j0 + pw) // sw:]
-                    for k in range(len(src)):  # views: no negative-index checks, so LLVM vectorises
-                        dst[k] = src[k]
+                    # views that start where the copy does: their indices are provably >= 0, so
+                    # numba's negative-index checks fold away and the loop vectorises
+                    src, dst = x[n, c, i, j0:], planes[n, (c * sh + a) * sw + b, r, (j0 + pw) // sw:]
+                    for k in range((w - j0 + sw - 1) // sw):
+                        dst[k] = src[k * sw]
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _conv_channels(t0, t1, row_ptr, offset, cluster, codebook, planes, wp, epilogue, out):
-    """Output channels t0 <= t < t1 of the (image, channel) pairs, t = n * rows + o:
-    out[n, o] (ho, wo) from planes (N, size). epilogue (4, rows): scale, shift, low, high:
-    out = min(max(scale * (W x) + shift, low), high), a bias, batch norm and ReLU / ReLU6 in one."""
+def _conv_blocks(t0, t1, row_ptr, offset, cluster, codebook, planes, wp, epilogue, out):
+    """Units t0 <= t < t1 of the convolution, t = (n * blocks + b) * rows + o: rows b*step ..
+    of output channel o of image n (out (N, rows, ho, wo)), from planes (N, size). Output
+    channels vary fastest, so that the input rows a block reads (every channel's, a few rows
+    each) stay in L1 while the channels pass over them. epilogue (4, rows): scale, shift, low,
+    high: out = min(max(scale * (W x) + shift, low), high), a bias, batch norm and ReLU / ReLU6."""
     rows = len(row_ptr) - 1
     ho, wo = out.shape[2], out.shape[3]
     step = max(1, CONV_BLOCK // wp)  # output rows a block
+    blocks = (ho + step - 1) // step
     acc = np.empty(step * wp, np.float32)
     for t in range(t0, t1):
-        n, o = t // rows, t % rows
+        o, nb = t % rows, t // rows
+        n, i0 = nb // blocks, nb % blocks * step
         x = planes[n]
-        scale, shift, low, high = epilogue[0, o], epilogue[1, o], epilogue[2, o], epilogue[3, o]
-        for i0 in range(0, ho, step):
-            m, q0 = (min(ho, i0 + step) - i0) * wp, i0 * wp
+        m, q0 = (min(ho, i0 + step) - i0) * wp, i0 * wp
+        for q in range(m):
+            acc[q] = 0.0
+        j, end = row_ptr[o], row_ptr[o + 1]
+        while j + 4 <= end:
+            w0, w1 = codebook[cluster[j]], codebook[cluster[j + 1]]
+            w2, w3 = codebook[cluster[j + 2]], codebook[cluster[j + 3]]
+            # slices, not x[offset + q]: a view's index is known non-negative, so the loop vectorises
+            x0, x1 = x[offset[j] + q0:offset[j] + q0 + m], x[offset[j + 1] + q0:offset[j + 1] + q0 + m]
+            x2, x3 = x[offset[j + 2] + q0:offset[j + 2] + q0 + m], x[offset[j + 3] + q0:offset[j + 3] + q0 + m]
             for q in range(m):
-                acc[q] = 0.0
-            j, end = row_ptr[o], row_ptr[o + 1]
-            while j + 4 <= end:
-                w0, w1 = codebook[cluster[j]], codebook[cluster[j + 1]]
-                w2, w3 = codebook[cluster[j + 2]], codebook[cluster[j + 3]]
-                # slices, not x[offset + q]: a view's index is known non-negative, so the loop vectorises
-                x0, x1 = x[offset[j] + q0:offset[j] + q0 + m], x[offset[j + 1] + q0:offset[j + 1] + q0 + m]
-                x2, x3 = x[offset[j + 2] + q0:offset[j + 2] + q0 + m], x[offset[j + 3] + q0:offset[j + 3] + q0 + m]
-                for q in range(m):
-                    acc[q] += (w0 * x0[q] + w1 * x1[q]) + (w2 * x2[q] + w3 * x3[q])
-                j += 4
-            while j < end:
-                w, x0 = codebook[cluster[j]], x[offset[j] + q0:offset[j] + q0 + m]
-                for q in range(m):
-                    acc[q] += w * x0[q]
-                j += 1
-            for i in range(m // wp):
-                row, a = out[n, o, i0 + i], acc[i * wp:i * wp + wo]
-                for k in range(wo):
-                    row[k] = min(max(scale * a[k] + shift, low), high)
+                acc[q] += (w0 * x0[q] + w1 * x1[q]) + (w2 * x2[q] + w3 * x3[q])
+            j += 4
+        while j < end:
+            w, x0 = codebook[cluster[j]], x[offset[j] + q0:offset[j] + q0 + m]
+            for q in range(m):
+                acc[q] += w * x0[q]
+            j += 1
+        scale, shift, low, high = epilogue[0, o], epilogue[1, o], epilogue[2, o], epilogue[3, o]
+        for i in range(m // wp):
+            row, a = out[n, o, i0 + i], acc[i * wp:i * wp + wo]
+            for k in range(wo):
+                row[k] = min(max(scale * a[k] + shift, low), high)
+
+
+@numba.njit(cache=True, nogil=True)
+def _conv_units(n, rows, ho, wp):
+    """How many units _conv_blocks splits a convolution into."""
+    step = max(1, CONV_BLOCK // wp)
+    return n * rows * ((ho + step - 1) // step)
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
 def _conv_serial(row_ptr, offset, cluster, codebook, planes, wp, epilogue, out):
-    _conv_channels(0, out.shape[0] * (len(row_ptr) - 1), row_ptr, offset, cluster, codebook, planes, wp,
-                   epilogue, out)
+    total = _conv_units(out.shape[0], len(row_ptr) - 1, out.shape[2], wp)
+    _conv_blocks(0, total, row_ptr, offset, cluster, codebook, planes, wp, epilogue, out)
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
 def _conv_parallel(row_ptr, offset, cluster, codebook, planes, wp, epilogue, out, chunks):
-    """_conv_serial's work in `chunks` runs of channels spread over numba's threads."""
-    total = out.shape[0] * (len(row_ptr) - 1)
+    """_conv_serial's work in `chunks` runs of units spread over numba's threads."""
+    total = _conv_units(out.shape[0], len(row_ptr) - 1, out.shape[2], wp)
     chunks = min(total, chunks)
     for c in numba.prange(chunks):
-        _conv_channels(c * total // chunks, (c + 1) * total // chunks, row_ptr, offset, cluster, codebook,
-                       planes, wp, epilogue, out)
+        _conv_blocks(c * total // chunks, (c + 1) * total // chunks, row_ptr, offset, cluster, codebook,
+                     planes, wp, epilogue, out)
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
@@ -533,7 +553,7 @@ def to_plain(net):
     return _replace(copy.deepcopy(net), lambda _, m: plain_layer(m))
 
 
-def fastest(candidates, x, reps=7):
+def fastest(candidates, x, reps=15):
     """The name of the fastest of {name: module} on input x: each called once untimed (numba
     compiles, oneDNN picks its kernel), then in turns, reps times, the best call kept."""
     best = dict.fromkeys(candidates, float("inf"))
@@ -580,10 +600,11 @@ def to_sparse(net, example, forms=FORMS):
     'sparse-gemm' (SparseConv2d's gemm path). A layer that cannot win runs dense; one that no
     form in `forms` can run, too. The batch norm and ReLU / ReLU6 that follow a conv in one
     nn.Sequential (foldable) are folded into it, whatever its form (a dense conv's weight by
-    torch's fuse_conv_bn_eval), and leave the Sequential.
+    torch's fuse_conv_bn_eval), and leave the Sequential. Where the network so chosen runs
+    slower as a whole than with every layer dense, every layer runs dense.
     Returns (model in eval mode, {layer name: form}, [names of the layers with a batch norm folded in])."""
     util.require(set(forms) <= set(FORMS) and forms, f"forms: some of {', '.join(FORMS)}")
-    net = copy.deepcopy(net).cpu().eval()
+    original, net = net, copy.deepcopy(net).cpu().eval()
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].detach()))
              for name, m in net.named_modules() if isinstance(m, MASKED)]
@@ -613,11 +634,16 @@ def to_sparse(net, example, forms=FORMS):
         chosen[name] = fastest(candidates, x) if len(candidates) > 1 else next(iter(candidates))
         return candidates[chosen[name]]
 
-    net = _replace(net, make)
+    fast = _replace(net, make)
     for seq, keys, _, _ in (fold[layer] for layer in fold):
         for key in keys:
             del seq._modules[key]  # an nn.Sequential runs what its _modules hold, keys with gaps included
-    return net, chosen, folded
+    if "dense" in forms and set(chosen.values()) != {"dense"}:
+        # layers timed alone can mislead (caches, threads waking): the whole network must win too
+        dense, dense_chosen, _ = to_sparse(original, example, forms=("dense",))
+        if fastest({"chosen": fast, "dense": dense}, example.cpu()) == "dense":
+            return dense, dense_chosen, folded
+    return fast, chosen, folded
 
 
 # --- a compressed file in a runtime -------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Benchmark: inference from the compressed form (runtime.py) against dense and torch's CSR.
 
-    python bench/bench_inference.py                                   # the paper's layers
+    python bench/bench_inference.py --threads=2                       # paper layers, shipped networks
     python bench/bench_inference.py --files="['out/bench/lenet_300_100/seed0/lenet_300_100.dc']"
 
 In one run on one machine, the same threads for every side (torch and numba set alike):
@@ -8,14 +8,21 @@ In one run on one machine, the same threads for every side (torch and numba set 
      paper's densities with 5-bit codebooks: AlexNet fc6 / fc7 / fc8, VGG-16 fc6 / fc7 / fc8;
      batch 1 (the paper's case) and batch 64: dense F.linear, torch.sparse_csr and this
      runtime's codebook-CSR kernel, in the layout it chooses for that batch (split or packed,
-     runtime.choose_layout), each on inputs prepared before timing;
-  2. the real layers of each `.dc` file given, and the whole model's batch-1 latency from the
-     file: the dense export against the sparse runtime.
+     runtime.choose_layout), each on inputs prepared before timing. Beside each: the share of
+     the machine's streaming bandwidth that its weight bytes reach (bytes / seconds over the
+     bandwidth at which dense batch 1 reads the largest layer, VGG-16 fc6's 411 MB);
+  2. the real fc layers of each `.dc` file given;
+  3. whole networks, each `.dc` file and each `networks` entry (random masks at one density,
+     for networks with no file shipped), at each of `model_batches`: the dense export
+     (runtime.to_plain), the same with its batch norms folded (runtime.to_sparse, dense forms
+     only) and the sparse runtime (runtime.to_sparse, forms chosen on an input of that batch).
 Every figure is the median of `runs` turns (the sides take turns), each the best of `repeats`
 timed calls after `warmup` untimed ones. Outputs are
 checked against the dense product (relative error, the norm of the difference over the
 norm of the dense output). Prints the tables and writes bench/results/inference.json.
 """
+import glob
+import json
 import os
 import sys
 
@@ -29,10 +36,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dcfile  # noqa: E402
 import runtime as rt  # noqa: E402
 import util  # noqa: E402
+from results_table import replace_block  # noqa: E402
+from models import build_model  # noqa: E402
 from prune import masked_layers  # noqa: E402
+from quantize import build_quantized_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
 threads = 1                 # torch and numba threads, the same for every side
+paper_layers = True         # time the paper's six fc layers (random weights; VGG-16 fc6 alone is 411 MB dense)
 batches = [1, 64]           # batch sizes timed
 warmup = 3                  # untimed calls before timing
 repeats = 20                # timed calls; the best is kept
@@ -41,8 +52,14 @@ flush_mb = 0                # MB written, untimed, before every call of every si
                             # between calls if they fit; 128: each call reads them from memory, as in a network whose
                             # other layers' weights pass through the cache between two calls of this one)
 bits = 5                    # codebook bits of the paper's layers (Table 4-5: fc layers 5 bits)
-files = []                  # .dc files whose real layers and whole model are timed too
-out = "bench/results/inference.json"  # where the figures are written
+files = ["bench/results/dc/lenet5_caffe_ratio-seed0.dc", "bench/results/dc/mobilenet_v2-seed0.dc"]  # .dc files
+                            # whose real fc layers and whole model are timed
+networks = {"resnet20": [{"in_shape": [3, 32, 32], "num_classes": 10}, 0.19],  # {name: [model kwargs, density]}:
+            "resnet18": [{"in_shape": [3, 32, 32], "num_classes": 10, "cifar_stem": True}, 0.05]}  # random masks
+model_batches = [1, 16]     # batch sizes the whole networks are timed at
+out = "bench/results/inference.json"  # where the figures are written (name it by CPU: inference_<cpu>_threads<n>.json)
+readme = "README.md"        # whose networks block is rewritten from every bench/results/inference_*.json ('' = leave it)
+doc = "docs/experiments.md"  # whose inference block is rewritten the same way ('' = leave it)
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -135,6 +152,103 @@ def row_line(name, density, n, t, mem, paper=None):
     return line + (f" | paper {paper:.1f}x" if paper and n == 1 else "")
 
 
+def random_network(name, kwargs, density, bits, seed=0):
+    """models.build_model(name, **kwargs) pruned and quantized at random: every masked layer at
+    `density`, its survivors drawn from a 2**bits codebook scaled as He et al.'s initialisation
+    for the surviving fan-in, so that activations keep their size through the network (shrinking
+    ones end as subnormal floats, which the CPU computes far more slowly); batch norms as built.
+    For timing a network that has no file here; its accuracy means nothing."""
+    g = torch.Generator().manual_seed(seed)
+    net = build_model(name, **kwargs)
+    state, quantized = net.state_dict(), {}
+    for layer, _ in masked_layers(net):
+        shape = state.pop(f"{layer}.weight").shape
+        mask = (torch.rand(shape, generator=g) < density).float()
+        scale = (2 / (density * shape[1:].numel())) ** 0.5
+        state[f"{layer}.codebook"] = torch.cat([torch.zeros(1), scale * torch.randn(2 ** bits - 1, generator=g)])
+        state[f"{layer}.index"] = torch.randint(1, 2 ** bits, shape, generator=g, dtype=torch.uint8) * mask.byte()
+        state[f"{layer}.mask"] = mask
+        quantized[layer] = dict(bits=bits, clusters=2 ** bits)
+    net = build_quantized_model(dict(name=name, kwargs=kwargs), quantized)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def time_network(label, net, in_shape, cfg):
+    """A whole network at each batch of cfg['model_batches']: {batch: seconds of the dense
+    export, the dense export with its batch norms folded, and the sparse runtime; the sparse
+    runtime's error against the dense export; each layer's form}."""
+    entry = dict(density=float(sum(m.mask.sum() for _, m in masked_layers(net))
+                               / sum(m.mask.numel() for _, m in masked_layers(net))), batches={})
+    dense = rt.to_plain(net).eval()
+    for n in cfg["model_batches"]:
+        x = torch.randn(n, *in_shape, generator=torch.Generator().manual_seed(n))
+        folded, _, _ = rt.to_sparse(net, x, forms=("dense",))
+        sparse, chosen, bn_folded = rt.to_sparse(net, x)
+        with torch.no_grad():
+            ref = dense(x)
+            t = timed(dict(dense=lambda: dense(x), dense_folded=lambda: folded(x), sparse=lambda: sparse(x)), cfg)
+            y = sparse(x)
+        error = float((y - ref).norm() / ref.norm())
+        worst = float(((y - ref).abs() / ref.abs().clamp_min(1e-6 * ref.abs().max())).max())
+        forms = {f: sum(v == f for v in chosen.values()) for f in rt.FORMS if f in chosen.values()}
+        entry["batches"][str(n)] = dict(**t, error=error, max_relative_error=worst, forms=chosen,
+                                        batch_norms_folded=len(bn_folded))
+        print(f"{label}, batch {n}: dense {1e3 * t['dense']:.3f} ms, dense with batch norms folded "
+              f"{1e3 * t['dense_folded']:.3f} ms, sparse runtime {1e3 * t['sparse']:.3f} ms: "
+              f"{t['dense'] / t['sparse']:.2f}x ({t['dense_folded'] / t['sparse']:.2f}x); error {error:.1e}; "
+              f"layers {forms}, {len(bn_folded)} batch norms folded", flush=True)
+    return entry
+
+
+def recorded(folder="bench/results"):
+    """{file name: result} of every inference_*.json there that holds whole networks."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "inference_*.json"))):
+        result = json.load(open(path))
+        if result.get("networks"):
+            found[os.path.basename(path)] = result
+    return found
+
+
+def machine_name(result):
+    return f"{result['machine']['cpu']}, {result['machine']['threads']} threads"
+
+
+def networks_block(results):
+    """The README's table: each network of each recorded run, the sparse runtime against the
+    dense export (and the dense export with its batch norms folded) at every batch."""
+    lines = ["| network | alive | CPU | batch | dense / folded / sparse ms | sparse vs dense | vs folded |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    for result in results.values():
+        for label, e in result["networks"].items():
+            for n, t in e["batches"].items():
+                lines.append(f"| {label} | {100 * e['density']:.1f}% | {machine_name(result)} | {n} | "
+                             f"{1e3 * t['dense']:.3f} / {1e3 * t['dense_folded']:.3f} / {1e3 * t['sparse']:.3f} | "
+                             f"**{t['dense'] / t['sparse']:.2f}x** | {t['dense_folded'] / t['sparse']:.2f}x |")
+    return "\n".join(lines)
+
+
+def layers_block(results):
+    """docs/experiments.md's table: the paper's fc layers in each recorded run, at each batch:
+    the three sides, ours against dense (the paper's figure beside it at batch 1) and against
+    torch's CSR, and at batch 1 the share of the streaming bandwidth ours reaches."""
+    lines = ["| layer | CPU | batch | dense / torch CSR / ours ms | ours vs dense (paper) | vs CSR | bandwidth share, dense / ours |",
+             "| --- | --- | ---: | --- | ---: | ---: | --- |"]
+    for result in results.values():
+        for name, e in result["paper_layers"].items():
+            for n, t in e["batches"].items():
+                paper = f" ({e['paper_speedup_batch1']}x)" if n == "1" else ""
+                share = e.get("bandwidth_share") if n == "1" else None
+                lines.append(f"| {name} | {machine_name(result)} | {n} | {1e3 * t['dense']:.3f} / {1e3 * t['torch_csr']:.3f}"
+                             f" / {1e3 * t['ours']:.3f} | {t['dense'] / t['ours']:.2f}x{paper} | "
+                             f"{t['torch_csr'] / t['ours']:.2f}x | "
+                             + (f"{share['dense']:.0%} / {share['ours']:.0%} |" if share else "- |"))
+        if result.get("bandwidth"):
+            lines.append(f"| (streaming bandwidth, {machine_name(result)}) | | | {result['bandwidth'] / 1e9:.1f} GB/s | | | |")
+    return "\n".join(lines)
+
+
 def main(cfg):
     util.require(cfg["threads"] >= 1 and cfg["repeats"] >= 1 and cfg["runs"] >= 1 and cfg["batches"]
                  and cfg["flush_mb"] >= 0, "threads, repeats, runs >= 1; batches; flush_mb >= 0")
@@ -147,8 +261,8 @@ def main(cfg):
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores), {cfg['threads']} thread(s) for torch and numba; "
           f"median of {cfg['runs']} turns, each the best of {cfg['repeats']} after {cfg['warmup']} warm-up calls; "
           + (f"{cfg['flush_mb']} MB written before every call (cold cache)" if cfg["flush_mb"] else "warm cache"))
-    result = dict(machine=machine, settings=cfg, paper_layers={}, files={})
-    for i, (name, (shape, density, paper)) in enumerate(PAPER.items()):
+    result = dict(machine=machine, settings=cfg, paper_layers={}, files={}, networks={})
+    for i, (name, (shape, density, paper)) in enumerate(PAPER.items() if cfg["paper_layers"] else ()):
         weight, csr = random_layer(shape, density, cfg["bits"], seed=i)
         mem = resident(weight, csr)
         entry = dict(shape=list(shape), density=density, paper_speedup_batch1=paper, bytes=mem, batches={})
@@ -158,9 +272,21 @@ def main(cfg):
             print(row_line(name, density, n, t, mem, paper), flush=True)
         result["paper_layers"][name] = entry
         del weight, csr
+    if cfg["paper_layers"] and 1 in cfg["batches"]:
+        largest = result["paper_layers"]["VGG-16 fc6"]  # 411 MB: dense batch 1 reads it from memory
+        result["bandwidth"] = largest["bytes"]["dense"] / largest["batches"]["1"]["dense"]
+        print(f"streaming bandwidth (dense batch 1 reading VGG-16 fc6): {result['bandwidth'] / 1e9:.1f} GB/s; "
+              f"the share of it each layer's weight bytes reach at batch 1, dense / ours:")
+        for name, e in result["paper_layers"].items():
+            t = e["batches"]["1"]
+            ours = e["bytes"]["ours_packed" if t["layout"] == "packed" else "ours"]
+            e["bandwidth_share"] = dict(dense=e["bytes"]["dense"] / t["dense"] / result["bandwidth"],
+                                        ours=ours / t["ours"] / result["bandwidth"])
+            print(f"  {name:12} {e['bandwidth_share']['dense']:6.1%} / {e['bandwidth_share']['ours']:6.1%}")
+    nets = {}
     for path in cfg["files"]:
         quantized, header = dcfile.load_compressed(path)
-        in_shape = header["model"]["kwargs"]["in_shape"]
+        nets[f"{header['model']['name']} ({os.path.basename(path)})"] = quantized, header["model"]["kwargs"]["in_shape"]
         entry = dict(model=header["model"]["name"], layers={})
         for lname, layer in masked_layers(quantized):
             if not isinstance(layer, nn.Linear):
@@ -174,20 +300,20 @@ def main(cfg):
                 t = time_layer(weight, csr, n, cfg)
                 entry["layers"][lname]["batches"][str(n)] = t
                 print(row_line(f"{entry['model']} {lname}", density, n, t, mem), flush=True)
-        dense, _ = rt.load(path, runtime="dense")
-        sparse, sh = rt.load(path, runtime="sparse")
-        x = torch.randn(1, *in_shape)
-        with torch.no_grad():
-            ref = dense(x)
-            t = timed(dict(dense=lambda: dense(x), sparse=lambda: sparse(x)), cfg)
-            t_dense, t_sparse = t["dense"], t["sparse"]
-            error = float((sparse(x) - ref).norm() / ref.norm())
-        entry["model_batch1"] = dict(dense=t_dense, sparse=t_sparse, error=error, layers_run=sh["runtime"])
-        print(f"{entry['model']} whole model, batch 1: dense {1e3 * t_dense:.3f} ms, sparse runtime "
-              f"{1e3 * t_sparse:.3f} ms ({t_dense / t_sparse:.2f}x); layers: {sh['runtime']}", flush=True)
         result["files"][path] = entry
+    for name, (kwargs, density) in cfg["networks"].items():
+        nets[f"{name} at {100 * density:g}% (random masks)"] = random_network(name, kwargs, density, cfg["bits"]), \
+            kwargs["in_shape"]
+    for label, (net, in_shape) in nets.items():
+        result["networks"][label] = time_network(label, net, in_shape, cfg)
     util.write_json(cfg["out"], result)
     print(f"wrote {cfg['out']}")
+    results = recorded(os.path.dirname(cfg["out"]) or ".")
+    if cfg["readme"]:
+        replace_block(cfg["readme"], networks_block(results), "<!-- networks:begin -->", "<!-- networks:end -->")
+    if cfg["doc"]:
+        replace_block(cfg["doc"], layers_block({k: r for k, r in results.items() if r.get("paper_layers")}),
+                      "<!-- inference:begin -->", "<!-- inference:end -->")
 
 
 if __name__ == "__main__":

@@ -209,3 +209,25 @@ def test_recipe_time_runs_the_recipe_short_and_scales_each_phase(fake_mnist, tmp
     rest = sum((p["recipe_epochs"] - p["epochs_run"]) * p["last_epoch_seconds"] for p in r["phases"].values())
     assert r["minutes"] * 60 == pytest.approx(sum(r["stage_seconds"].values()) + rest)
     assert set(r["stage_seconds"]) == {"pruning", "quantization", "huffman_encode"} and r["machine"]["cpu"]
+
+
+def test_inference_benchmark_times_whole_networks(tmp_path):
+    """bench/bench_inference.py on a small random-mask ResNet-20: every side timed at each
+    batch, each layer's form recorded, the sparse runtime's outputs the dense export's."""
+    import subprocess
+    out = tmp_path / "inference_test_threads2.json"
+    net = {"resnet20": [{"in_shape": [3, 12, 12], "num_classes": 10}, 0.2]}
+    subprocess.run([sys.executable, "bench/bench_inference.py", "--paper_layers=False", "--files=[]",
+                    f"--networks={net!r}", "--model_batches=[1, 3]", "--warmup=0", "--repeats=1", "--runs=1",
+                    "--threads=2", f"--out={out}", "--readme=", "--doc="], cwd=ROOT, check=True, capture_output=True,
+                   text=True)
+    result = json.loads(out.read_text())
+    (entry,) = result["networks"].values()
+    assert 0.15 < entry["density"] < 0.25 and set(entry["batches"]) == {"1", "3"}
+    for row in entry["batches"].values():
+        assert all(row[side] > 0 for side in ("dense", "dense_folded", "sparse"))
+        assert row["error"] < 1e-5 and len(row["forms"]) == 20  # 19 convs and the fc layer
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_inference
+    table = bench_inference.networks_block(bench_inference.recorded(str(tmp_path)))
+    assert table.count("| resnet20 at 20% (random masks) |") == 2  # a row a batch

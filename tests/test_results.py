@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_inference  # noqa: E402
 import coders  # noqa: E402
 import levers  # noqa: E402
 import results_table  # noqa: E402
@@ -102,11 +103,14 @@ def blocks(text):
 def test_generated_blocks_are_what_their_scripts_write():
     readme = blocks(open(os.path.join(ROOT, "README.md")).read())
     doc = blocks(open(os.path.join(ROOT, "docs", "experiments.md")).read())
-    assert set(readme) == {"results"}
+    assert set(readme) == {"results", "networks"}
     assert readme["results"] == results_table.table(json.load(open(RESULTS))["rows"])
+    inference = bench_inference.recorded(os.path.join(ROOT, "bench", "results"))
+    assert inference and readme["networks"] == bench_inference.networks_block(inference)
+    assert doc["inference"] == bench_inference.layers_block({k: r for k, r in inference.items() if r.get("paper_layers")})
     recorded = {os.path.basename(p)[len("levers_"):-len(".json")]: json.load(open(p))
                 for p in glob.glob(os.path.join(ROOT, "bench", "results", "levers_*.json"))}
-    assert set(doc) == {"coders"} | {f"levers:{name}" for name in recorded}
+    assert set(doc) == {"coders", "inference"} | {f"levers:{name}" for name in recorded}
     for name, done in recorded.items():
         assert doc[f"levers:{name}"] == levers.lever_table(done["runs"], done["chosen"], done["budget"]), name
     assert doc["coders"] == coders.block(json.load(open(os.path.join(ROOT, "bench", "results", "coders.json"))))

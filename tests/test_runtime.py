@@ -175,6 +175,21 @@ def test_fastest_form_is_recorded_and_every_form_agrees(tmp_path):
         torch.testing.assert_close(forced(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def test_a_network_slower_as_a_whole_runs_dense(monkeypatch):
+    """Where every layer timed alone chose a sparse form but the network so built loses to the
+    all-dense one, every layer runs dense; where it wins, the choice stands."""
+    net = quantized_net("lenet5_caffe", {"in_shape": [1, 28, 28], "num_classes": 10}, density=0.2)
+    x = torch.randn(1, 1, 28, 28)
+    for whole in ("dense", "chosen"):
+        monkeypatch.setattr(rt, "fastest", lambda candidates, x, whole=whole: whole if "chosen" in candidates
+                            else next(k for k in candidates if k != "dense"))
+        fast, chosen, _ = rt.to_sparse(net, x)
+        assert set(chosen.values()) == ({"dense"} if whole == "dense" else {"sparse"})
+        assert all(not isinstance(m, (rt.SparseConv2d, rt.SparseLinear)) for m in fast.modules()) == (whole == "dense")
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
 def test_epilogue_folds_bias_batch_norm_and_activation():
     """Known answers: scale = gamma / sqrt(var + eps), shift = (bias - mean) * scale + beta,
     clamped to ReLU's [0, inf) or ReLU6's [0, 6]."""

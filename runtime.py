@@ -16,7 +16,8 @@ int64 column).
   the same kernel) for each conv layer where that measured faster on `example`, else plain.
   Each fc layer keeps its weight in whichever of two layouts ran faster on its input: split
   (a uint16 column and a uint8 cluster a weight, 3 bytes) or packed (one uint32 a weight,
-  column | cluster << 16: a load fewer, 4 bytes).
+  column | cluster << 16: a load fewer, 4 bytes), the packed one at batch 1 with a scalar or
+  a vectorised (gather) loop.
 Nothing here prints.
 """
 import copy
@@ -151,6 +152,22 @@ def _spmm_packed_parallel(row_ptr, packed, codebook, x, out):
             _row_packedn(r, row_ptr, packed, codebook, x, out)
 
 
+# The same batch-1 loop left to LLVM's vectorizer: AVX-512 gathers, 2.2x slower than the scalar
+# loop on the AMD EPYC (Zen 5) measured here, kept as a form a layer may choose where a CPU's
+# gathers are fast (choose_layout: 'gather').
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _spmm_gather_serial(row_ptr, packed, codebook, x, out):
+    for r in range(len(row_ptr) - 1):
+        _row_packed1(r, row_ptr, packed, codebook, x, out)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
+def _spmm_gather_parallel(row_ptr, packed, codebook, x, out):
+    for r in numba.prange(len(row_ptr) - 1):
+        _row_packed1(r, row_ptr, packed, codebook, x, out)
+
+
 _SCALAR_COMPILED = set()
 
 
@@ -181,10 +198,11 @@ def pack(form):
     return dict(row_ptr=form["row_ptr"], packed=packed, codebook=form["codebook"])
 
 
-def multiply(form, x):
+def multiply(form, x, gather=False):
     """(rows, n) = W x for W in either layout (csr_from_layer's split form, or pack's) and x
-    (in, n) float32 numpy. Threads: numba's (numba.set_num_threads), used only when the work
-    is large enough."""
+    (in, n) float32 numpy. gather: batch 1 in the packed layout runs the vectorised loop, not
+    the scalar one. Threads: numba's (numba.set_num_threads), used only when the work is large
+    enough."""
     rows, n = len(form["row_ptr"]) - 1, x.shape[1]
     # batch 1 goes in as a contiguous vector, so that its stride drops out of the addressing
     x = np.ascontiguousarray(x[:, 0] if n == 1 else x, dtype=np.float32)
@@ -195,12 +213,19 @@ def multiply(form, x):
     kernel = {(True, False): _spmm_serial, (True, True): _spmm_parallel,
               (False, False): _spmm_packed_serial, (False, True): _spmm_packed_parallel}[split, parallel]
     args = (form["row_ptr"], *weights, form["codebook"], x, out)
-    _call_scalar(kernel, *args) if n == 1 and not split else kernel(*args)
+    if n == 1 and not split:
+        if gather:
+            (_spmm_gather_parallel if parallel else _spmm_gather_serial)(*args)
+        else:
+            _call_scalar(kernel, *args)
+    else:
+        kernel(*args)
     return out.reshape(rows, n)
 
 
 def choose_layout(form, x, timer=None):
-    """The faster layout for W x on this input: (form, 'split' | 'packed'). form:
+    """The fastest form of W x on this input: (form, 'split' | 'packed' | 'gather'), 'gather'
+    (batch 1 only) being the packed layout with multiply's vectorised loop. form:
     csr_from_layer's; x (in, n) float32. timer(fn) -> seconds; by default the best of 5
     calls after one untimed call (a benchmark passes its own, cold caches included: the packed
     layout's extra byte a weight costs more where the weights come from memory)."""
@@ -209,8 +234,10 @@ def choose_layout(form, x, timer=None):
         return form, "split"
     if timer is None:
         timer = lambda fn: (fn(), util.best_time(fn, 5)[0])[1]  # noqa: E731
-    times = {name: timer(lambda: multiply(f, x)) for name, f in (("split", form), ("packed", packed))}
-    return (packed, "packed") if times["packed"] < times["split"] else (form, "split")
+    forms = {"split": form, "packed": packed, **({"gather": packed} if x.shape[1] == 1 else {})}
+    times = {name: timer(lambda: multiply(f, x, name == "gather")) for name, f in forms.items()}
+    best = min(times, key=times.get)
+    return forms[best], best
 
 
 def csr_from_layer(layer):
@@ -277,7 +304,7 @@ class SparseLinear(_Sparse):
     def forward(self, x):
         shape = x.shape
         xt = x.detach().reshape(-1, self.in_features).float().t().contiguous().numpy()
-        y = torch.from_numpy(multiply(self.form, xt)).t()
+        y = torch.from_numpy(multiply(self.form, xt, self.layout == "gather")).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

@@ -7,8 +7,8 @@ In one run on one machine, the same threads for every side (torch and numba set 
   1. the fc layers of the paper's Table 8 (Deep Compression section 6), random weights at the
      paper's densities with 5-bit codebooks: AlexNet fc6 / fc7 / fc8, VGG-16 fc6 / fc7 / fc8;
      batch 1 (the paper's case) and batch 64: dense F.linear, torch.sparse_csr and this
-     runtime's codebook-CSR kernel, in the layout it chooses for that batch (split or packed,
-     runtime.choose_layout), each on inputs prepared before timing. Beside each: the share of
+     runtime's codebook-CSR kernel, in the form it chooses for that batch (split, packed, or
+     packed with the vectorised gather loop: runtime.choose_layout), each on inputs prepared before timing. Beside each: the share of
      the machine's streaming bandwidth that its weight bytes reach (bytes / seconds over the
      bandwidth at which dense batch 1 reads the largest layer, VGG-16 fc6's 411 MB);
   2. the real fc layers of each `.dc` file given;
@@ -127,9 +127,10 @@ def time_layer(weight, csr, n, cfg, seed=0):
                                     timer=lambda fn: best(fn, dict(cfg, warmup=1, repeats=5)))
     ref = F.linear(x, weight)
     err = lambda y: float((y - ref).norm() / ref.norm().clamp_min(1e-30))  # noqa: E731
-    ours = torch.from_numpy(rt.multiply(form, xt_np)).t()
+    gather = layout == "gather"
+    ours = torch.from_numpy(rt.multiply(form, xt_np, gather)).t()
     times = timed(dict(dense=lambda: F.linear(x, weight), torch_csr=lambda: w_csr @ xt,
-                       ours=lambda: rt.multiply(form, xt_np)), cfg)
+                       ours=lambda: rt.multiply(form, xt_np, gather)), cfg)
     return dict(**times, layout=layout, error_ours=err(ours), error_torch_csr=err((w_csr @ xt).t()))
 
 
@@ -145,7 +146,7 @@ def resident(weight, csr):
 
 def row_line(name, density, n, t, mem, paper=None):
     speed = t["dense"] / t["ours"]
-    ours_mb = mem["ours_packed" if t["layout"] == "packed" else "ours"] / 1e6
+    ours_mb = mem["ours" if t["layout"] == "split" else "ours_packed"] / 1e6
     line = (f"{name:22} {100 * density:5.1f}% {n:4} | dense {1e3 * t['dense']:8.3f} ms | torch CSR "
             f"{1e3 * t['torch_csr']:8.3f} ms | ours {1e3 * t['ours']:8.3f} ms {t['layout']:6} | vs dense "
             f"{speed:5.2f}x | vs CSR {t['torch_csr'] / t['ours']:5.2f}x | MB {mem['dense'] / 1e6:7.2f} / {ours_mb:6.2f}")
@@ -174,6 +175,17 @@ def random_network(name, kwargs, density, bits, seed=0):
     return net.eval()
 
 
+def cpu_ticks():
+    """(stolen, total) CPU ticks of the machine so far (/proc/stat; (0, 0) where there is
+    none): the share a hypervisor took from this virtual machine during a timing."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
+
+
 def time_network(label, net, in_shape, cfg):
     """A whole network at each batch of cfg['model_batches']: {batch: seconds of the dense
     export, the dense export with its batch norms folded, and the sparse runtime; the sparse
@@ -187,17 +199,21 @@ def time_network(label, net, in_shape, cfg):
         sparse, chosen, bn_folded = rt.to_sparse(net, x)
         with torch.no_grad():
             ref = dense(x)
+            before = cpu_ticks()
             t = timed(dict(dense=lambda: dense(x), dense_folded=lambda: folded(x), sparse=lambda: sparse(x)), cfg)
+            after = cpu_ticks()
             y = sparse(x)
+        stolen = (after[0] - before[0]) / max(1, after[1] - before[1])
         error = float((y - ref).norm() / ref.norm())
         worst = float(((y - ref).abs() / ref.abs().clamp_min(1e-6 * ref.abs().max())).max())
         forms = {f: sum(v == f for v in chosen.values()) for f in rt.FORMS if f in chosen.values()}
         entry["batches"][str(n)] = dict(**t, error=error, max_relative_error=worst, forms=chosen,
-                                        batch_norms_folded=len(bn_folded))
+                                        batch_norms_folded=len(bn_folded), stolen=stolen)
         print(f"{label}, batch {n}: dense {1e3 * t['dense']:.3f} ms, dense with batch norms folded "
               f"{1e3 * t['dense_folded']:.3f} ms, sparse runtime {1e3 * t['sparse']:.3f} ms: "
               f"{t['dense'] / t['sparse']:.2f}x ({t['dense_folded'] / t['sparse']:.2f}x); error {error:.1e}; "
-              f"layers {forms}, {len(bn_folded)} batch norms folded", flush=True)
+              f"layers {forms}, {len(bn_folded)} batch norms folded; {stolen:.1%} of the CPU stolen by the host",
+              flush=True)
     return entry
 
 
@@ -279,7 +295,7 @@ def main(cfg):
               f"the share of it each layer's weight bytes reach at batch 1, dense / ours:")
         for name, e in result["paper_layers"].items():
             t = e["batches"]["1"]
-            ours = e["bytes"]["ours_packed" if t["layout"] == "packed" else "ours"]
+            ours = e["bytes"]["ours" if t["layout"] == "split" else "ours_packed"]
             e["bandwidth_share"] = dict(dense=e["bytes"]["dense"] / t["dense"] / result["bandwidth"],
                                         ours=ours / t["ours"] / result["bandwidth"])
             print(f"  {name:12} {e['bandwidth_share']['dense']:6.1%} / {e['bandwidth_share']['ours']:6.1%}")

@@ -62,6 +62,7 @@ def test_packed_kernel_equals_the_dense_product(rows, cols, density, n):
     tol = 1e-5 * np.sqrt(max(1.0, cols * density))  # float32 sums of ~cols x density terms, in any order
     np.testing.assert_allclose(got, dense.astype(np.float64) @ x, rtol=1e-5, atol=tol)
     np.testing.assert_allclose(rt.multiply(form, x), got, rtol=1e-5, atol=tol)  # the split layout alike
+    np.testing.assert_allclose(rt.multiply(packed, x, gather=True), got, rtol=1e-5, atol=tol)  # the gather loop
 
 
 def test_pack_refuses_what_does_not_fit_16_bits():
@@ -259,6 +260,7 @@ def test_sparse_layers_equal_plain_layers():
             # 3 bytes a non-zero (split) or 4 (packed), int32 row pointers, the float32 codebook
             nnz, rows, k = int(layer.mask.sum()), len(layer.mask), len(layer.codebook)
             assert sparse.resident_bytes() == (3 if sparse.layout == "split" else 4) * nnz + 4 * (rows + 1 + k)
+            assert sparse.layout in ("split", "packed", "gather")
             assert sparse.resident_bytes() < 4 * layer.mask.numel()  # 20% dense
 
 

@@ -218,17 +218,19 @@ def time_network(label, net, in_shape, cfg):
 
 
 def recorded(folder="bench/results"):
-    """{file name: result} of every inference_*.json there that holds whole networks."""
+    """{file name: result} of every inference_*.json there written by this version of the
+    benchmark (those with a networks entry, empty or not; older files lack it)."""
     found = {}
     for path in sorted(glob.glob(os.path.join(folder, "inference_*.json"))):
         result = json.load(open(path))
-        if result.get("networks"):
+        if "networks" in result:
             found[os.path.basename(path)] = result
     return found
 
 
 def machine_name(result):
-    return f"{result['machine']['cpu']}, {result['machine']['threads']} threads"
+    cold = f", {result['settings']['flush_mb']} MB flushed before each call" if result["settings"]["flush_mb"] else ""
+    return f"{result['machine']['cpu']}, {result['machine']['threads']} threads{cold}"
 
 
 def networks_block(results):
@@ -326,7 +328,8 @@ def main(cfg):
     print(f"wrote {cfg['out']}")
     results = recorded(os.path.dirname(cfg["out"]) or ".")
     if cfg["readme"]:
-        replace_block(cfg["readme"], networks_block(results), "<!-- networks:begin -->", "<!-- networks:end -->")
+        replace_block(cfg["readme"], networks_block({k: r for k, r in results.items() if r["networks"]}),
+                      "<!-- networks:begin -->", "<!-- networks:end -->")
     if cfg["doc"]:
         replace_block(cfg["doc"], layers_block({k: r for k, r in results.items() if r.get("paper_layers")}),
                       "<!-- inference:begin -->", "<!-- inference:end -->")

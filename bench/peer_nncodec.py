@@ -42,6 +42,7 @@ import dcfile  # noqa: E402
 import training  # noqa: E402
 import util  # noqa: E402
 from models import build_model  # noqa: E402
+from results_table import replace_block  # noqa: E402
 
 # -----------------------------------------------------------------------------
 setup = False               # make the virtual environment `venv` with NNCodec in it, and stop
@@ -55,6 +56,7 @@ lambda_scale = 0.0          # NNCodec's rate-distortion weight in its quantizer 
 data_root = ""              # where the data sets are ('' = the folder the pruned checkpoint recorded)
 threads = 1                 # torch CPU threads (the machine is shared)
 out = "bench/results/peer_nncodec.json"  # where the figures are written
+doc = "docs/experiments.md"  # whose peer_nncodec block gets the table ('' = leave it)
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -256,6 +258,12 @@ def worker(folder):
 
 # --- main -----------------------------------------------------------------------------------------
 
+def block(result):
+    """The text between docs/experiments.md's peer_nncodec markers, from the JSON main writes."""
+    return (table(result["rows"]) + f"\n\n{result['cpu']}, {result['settings']['threads']} thread(s); NNCodec "
+            f"{result['nncodec']}; QPs {result['settings']['qps'][0]} to {result['settings']['qps'][-1]}, coarsest first.")
+
+
 def table(rows):
     """The comparison, a row per results row: bytes of the quantized layers, accuracies in percent."""
     lines = ["| row | ours Huffman B | ours ANS B | NNCodec lossless B (mode) | ANS vs NNCodec lossless "
@@ -376,6 +384,8 @@ def main(cfg):
                   time=time.strftime("%Y-%m-%d %H:%M"))
     util.write_json(cfg["out"], result)
     print(table(rows))
+    if cfg["doc"]:
+        replace_block(cfg["doc"], block(result), "<!-- peer_nncodec:begin -->", "<!-- peer_nncodec:end -->")
     print(f"CPU: {result['cpu']}, {cfg['threads']} thread(s), load average {load_before[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}; NNCodec {answer['nncodec']}; wrote {cfg['out']}")
 

@@ -12,12 +12,13 @@ int64 column).
 - `to_plain(net)`: ordinary nn.Linear / nn.Conv2d layers, weight = codebook[index] * mask,
   standard state-dict keys: what `torchvision.models.resnet18` or a mask-free model loads.
 - `load(path, runtime)`: a compressed file's model in one of RUNTIMES.
-- `to_sparse(net, example)`: SparseLinear for every masked fc layer, SparseConv2d (unfold and
-  the same kernel) for each conv layer where that measured faster on `example`, else plain.
-  Each fc layer keeps its weight in whichever of two layouts ran faster on its input: split
-  (a uint16 column and a uint8 cluster a weight, 3 bytes) or packed (one uint32 a weight,
-  column | cluster << 16: a load fewer, 4 bytes), the packed one at batch 1 with a scalar or
-  a vectorised (gather) loop.
+- `to_sparse(net, example)`: each masked layer in whichever form ran fastest on its own input
+  during a forward pass of `example`: the plain layer, a SparseLinear, or a SparseConv2d
+  (direct from the non-zeros, on one thread or all, or the fc kernel on unfolded columns),
+  with the batch norm and ReLU / ReLU6 that follow a conv folded into it. Each fc layer keeps
+  its weight in whichever of two layouts ran faster: split (a uint16 column and a uint8
+  cluster a weight, 3 bytes) or packed (one uint32 a weight, column | cluster << 16: a load
+  fewer, 4 bytes), the packed one at batch 1 with a scalar or a vectorised (gather) loop.
 Nothing here prints.
 """
 import copy
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 import dcfile
 import util
-from prune import MASKED, masked_weight
+from prune import MASKED, MaskedConv2d, masked_weight
 
 PARALLEL_MIN_WORK = 1 << 16  # non-zeros x columns below which one thread beats a parallel launch
 
@@ -609,7 +610,7 @@ def foldable(net):
         items = list(seq._modules.items())
         for i, (_, conv) in enumerate(items[:-1]):
             bn_key, bn = items[i + 1]
-            if not (isinstance(conv, MASKED[1]) and isinstance(bn, nn.BatchNorm2d) and not bn.training
+            if not (isinstance(conv, MaskedConv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training
                     and bn.track_running_stats and bn.num_features == conv.out_channels):
                 continue
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)

@@ -512,6 +512,8 @@ class SparseConv2d(_Sparse):
 
     def forward(self, x):
         n, c, h, w = x.shape
+        if c != self.in_channels:  # the offsets would read past the planes
+            raise ValueError(f"SparseConv2d: {c} input channels, the layer takes {self.in_channels}")
         if self.path == "gemm":
             return self._gemm(x)
         offset, hp, wp, ho, wo = self._plan(h, w)

@@ -151,6 +151,8 @@ def test_sparse_conv_equals_conv2d(cin, cout, k, stride, padding, dilation, grou
             assert got.shape == want.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert set(sparse._plans) == {(11, 9), (8, 13)}
+        with pytest.raises(ValueError, match="input channels"):
+            sparse(torch.randn(1, cin + 1, 11, 9))
 
 
 def test_fastest_form_is_recorded_and_every_form_agrees(tmp_path):

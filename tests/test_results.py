@@ -14,6 +14,7 @@ from conftest import ROOT, SHARED_DATA
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_inference  # noqa: E402
 import coders  # noqa: E402
+import context_models  # noqa: E402
 import levers  # noqa: E402
 import peer_nncodec  # noqa: E402
 import results_table  # noqa: E402
@@ -112,7 +113,9 @@ def test_generated_blocks_are_what_their_scripts_write():
     assert doc["inference"] == bench_inference.layers_block({k: r for k, r in inference.items() if r.get("paper_layers")})
     recorded = {os.path.basename(p)[len("levers_"):-len(".json")]: json.load(open(p))
                 for p in glob.glob(os.path.join(ROOT, "bench", "results", "levers_*.json"))}
-    assert set(doc) == {"coders", "inference", "peer_nncodec"} | {f"levers:{name}" for name in recorded}
+    assert set(doc) == {"coders", "context_models", "inference", "peer_nncodec"} | {f"levers:{name}" for name in recorded}
+    assert doc["context_models"] == context_models.block(json.load(open(os.path.join(ROOT, "bench", "results",
+                                                                                      "context_models.json"))))
     assert doc["peer_nncodec"] == peer_nncodec.block(json.load(open(os.path.join(ROOT, "bench", "results",
                                                                                   "peer_nncodec.json"))))
     for name, done in recorded.items():

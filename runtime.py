@@ -355,6 +355,14 @@ def _phases(x, ph, pw, sh, sw, planes):
                         dst[k] = src[k * sw]
 
 
+@numba.njit(cache=True, nogil=True)
+def _conv_block_rows(ho, wp):
+    """(output rows a block of _conv_blocks covers, blocks an output channel) for ho rows of
+    wp padded columns: a block's accumulator holds CONV_BLOCK floats at most."""
+    step = max(1, CONV_BLOCK // wp)
+    return step, (ho + step - 1) // step
+
+
 @numba.njit(cache=True, fastmath=True, nogil=True)
 def _conv_blocks(t0, t1, row_ptr, offset, cluster, codebook, planes, wp, epilogue, out):
     """Units t0 <= t < t1 of the convolution, t = (n * blocks + b) * rows + o: rows b*step ..
@@ -364,8 +372,7 @@ def _conv_blocks(t0, t1, row_ptr, offset, cluster, codebook, planes, wp, epilogu
     high: out = min(max(scale * (W x) + shift, low), high), a bias, batch norm and ReLU / ReLU6."""
     rows = len(row_ptr) - 1
     ho, wo = out.shape[2], out.shape[3]
-    step = max(1, CONV_BLOCK // wp)  # output rows a block
-    blocks = (ho + step - 1) // step
+    step, blocks = _conv_block_rows(ho, wp)
     acc = np.empty(step * wp, np.float32)
     for t in range(t0, t1):
         o, nb = t % rows, t // rows
@@ -399,8 +406,7 @@ def _conv_blocks(t0, t1, row_ptr, offset, cluster, codebook, planes, wp, epilogu
 @numba.njit(cache=True, nogil=True)
 def _conv_units(n, rows, ho, wp):
     """How many units _conv_blocks splits a convolution into."""
-    step = max(1, CONV_BLOCK // wp)
-    return n * rows * ((ho + step - 1) // step)
+    return n * rows * _conv_block_rows(ho, wp)[1]
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
@@ -421,7 +427,7 @@ def _conv_parallel(row_ptr, offset, cluster, codebook, planes, wp, epilogue, out
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
 def _affine(y, epilogue, out):
-    """out (rows, L) = min(max(scale * y + shift, low), high), row by row (see _conv_channels)."""
+    """out (rows, L) = min(max(scale * y + shift, low), high), row by row (see _conv_blocks)."""
     for o in range(y.shape[0]):
         scale, shift, low, high = epilogue[0, o], epilogue[1, o], epilogue[2, o], epilogue[3, o]
         for k in range(y.shape[1]):

@@ -272,6 +272,15 @@ def factory_key(name):
     return module, factory
 
 
+def recorded_name(name):
+    """The --model string as checkpoints and .dc headers record it: a factory file without its
+    folders ('/home/me/nets/small.py:build' -> 'small.py:build'), so a file holds no local path;
+    a factory is found by factory_key, which the folders do not change."""
+    module, sep, factory = name.rpartition(":")
+    return os.path.basename(module) + sep + factory if model_kind(name) == "factory" and module.endswith(".py") \
+        else name
+
+
 def file_stem(name):
     """The stem of a network's output files: the name itself, or 'module.factory' for a factory
     (a path holds slashes)."""
@@ -368,11 +377,19 @@ def _build_torchvision(builder, in_shape=(3, 224, 224), num_classes=1000, pretra
 
     args = {**TORCHVISION_DEFAULTS.get(builder, {}), **(model_args or {})}
     if pretrained:
+        # Weights come with their auxiliary heads, which torchvision insists on building
+        # (aux_logits=True, init_weights=False): they are dropped after loading instead.
+        no_aux = {k: v for k, v in args.items() if k not in TORCHVISION_DEFAULTS.get(builder, {})}
         try:
-            net = torchvision.models.get_model(builder, weights="DEFAULT", **args)
+            net = torchvision.models.get_model(builder, weights="DEFAULT", **no_aux)
         except Exception as e:  # no network and no cached file
             raise RuntimeError(f"could not load the pretrained weights of {builder} ({type(e).__name__}: {e}); "
                                "connect to the internet once, or set --pretrained=False") from None
+        if builder in TORCHVISION_DEFAULTS:
+            net.aux_logits = False
+            for head in ("aux1", "aux2", "AuxLogits"):
+                if hasattr(net, head):
+                    setattr(net, head, None)
     else:
         net = torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **args)
     return _fit_torchvision(net, in_shape, num_classes, pretrained)

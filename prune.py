@@ -384,6 +384,10 @@ def drop_dead_units(model):
     if chain is None:
         return None
     layers = dict(masked_layers(model))
+    for name, _ in chain:  # a grouped conv's inputs are its group's units only, not the layer before's all
+        if getattr(layers[name], "groups", 1) > 1:
+            raise ValueError(f"the chain names {name}, a grouped conv: dead units are found on chains of "
+                             "ungrouped layers only; leave it out of `chain` or set --drop_dead=False")
     alive = lambda m: (m.weight.detach() * m.mask) != 0  # noqa: E731
     fed = lambda A: alive(A).reshape(A.weight.shape[0], -1).any(1)  # noqa: E731  A's units with an input
     read = lambda A, B: alive(B).reshape(B.weight.shape[0], A.weight.shape[0], -1).any(2).any(0)  # noqa: E731

@@ -20,7 +20,7 @@ import time
 import training
 import util
 from datasets import AUGMENTS, DATASETS, DataSpec, data_shape, folder_classes, imagenet_folders, load_data
-from models import PRETRAINED, build_model, check_model, file_stem, model_kind, teacher_from, unmaskable
+from models import PRETRAINED, build_model, check_model, file_stem, model_kind, recorded_name, teacher_from, unmaskable
 from prune import (PRUNE_METHODS, GradualSurgery, erk_densities, finish_surgery, group_lasso_penalty, masked_layers,
                    per_layer, prune_by_percentile, surgery_step)
 
@@ -154,7 +154,7 @@ def network(cfg, dev):
         raise util.UserError(f"cannot build {cfg['model']}: {e}") from None
     for name, cls in unmaskable(net):
         print(f"{name} ({cls}) stays dense: the stages mask nn.Linear and nn.Conv2d only")
-    arch = dict(name=cfg["model"], kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
+    arch = dict(name=recorded_name(cfg["model"]), kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
         per_layer(net, cfg[key], key, cfg["prune_layers"])
     return net, arch

@@ -281,7 +281,10 @@ def main(cfg):
 
     # 0. Whole units that compute nothing (beyond the paper): element-wise pruning leaves neurons
     # whose outputs nothing reads and neurons without inputs, whose weights still cost bytes.
-    dead = drop_dead_units(net) if cfg["drop_dead"] else None
+    try:
+        dead = drop_dead_units(net) if cfg["drop_dead"] else None
+    except ValueError as e:
+        raise util.UserError(str(e)) from None
     if dead is not None:
         print(f"dead units: {dead['unread']} unread, {dead['constant']} constant (folded into the next bias): "
               f"{dead['weights']} weights pruned, {dead['biases']} biases of idle units zeroed, the same function")

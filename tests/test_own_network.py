@@ -42,6 +42,8 @@ def test_model_strings_kinds_and_stems():
     assert models.model_kind("nets/small.py:build") == "factory" == models.model_kind("pkg.mod:make_net")
     assert models.factory_key("/home/me/nets/small.py:build") == ("small", "build") == models.factory_key("x/small.py:build")
     assert models.file_stem("nets/small.py:build") == "small.build" and models.file_stem("pkg.mod:f") == "pkg.mod.f"
+    assert models.recorded_name("/home/me/nets/small.py:build") == "small.py:build" == models.recorded_name("small.py:build")
+    assert models.recorded_name("pkg.mod:f") == "pkg.mod:f" and models.recorded_name("resnet20") == "resnet20"
     for bad in ("lenet6", "nets/small.py:", "small.py:2x", "a b:c", "torchvision.x:y.z"):
         with pytest.raises(ValueError, match="unknown model"):
             models.model_kind(bad)
@@ -62,6 +64,21 @@ def test_torchvision_builder_by_name_masks_every_conv_and_linear():
     assert set(net.state_dict()) == set(plain.state_dict()) | {f"{n}.mask" for n in masked}
     assert net.features[0][0].in_channels == 1  # the data set's channels
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 7) and models.unmaskable(net) == []
+
+
+@pytest.mark.parametrize("builder", ["googlenet", "inception_v3"])
+def test_pretrained_builder_with_auxiliary_heads_loads_and_drops_them(builder, monkeypatch):
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    # what the download would give: the 1000-class network with its auxiliary heads
+    state = torchvision.models.get_model(builder, weights=None, aux_logits=True, init_weights=False).state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
+    net = models.build_model(f"torchvision.{builder}", in_shape=[3, 75, 75] if builder == "inception_v3" else [3, 32, 32],
+                             num_classes=10, pretrained=True)
+    assert not net.aux_logits and not any("aux" in n.lower() for n, _ in net.named_modules())
+    x = torch.randn(2, *([3, 75, 75] if builder == "inception_v3" else [3, 32, 32]))
+    assert net.train()(x).shape == (2, 10)  # one output in training mode too: the loss takes it
 
 
 def test_pretrained_first_conv_sees_a_grey_image_as_the_rgb_one_did():
@@ -252,6 +269,34 @@ def test_fashion_mnist_reads_its_folder(tmp_path):
     assert train.x.shape == (40, 1, 28, 28) and len(test.y) == 10 and train.augment == "none"
 
 
+def test_cifar100_reads_its_folder(tmp_path):
+    from conftest import write_fake_cifar
+
+    write_fake_cifar(str(tmp_path), n_train=20, n_test=10)
+    os.rename(tmp_path / "CIFAR10", tmp_path / "CIFAR100")
+    train, val, test = load_data(DataSpec("cifar100", str(tmp_path), 8, 10, 0.25), CPU)
+    assert train.x.shape == (15, 3, 32, 32) and len(val.y) == 5 and len(test.y) == 10
+
+
+def test_svhn_takes_torchvision_s_arrays(tmp_path, monkeypatch):
+    """SVHN comes through torchvision (its .mat files, downloaded where absent); here a stand-in
+    for torchvision's class gives the arrays it would: images (N, 3, 32, 32) uint8, labels 0-9."""
+    pytest.importorskip("scipy.io")
+    import numpy as np
+    import torchvision
+
+    class FakeSVHN:
+        def __init__(self, root, split, download):
+            assert root == os.path.join(str(tmp_path), "SVHN") and download
+            n = 12 if split == "train" else 6
+            self.data = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+            self.labels = np.arange(n) % 10
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
+    train, val, test = load_data(DataSpec("svhn", str(tmp_path), 4, 6, 0.25), CPU)
+    assert train.x.shape == (9, 3, 32, 32) and len(val.y) == 3 and test.y.dtype == torch.int64 and len(test.y) == 6
+
+
 # --- a user's network through the three stages --------------------------------------------------
 
 def test_a_factory_network_through_the_three_stages(tmp_path, capsys, registry):
@@ -272,6 +317,7 @@ def test_a_factory_network_through_the_three_stages(tmp_path, capsys, registry):
     code, text, err = run_here("huffman_encode", *common, "--coder=ans", capsys=capsys)
     assert code == 0, err
     path = f"{out}/separable.separable_net.dc"
+    assert dcfile.decode_file(path)[1]["model"]["name"] == "separable.py:separable_net"  # no local folders
     registry.clear()  # decoding in a new process, the factory not named
     code, text, err = run_here("huffman_encode", f"--decode={path}", f"--out_dir={out}", f"--data_root={root}",
                                capsys=capsys)

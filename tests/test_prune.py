@@ -233,6 +233,10 @@ def test_dead_units_known_answer():
     assert torch.allclose(net(x), before, atol=1e-5)
     assert drop_dead_units(net) == dict(unread=0, constant=0, weights=0, biases=0)  # nothing left to find
     assert drop_dead_units(build_model("resnet20")) is None  # not a chain
+    grouped = nn.Sequential(MaskedConv2d(4, 8, 3), MaskedConv2d(8, 8, 3, groups=4))
+    grouped.chain = [("0", "relu"), ("1", None)]
+    with pytest.raises(ValueError, match="1, a grouped conv"):
+        drop_dead_units(grouped)
 
 
 @pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "lenet5_caffe"])

@@ -1,6 +1,10 @@
 """Stage 3 of Deep Compression (Han, Mao & Dally 2016, sections 2 and 4): store the pruned,
-quantized network as one file (sparse positions as relative indices, cluster indices and
-positions both Huffman coded), decode that file into a fresh model, and check it bit for bit.
+quantized network as one file, decode that file into a fresh model, and check it bit for bit.
+coder=huffman is the paper's: sparse positions as relative indices, cluster indices and
+positions both Huffman coded. coder=ans (the default) also codes each layer under context
+models with ANS and keeps whichever of the two sections is smaller: on LeNet-300-100 a file
+about 20% smaller, and about 10% below the MPEG standard's coder
+(docs/experiments.md#the-default-coder).
 
     python huffman_encode.py --model=lenet_300_100              # after quantization.py
     python huffman_encode.py --decode=out/lenet_300_100.dc
@@ -30,7 +34,8 @@ out_dir = "out"             # checkpoints, the compressed file and JSON summarie
 data_root = ""              # folder holding the data set; '' = the one stage 2 used ('data' with --decode)
 device = "auto"             # where the models are tested: auto (CUDA if available) | cpu | cuda:N
 index_bits = {"*": 0}       # per layer: relative-index span bits (0 = the smallest section; the paper: conv 8, fc 5)
-coder = "huffman"           # huffman (the paper's) | ans (context models, kept where smaller)
+coder = "ans"               # ans (context models, each layer kept where smaller than its Huffman section) |
+                            # huffman (the paper's, section 4)
 decode = ""                 # path of a .dc file: rebuild and test the model from it alone ('' = encode)
 runtime = "quantized"       # with decode, the layers tested: quantized | dense | sparse (CPU, runtime.py)
 export = ""                 # with decode: also write the plain state dict (no masks) to this .pt file

@@ -41,3 +41,11 @@ def test_stages_1_2_3_and_decode(tmp_path, fake_mnist, capsys):
         util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, decode)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "CRC" in err and len(err.strip().splitlines()) == 1
+
+    # The paper's coder, one setting away: Huffman sections only, never smaller than the default
+    # (ANS), which keeps each layer's Huffman section where that is smaller.
+    util.run_stage(huffman_encode.main, huffman_encode.SETTINGS, common + ["--coder=huffman"])
+    paper = json.load(open(os.path.join(out, "lenet_300_100_compressed.json")))
+    assert paper["settings"]["coder"] == "huffman" and not any(r.get("coder") == "ans" for r in paper["layers"])
+    assert paper["compressed_bytes"] >= summary["compressed_bytes"]
+    assert paper["accuracy"]["decoded"] == summary["accuracy"]["decoded"]

@@ -544,6 +544,8 @@ def _read_ans(r, name, shape, clusters):
     index_dtype, mask_dtype = r.dtype(INDEX_DTYPES), r.dtype(MASK_DTYPES)
     numel = math.prod(shape)
     n_rows, n_cols = ans.matrix(shape)
+    if not numel:  # the encoder codes an empty layer as a 'Q' section; the models divide by R and C
+        raise ValueError(f"an ANS section for a weight of shape {tuple(shape)}, which has no elements")
     codebook = _read_codebook(r, clusters, index_dtype)
     k = len(codebook)
     nnz = r.unpack("<I")[0]

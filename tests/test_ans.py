@@ -91,6 +91,9 @@ def test_corrupt_or_truncated_ans_sections_are_one_clear_error():
     assert flips_caught(blob, a, range(len(a) - 200, len(a), 13), state["fc1.index"].shape) > 0
     old = rebuild(blob, {})
     fails(old[:8] + struct.pack("<H", 4) + old[10:], "kind 'A'")  # no 'A' before version 5
+    # a hostile header can make a layer empty (a zero in_shape); its 'A' section is refused
+    with pytest.raises(ValueError, match="has no elements"):
+        dcfile._read_ans(dcfile._Reader(a), "fc1", (300, 0), 8)
 
 
 def receptive_fields(rows, seed):

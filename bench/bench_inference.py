@@ -52,10 +52,10 @@ flush_mb = 0                # MB written, untimed, before every call of every si
                             # between calls if they fit; 128: each call reads them from memory, as in a network whose
                             # other layers' weights pass through the cache between two calls of this one)
 bits = 5                    # codebook bits of the paper's layers (Table 4-5: fc layers 5 bits)
-files = ["bench/results/dc/lenet5_caffe_ratio-seed0.dc", "bench/results/dc/mobilenet_v2-seed0.dc"]  # .dc files
-                            # whose real fc layers and whole model are timed
-networks = {"resnet20": [{"in_shape": [3, 32, 32], "num_classes": 10}, 0.19],  # {name: [model kwargs, density]}:
-            "resnet18": [{"in_shape": [3, 32, 32], "num_classes": 10, "cifar_stem": True}, 0.05]}  # random masks
+files = ["bench/results/dc/lenet5_caffe_ratio-seed0.dc", "bench/results/dc/mobilenet_v2-seed0.dc",
+         "bench/results/dc/resnet20_auto-seed0.dc"]  # .dc files whose real fc layers and whole model are timed
+networks = {"resnet18": [{"in_shape": [3, 32, 32], "num_classes": 10, "cifar_stem": True}, 0.05]}
+                            # {name: [model kwargs, density]}: random masks, for networks with no file shipped
 model_batches = [1, 16]     # batch sizes the whole networks are timed at
 out = "bench/results/inference.json"  # where the figures are written (name it by CPU: inference_<cpu>_threads<n>.json)
 readme = "README.md"        # whose networks block is rewritten from every bench/results/inference_*.json ('' = leave it)

@@ -12,4 +12,4 @@ pruning = {"dataset": "imagenet", "pretrained": True, "epochs": 0, "batch_size":
            "retrain_lr": 0.001, "retrain_epochs": 20}
 quantization = {"bits": {"conv": 8, "fc": 5}, "bias_bits": {"*": 0}, "finetune_epochs": 2, "lr": 1e-5,
                 "precision": "auto"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -8,4 +8,4 @@ pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "f
            "sensitivity": {"conv1": 1.0, "conv": 2.0, "fc1": 2.9, "fc2": 1.9}}
 quantization = {"bits": {"conv": 5, "fc1": 3, "*": 4}, "bias_bits": {"*": 5}, "finetune_epochs": 5, "lr": 1e-4,
                 "precision": "fp32"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -7,4 +7,4 @@ pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "f
            "sensitivity": {"conv1": 1.2, "conv2": 2.4, "fc1": 3.6, "fc2": 2.3}}
 quantization = {"bits": {"conv": 5, "*": 3}, "bias_bits": {"*": 5}, "finetune_epochs": 5, "lr": 1e-4,
                 "precision": "fp32"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -7,4 +7,4 @@ pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "f
            "sensitivity": {"conv1": 0.3, "conv2": 0.8, "fc1": 1.05, "fc2": 0.6}}
 quantization = {"bits": {"conv": 5, "fc1": 3, "*": 4}, "bias_bits": {"*": 5}, "finetune_epochs": 5, "lr": 1e-4,
                 "precision": "fp32"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -6,4 +6,4 @@ pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "f
            "prune_iterations": 0}
 quantization = {"source": "initial", "method": "ttq", "ttq_threshold": {"*": 0.05}, "ttq_float": {"*": False},
                 "finetune_epochs": 10, "lr": 1e-3, "bias_bits": {"*": 5}, "precision": "fp32"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -7,4 +7,4 @@ pruning = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "precision": "f
            "sensitivity": {"*": 0.8, "fc3": 0.5}}
 quantization = {"bits": {"fc1": 3, "*": 4}, "bias_bits": {"*": 5}, "finetune_epochs": 10, "lr": 3e-4,
                 "precision": "fp32"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -9,4 +9,4 @@ pruning = {"dataset": "cifar10", "cifar_stem": True, "optimizer": "sgd", "lr": 0
            "sensitivity": {"*": 1.5, "conv1": 1.0, "layer3.*": 2.0, "layer4.*": 2.0}}
 quantization = {"bits": {"conv": 4, "fc": 5}, "bias_bits": {"*": 0}, "bn_bits": 6, "finetune_epochs": 4, "lr": 1e-4,
                 "precision": "auto"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -9,4 +9,4 @@ pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 
            "retrain_lr": 0.02, "retrain_epochs": 30, "erk_alive": 0.195}
 quantization = {"bits": {"conv": 3, "fc": 5}, "bias_bits": {"*": 0}, "bn_half": True, "distill": 0.9,
                 "finetune_epochs": 10, "lr": 1e-4, "precision": "auto"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -9,4 +9,4 @@ pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 
 quantization = {"source": "initial", "method": "ttq", "ttq_threshold": {"*": 0.05}, "finetune_epochs": 30,
                 "lr": 1e-3, "distill": 0.9, "bias_bits": {"*": 0}, "bn_bits": 8, "bn_share": "network",
                 "precision": "auto"}
-huffman_encode = {}
+huffman_encode = {"coder": "huffman"}

@@ -32,7 +32,8 @@ Clusters (today's: one static table, or the two neighbours' signs):
     magnitudes and the row scale.
 
 Prints one row per file (today's ANS bytes, the most each part could save, the best total)
-and writes `out` as JSON with the CPU; block() renders it for docs/experiments.md.
+and writes `out` as JSON with the CPU, and the table between the context_models markers of
+docs/experiments.md (block() renders it from that JSON).
 """
 import json
 import math
@@ -47,10 +48,12 @@ sys.path.insert(0, ROOT)
 import ans  # noqa: E402
 import dcfile  # noqa: E402
 import util  # noqa: E402
+from results_table import replace_block  # noqa: E402
 
 # -----------------------------------------------------------------------------
 peers = "bench/results/peer_nncodec.json"  # the rows, our ANS bytes and NNCodec's lossless bytes
 out = "bench/results/context_models.json"  # where the figures are written ('' = print only)
+doc = "docs/experiments.md"  # whose table between the context_models markers is replaced ('' = leave it)
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -99,9 +102,7 @@ def presence_bits(live, h, w):
     pad[:, :n_cols] = live
     j = np.arange(n_cols)
     x, y = j % w, (j // w) % h
-    left, up = shifted(pad, n_cols, j, x > 0, -1), shifted(pad, n_cols, j, y > 0, -w)
-    nb4 = (left + 2 * up + 4 * shifted(pad, n_cols, j, (x > 0) & (y > 0), -w - 1)
-           + 8 * shifted(pad, n_cols, j, (y > 0) & (x < w - 1), 1 - w))
+    nb4 = sum((1 << i) * pad[:, col] for i, col in enumerate(ans.neighbours(n_cols, h, w)))  # ans's contexts
     nb7 = (nb4 + 16 * shifted(pad, n_cols, j, x > 1, -2) + 32 * shifted(pad, n_cols, j, y > 1, -2 * w)
            + 64 * shifted(pad, n_cols, j, j >= h * w, -h * w))
     before = np.cumsum(live, 1) - live
@@ -128,10 +129,10 @@ def cluster_bits(present, index, codebook, h, w):
     mags = np.zeros((n_rows, n_cols + 1), np.int64)
     mags[:, :n_cols] = np.where(present, 1 + np.minimum(magnitude[index], 3), 0)
     j = np.arange(n_cols)
-    x, y = j % w, (j // w) % h
     r, c = np.nonzero(present)
     sym = index[r, c]
-    two = (3 * shifted(signs, n_cols, j, x > 0, -1) + shifted(signs, n_cols, j, y > 0, -w))[r, c]
+    left, up = ans.neighbours(n_cols, h, w)[:2]
+    two = (ans.SIGNS * signs[:, left] + signs[:, up])[r, c]
     channel = shifted(signs, n_cols, j, j >= h * w, -h * w)[r, c]
     seen = np.cumsum(present, 1) - present
     total = np.cumsum(np.where(present, magnitude[index], 0), 1) - np.where(present, magnitude[index], 0)
@@ -139,7 +140,7 @@ def cluster_bits(present, index, codebook, h, w):
     today = min(kt_bits(np.zeros_like(sym), sym, k), kt_bits(two, sym, k))
     s, m = side[sym], magnitude[sym]
     ranks = kt_bits(3 * two + channel, s, 2)
-    left_m, up_m = shifted(mags, n_cols, j, x > 0, -1)[r, c], shifted(mags, n_cols, j, y > 0, -w)[r, c]
+    left_m, up_m = mags[:, left][r, c], mags[:, up][r, c]
     largest = np.where(s == 1, k - negative, negative) - 1  # the largest magnitude on that side
     for b in range(k):
         coded = (m >= b) & (largest > b)  # unary bit b: is the magnitude above b?
@@ -222,9 +223,11 @@ def main(cfg):
         print(f"{row['recipe']:<26} {row['seed']:>4} {row['ans']:>9,} {max(row['saved']['presence'].values()):>15,} "
               f"{max(row['saved']['clusters'].values()):>15,} {row['best']:>9,} {row['nncodec_lossless']:>9,} "
               f"{row['ans_vs_nncodec']:>+14.1f}% {row['best_vs_nncodec']:>+15.1f}%")
+    result = dict(rows=rows, presence_models=PRESENCE, cluster_models=CLUSTERS, cpu=util.cpu_model())
     if cfg["out"]:
-        util.write_json(os.path.join(ROOT, cfg["out"]), dict(rows=rows, presence_models=PRESENCE,
-                                                              cluster_models=CLUSTERS, cpu=util.cpu_model()))
+        util.write_json(os.path.join(ROOT, cfg["out"]), result)
+    if cfg["doc"]:
+        replace_block(os.path.join(ROOT, cfg["doc"]), block(result), BEGIN, END)
     return rows
 
 

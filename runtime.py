@@ -26,6 +26,7 @@ import copy
 import numba
 import numpy as np
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from llvmlite import ir
@@ -634,27 +635,55 @@ def fastest(candidates, x, reps=15):
 FORMS = ("dense", "sparse", "sparse-parallel", "sparse-gemm")  # what to_sparse may run a layer in
 
 
-def foldable(net):
-    """{conv: (its nn.Sequential, [keys of the modules folded into it], batch norm, activation or
-    None)} for each masked conv that an eval-mode nn.BatchNorm2d of its channels follows in one
-    nn.Sequential, and maybe then an nn.ReLU or nn.Hardtanh (ReLU6): torchvision's
-    Conv2dNormActivation and the convs of its MobileNetV2 blocks. What a forward() method
-    calls in its own order (a ResNet block's conv, bn, relu) is left as it is."""
-    found = {}
-    for seq in net.modules():
-        if not isinstance(seq, nn.Sequential):
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping the masked and quantized layers whole as it keeps torch's own."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, MASKED) or super().is_leaf_module(module, qualified_name)
+
+
+def _activation(node, modules):
+    """The ReLU or ReLU6 (an nn.ReLU / nn.Hardtanh) that a graph node applies to its first
+    argument alone, or None."""
+    if node.op == "call_module" and isinstance(modules[node.target], (nn.ReLU, nn.Hardtanh)):
+        return modules[node.target]
+    if len(node.args) != 1 or set(node.kwargs) - {"inplace"}:
+        return None
+    if node.op == "call_function" and node.target in (F.relu, torch.relu) or node.op == "call_method" \
+            and node.target == "relu":
+        return nn.ReLU()
+    return nn.ReLU6() if node.op == "call_function" and node.target is F.relu6 else None
+
+
+def fold_plan(net):
+    """(net, {conv: (batch norm, activation or None)}) for a network in eval mode: each masked
+    conv whose output goes only to an eval-mode nn.BatchNorm2d of its channels, and that batch
+    norm's only to a ReLU or ReLU6, or to anything else, wherever the network applies them (an
+    nn.Sequential, or a forward() such as a ResNet block's F.relu(self.bn1(self.conv1(x)))).
+    The network comes back as a torch.fx.GraphModule without those batch norms and activations,
+    each conv's output going where the last of them went, so that the conv computes them. One
+    that torch.fx cannot trace (control flow on its input) comes back as it is, with no folds."""
+    try:
+        graph = _Tracer().trace(net)
+    except Exception:  # noqa: BLE001  tracing runs the user's forward(), which may raise anything
+        return net, {}
+    modules, folds = dict(net.named_modules()), {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], MaskedConv2d) or len(node.users) != 1:
             continue
-        items = list(seq._modules.items())
-        for i, (_, conv) in enumerate(items[:-1]):
-            bn_key, bn = items[i + 1]
-            if not (isinstance(conv, MaskedConv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training
-                    and bn.track_running_stats and bn.num_features == conv.out_channels):
-                continue
-            act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
-            if not isinstance(act, (nn.ReLU, nn.Hardtanh)):
-                act_key, act = None, None
-            found[conv] = (seq, [k for k in (bn_key, act_key) if k is not None], bn, act)
-    return found
+        conv, bn_node = modules[node.target], next(iter(node.users))
+        bn = modules[bn_node.target] if bn_node.op == "call_module" else None
+        if not (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+                and bn.num_features == conv.out_channels):
+            continue
+        act_node = next(iter(bn_node.users)) if len(bn_node.users) == 1 else None
+        act = _activation(act_node, modules) if act_node is not None else None
+        last = act_node if act is not None else bn_node
+        last.replace_all_uses_with(node)
+        for gone in ([act_node] if act is not None else []) + [bn_node]:
+            graph.erase_node(gone)
+        folds[conv] = (bn, act)
+    return torch.fx.GraphModule(net, graph, type(net).__name__), folds
 
 
 def to_sparse(net, example, forms=FORMS):
@@ -663,10 +692,11 @@ def to_sparse(net, example, forms=FORMS):
     (fastest): 'dense' (the plain layer), 'sparse' (a SparseLinear in its faster layout, or a
     SparseConv2d's direct kernel on one thread), 'sparse-parallel' (on numba's threads),
     'sparse-gemm' (SparseConv2d's gemm path). A layer that cannot win runs dense; one that no
-    form in `forms` can run, too. The batch norm and ReLU / ReLU6 that follow a conv in one
-    nn.Sequential (foldable) are folded into it, whatever its form (a dense conv's weight by
-    torch's fuse_conv_bn_eval), and leave the Sequential. Where the network so chosen runs
-    slower as a whole than with every layer dense, every layer runs dense.
+    form in `forms` can run, too. The batch norm and ReLU / ReLU6 that follow a conv (fold_plan)
+    are folded into it, whatever its form (a dense conv's weight by torch's fuse_conv_bn_eval),
+    and leave the network, which then comes back as a torch.fx.GraphModule with the original's
+    module names. Where the network so chosen runs slower as a whole than with every layer
+    dense, every layer runs dense.
     Returns (model in eval mode, {layer name: form}, [names of the layers with a batch norm folded in])."""
     util.require(set(forms) <= set(FORMS) and forms, f"forms: some of {', '.join(FORMS)}")
     original, net = net, copy.deepcopy(net).cpu().eval()
@@ -677,11 +707,12 @@ def to_sparse(net, example, forms=FORMS):
         net(example.cpu())
     for h in hooks:
         h.remove()
-    fold, chosen, folded = foldable(net), {}, []
+    net, fold = fold_plan(net)
+    chosen, folded = {}, []
 
     def make(name, layer):
         x, plain = inputs[name], plain_layer(layer)
-        seq, keys, bn, act = fold.get(layer, (None, [], None, None))
+        bn, act = fold.get(layer, (None, None))
         if bn is not None:
             plain = torch.nn.utils.fusion.fuse_conv_bn_eval(plain.eval(), bn)
             plain = nn.Sequential(plain, act) if act is not None else plain
@@ -700,9 +731,6 @@ def to_sparse(net, example, forms=FORMS):
         return candidates[chosen[name]]
 
     fast = _replace(net, make)
-    for seq, keys, _, _ in (fold[layer] for layer in fold):
-        for key in keys:
-            del seq._modules[key]  # an nn.Sequential runs what its _modules hold, keys with gaps included
     if "dense" in forms and set(chosen.values()) != {"dense"}:
         # layers timed alone can mislead (caches, threads waking): the whole network must win too
         dense, dense_chosen, _ = to_sparse(original, example, forms=("dense",))

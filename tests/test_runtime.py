@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import dcfile
@@ -161,7 +162,9 @@ def test_fastest_form_is_recorded_and_every_form_agrees(tmp_path):
     net = quantized_net("resnet20", {"in_shape": [3, 16, 16], "num_classes": 10}, density=0.2)
     x = torch.randn(2, 3, 16, 16)
     sparse, chosen, folded = rt.to_sparse(net, x[:1])
-    assert folded == []  # a ResNet block calls its batch norms itself
+    # a ResNet block calls its batch norms and ReLUs in forward(): every conv takes its batch norm
+    assert folded == [n for n, m in masked_layers(net) if isinstance(m, nn.Conv2d)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
     assert set(chosen) == {n for n, _ in masked_layers(net)}
     assert set(chosen.values()) <= set(rt.FORMS)
     runs = dict(sparse.named_modules())
@@ -237,6 +240,47 @@ def test_batch_norm_and_activation_fold_into_every_form():
             assert chosen["3"] == ("dense" if forms == ("sparse-gemm",) else chosen["3"])
             assert set(chosen.values()) <= set(forms) | {"dense"}
             torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_plan_follows_forward_and_stops_where_a_conv_output_is_shared():
+    """Known answers on a ResNet block: conv1 -> bn1 -> F.relu folds whole; conv2 -> bn2 folds
+    without the ReLU that follows the shortcut's sum; a conv whose output also feeds the
+    shortcut keeps its batch norm; a network torch.fx cannot trace folds nothing."""
+    from prune import MaskedConv2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = MaskedConv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = MaskedConv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv3, self.bn3 = MaskedConv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = F.relu(self.bn2(self.conv2(out)) + x)
+            y = self.conv3(out)
+            return self.bn3(y) + y
+
+    class Branchy(Block):
+        def forward(self, x):
+            return self.bn1(self.conv1(x)) if x.sum() > 0 else x
+
+    net = Block().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = net(x)
+        traced, folds = rt.fold_plan(copy.deepcopy(net))
+        assert {type(k) for k in folds} == {MaskedConv2d} and len(folds) == 2
+        (bn1, act1), (bn2, act2) = folds.values()
+        assert isinstance(bn1, nn.BatchNorm2d) and isinstance(act1, nn.ReLU) and act2 is None
+        fast, chosen, folded = rt.to_sparse(net, x[:1])
+        assert folded == ["conv1", "conv2"]
+        torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+    branchy = Branchy().eval()
+    assert rt.fold_plan(branchy) == (branchy, {})
 
 
 def quantized_net(name, kwargs, density=0.1, seed=0):

@@ -23,6 +23,8 @@ NEIGHBOURS = 4          # left, up, up-left, up-right: the places of a row's ima
 SIGNS = 3               # a neighbour's weight as a cluster context: absent | negative centroid | non-negative
 PRESENCE_MODELS = ("uniform", "margins", "neighbours")
 CLUSTER_MODELS = ("static", "neighbours")
+CONTEXT_CLUSTERS = 256  # the neighbours cluster model takes at most this many centroids: its probabilities,
+                        # (rows, k) float64 a column, stay under 128 MB (a hostile k of 2^16 would ask 32 GB)
 
 
 def margins_model(rows, cols, nnz):
@@ -124,7 +126,7 @@ def static_model(freqs):
 def neighbour_payloads(present, flat_index, codebook, h, w):
     """Encode a layer's presence and clusters under the neighbours models read as images of
     h x w. present (R, C) bool, flat_index (R * C,). -> (presence bytes, cluster bytes, None
-    for a single centroid)."""
+    for a single centroid or more than CONTEXT_CLUSTERS)."""
     n_rows, n_cols = present.shape
     alive_r, alive_c = np.flatnonzero(present.any(1)), np.flatnonzero(present.any(0))
     nb = neighbours(n_cols, h, w)
@@ -143,7 +145,7 @@ def neighbour_payloads(present, flat_index, codebook, h, w):
     bit = bernoulli()
     presence = (struct.pack("<BII", 2, len(alive_r), len(alive_c))
                 + words(lambda c: c.encode_reverse(symbols, bit, p)))
-    if len(codebook) == 1:  # every cluster is known
+    if len(codebook) == 1 or len(codebook) > CONTEXT_CLUSTERS:  # every cluster known; or the static model
         return presence, None
     index = flat_index.reshape(n_rows, n_cols)[alive_r]
     probs, got = [], []

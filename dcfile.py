@@ -456,7 +456,8 @@ def _quantized_payload(name, codebook, index, mask, b):
     # and 1 + its cluster for the others: a relative index and a cluster code each cost a whole
     # bit at least, 2 bits a weight, where one symbol of 3 costs 1.3-1.6.
     symbols = np.where(flat_mask == 1, flat_index.astype(np.int32) + 1, 0).astype(np.int32)
-    dense_bytes, dense_bits = _write_stream(symbols, k + 1) if not b else (None, None)
+    # (not with 2^16 centroids: 1 + a cluster would need a 2^16 + 1 symbol alphabet)
+    dense_bytes, dense_bits = _write_stream(symbols, k + 1) if not b and k < huffman.MAX_ALPHABET else (None, None)
     b = b or best_span(positions)
     gaps = gap_stream(positions, b)
     cluster_bytes, cluster_bits = _write_stream(clusters, k)
@@ -596,7 +597,7 @@ def _read_ans(r, name, shape, clusters):
             ans.end(cluster_coder)
             cluster_ids = np.zeros(nnz, np.int64)
         positions = np.flatnonzero(present)
-    elif cluster_model == 1 and k > 1:
+    elif cluster_model == 1 and 1 < k <= ans.CONTEXT_CLUSTERS:
         coder = ans.read_words(r)
         categorical = ans.categorical()
         ids = ans.neighbour_clusters(present, codebook.numpy(), np.flatnonzero(present.any(0)), nb,
@@ -604,6 +605,8 @@ def _read_ans(r, name, shape, clusters):
         ans.end(coder)
         positions = np.flatnonzero(present)
         cluster_ids = ids.reshape(-1)[positions]
+    elif cluster_model == 1:
+        raise ValueError(f"the neighbours cluster model for {k} centroids (it takes 2..{ans.CONTEXT_CLUSTERS}): corrupt")
     else:
         raise ValueError(f"unknown cluster model {cluster_model}")
     r.done()

@@ -119,8 +119,8 @@ SMALL = {"in_shape": [1, 8, 8], "num_classes": 10}  # lenet_300_100 with a 64-in
 
 def quantized_state(name, kwargs, density=0.1, clusters=32, seed=0, layers=None):
     """A state dict in stage 2's contract, made by hand: for each masked layer L (or those in
-    `layers`), L.codebook (k,) float32 holding one 0.0 centroid, L.index (uint8, int16 above
-    256 clusters; 0 where pruned), L.mask; no L.weight. -> (state dict, model args, quantized)."""
+    `layers`), L.codebook (k,) float32 holding one 0.0 centroid, L.index (uint8; int16 above
+    256 clusters, int32 above 2^15; 0 where pruned), L.mask; no L.weight. -> (state dict, model args, quantized)."""
     g = torch.Generator().manual_seed(seed)
     net = build_model(name, **kwargs)
     state, quantized = net.state_dict(), {}
@@ -130,7 +130,7 @@ def quantized_state(name, kwargs, density=0.1, clusters=32, seed=0, layers=None)
         k = clusters if isinstance(clusters, int) else clusters.get(layer, 32)
         shape = state.pop(f"{layer}.weight").shape
         mask = (torch.rand(shape, generator=g) < density).float()
-        dtype = torch.uint8 if k <= 256 else torch.int16
+        dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 2 ** 15 else torch.int32
         state[f"{layer}.codebook"] = torch.cat([torch.zeros(1), torch.randn(k - 1, generator=g)])
         state[f"{layer}.index"] = torch.randint(0, k, shape, generator=g, dtype=dtype) * mask.to(dtype)
         state[f"{layer}.mask"] = mask

@@ -175,3 +175,24 @@ def test_corrupt_neighbours_sections_are_one_clear_error():
     fails(rebuild(blob, {1: a[:model_at + 40]}), "needs|ANS")
     assert flips_caught(blob, a, range(model_at + 13, len(a), 37), state["fc1.index"].shape) > 0
     fails(blob[:8] + struct.pack("<H", 6) + blob[10:], "section 1")  # a version-6 reader's 'A' has no image
+
+
+def test_more_centroids_than_the_cluster_contexts_take_are_coded_static():
+    """Above ans.CONTEXT_CLUSTERS centroids the encoder codes clusters with the static model,
+    and a section that names the neighbours model for them is refused before its per-column
+    probabilities (rows x k) are allocated."""
+    k = ans.CONTEXT_CLUSTERS + 44
+    mask, index = receptive_fields(300, seed=9)
+    state, args, quantized = quantized_state("lenet_300_100", MNIST, density=0.05, clusters=k)
+    state["fc1.mask"], state["fc1.index"] = mask.float(), (index * 37 % k * mask).to(torch.int16)
+    blob, report = dcfile.encode_model(state, args, quantized, coder="ans")
+    decoded, _ = dcfile.decode_bytes(blob)
+    assert_bit_equal(state, decoded)
+    fc1 = {r["name"]: r for r in report["layers"]}["fc1"]
+    assert fc1["presence"] == "neighbours" and fc1["clusters_model"] == "static"
+    a = sections(blob)[1][2]
+    model_at = 2 + 4 + 4 * k + 4 + 2 * k + 4
+    words = struct.unpack_from("<I", a, model_at + 9)[0]
+    cluster_model_at = model_at + 13 + 4 * words
+    assert a[cluster_model_at] == 0
+    fails(rebuild(blob, {1: patch(a, cluster_model_at, "<B", 1)}), f"neighbours cluster model for {k} centroids")

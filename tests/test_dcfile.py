@@ -95,6 +95,14 @@ def test_dense_codes_where_few_weights_are_pruned():
     assert rows["fc1"]["weight_bytes"] * 8 / rows["fc1"]["params"] == pytest.approx(1.575, abs=0.01)
 
 
+def test_a_layer_of_2_16_centroids_keeps_relative_indices():
+    """With 65,536 centroids a dense code would need 65,537 symbols (0 for a pruned weight),
+    more than a Huffman code holds: the layer keeps its relative indices, nearly dense or not."""
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.9, clusters=2 ** 16, seed=4)
+    _, report = round_trip(state, args, quantized)
+    assert all(r["index_bits"] > 0 and r["clusters"] == 2 ** 16 for r in report["layers"] if r["kind"] == "quantized")
+
+
 def test_hostile_dense_codes_are_rejected():
     state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.9, clusters=2)
     blob, report = dcfile.encode_model(state, args, quantized)

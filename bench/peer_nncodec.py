@@ -22,7 +22,8 @@ For every row of bench/results/results.json with a shipped .dc file, the quantiz
     dependent quantization and no retraining, at each QP of `qps` (coarsest first); the first
     whose validation accuracy reaches our decoded model's is kept (else the best, marked),
     and only that one is tested.
-Prints a table and writes `out` with the CPU, NNCodec's version and the settings.
+Prints a table and writes `out` with the CPU, NNCodec's version and the settings; with
+`recipes`, the other rows of an earlier `out` are kept, each with the time it was measured.
 """
 import json
 import os
@@ -327,6 +328,18 @@ def pipeline_figures(pruned, sweep, folder, target, val, test):
                 sweep=[dict(qp=e["qp"], bytes=e["bytes"], validation=e["validation"]) for e in walked])
 
 
+def merge_rows(rows, now, earlier, runs):
+    """The rows just measured (each marked `measured`: now) and, from an earlier result, the
+    rows of the recipes not measured now (each with the time it was measured), in the order of
+    the results' runs (dicts with recipe and seed)."""
+    measured = {row["recipe"] for row in rows}
+    kept = [dict(row, measured=row.get("measured", earlier["time"])) for row in (earlier or {}).get("rows", [])
+            if row["recipe"] not in measured]
+    order = {(r["recipe"], r["seed"]): i for i, r in enumerate(runs)}
+    return sorted(kept + [dict(row, measured=now) for row in rows],
+                  key=lambda row: order.get((row["recipe"], row["seed"]), len(order)))
+
+
 def main(cfg):
     if cfg["setup"]:
         make_venv(cfg["venv"])
@@ -336,7 +349,12 @@ def main(cfg):
                  f"no {cfg['venv']}: run python bench/peer_nncodec.py --setup=True first")
     util.require(os.path.isfile(cfg["results"]), f"no {cfg['results']}: run bench/pipeline.py first")
     with open(cfg["results"]) as f:
-        runs = [r for r in json.load(f)["runs"] if r.get("file") and r["recipe"] in (cfg["recipes"] or [r["recipe"]])]
+        every = [r for r in json.load(f)["runs"] if r.get("file")]
+    runs = [r for r in every if r["recipe"] in (cfg["recipes"] or [r["recipe"]])]
+    earlier = None  # with `recipes`, the other rows of an earlier `out` stay
+    if cfg["recipes"] and os.path.isfile(cfg["out"]):
+        with open(cfg["out"]) as f:
+            earlier = json.load(f)
     util.require(runs, f"no row of {cfg['results']} with a shipped file (key file) among recipes {cfg['recipes']}")
     missing = [r["file"] for r in runs if not os.path.isfile(r["file"])]
     util.require(not missing, f"shipped files missing: {missing}: run from the repository root")
@@ -379,9 +397,10 @@ def main(cfg):
                                                    stage1_validation=recorded.get("retrained", recorded.get("dense")))
                 print(f"{row['recipe']} seed {row['seed']}: NNCodec QP {p['qp']}, {p['bytes']:,} B, validation "
                       f"{p['validation']:.2f}% (ours {row['accuracy']['validation']:.2f}%)")
+    now = time.strftime("%Y-%m-%d %H:%M")
+    rows = merge_rows(rows, now, earlier, every)
     result = dict(rows=rows, nncodec=answer["nncodec"], cpu=util.cpu_model(), cpus=os.cpu_count(),
-                  load_average=dict(before=load_before, after=os.getloadavg()), settings=cfg,
-                  time=time.strftime("%Y-%m-%d %H:%M"))
+                  load_average=dict(before=load_before, after=os.getloadavg()), settings=cfg, time=now)
     util.write_json(cfg["out"], result)
     print(table(rows))
     if cfg["doc"]:

@@ -84,6 +84,16 @@ def test_a_failing_worker_is_reported(tmp_path):
     assert (tmp_path / "jobs.json").read_text().strip() == "[]"
 
 
+def test_rows_of_other_recipes_are_kept_in_the_results_order():
+    runs = [dict(recipe=r, seed=s) for r, s in (("a", 0), ("a", 1), ("b", 0), ("c", 0))]
+    earlier = dict(time="then", rows=[dict(recipe="a", seed=0, bytes=1), dict(recipe="a", seed=1, bytes=2, measured="before"),
+                                      dict(recipe="b", seed=0, bytes=3)])
+    got = peer_nncodec.merge_rows([dict(recipe="c", seed=0, bytes=4), dict(recipe="b", seed=0, bytes=5)], "now", earlier, runs)
+    assert [(r["recipe"], r["bytes"], r["measured"]) for r in got] == [("a", 1, "then"), ("a", 2, "before"),
+                                                                      ("b", 5, "now"), ("c", 4, "now")]
+    assert peer_nncodec.merge_rows([dict(recipe="a", seed=0)], "now", None, runs) == [dict(recipe="a", seed=0, measured="now")]
+
+
 def test_first_reaching_qp():
     sweep = [dict(qp=q, bytes=b) for q, b in ((-20, 100), (-22, 150), (-24, 200), (-26, 260))]
     accuracy = {-20: 97.0, -22: 98.5, -24: 98.9, -26: 99.0}

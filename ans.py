@@ -23,8 +23,10 @@ NEIGHBOURS = 4          # left, up, up-left, up-right: the places of a row's ima
 SIGNS = 3               # a neighbour's weight as a cluster context: absent | negative centroid | non-negative
 PRESENCE_MODELS = ("uniform", "margins", "neighbours")
 CLUSTER_MODELS = ("static", "neighbours")
-CONTEXT_CLUSTERS = 256  # the neighbours cluster model takes at most this many centroids: its probabilities,
-                        # (rows, k) float64 a column, stay under 128 MB (a hostile k of 2^16 would ask 32 GB)
+CONTEXT_CLUSTERS = 256  # the encoder gives the neighbours cluster model at most this many centroids (it holds
+                        # k probabilities for every weight it codes)
+CONTEXT_CELLS = 1 << 20  # rows x k probabilities the neighbours cluster model computes at once (8 MB): a column
+                         # of 65,535 weights with 2^16 centroids (a hostile file can say so) would ask 32 GB
 
 
 def margins_model(rows, cols, nnz):
@@ -86,21 +88,27 @@ def neighbour_clusters(present, codebook, alive_c, nb, column):
     non-negative centroid: 9 contexts; a pruned receptive field is smooth, so a weight's sign
     tells its neighbour's), each context adaptive counts of the k clusters.
     present (n_rows, n_cols) bool; codebook (k,). column(j, rows (m,), probabilities (m, k)
-    float64) -> their clusters (m,). -> clusters (n_rows, n_cols) int64, -1 where absent."""
+    float64) -> their clusters (m,), called for a column's rows in runs (CONTEXT_CELLS).
+    -> clusters (n_rows, n_cols) int64, -1 where absent."""
     k = len(codebook)
     sign = np.where(np.asarray(codebook) < 0, 1, 2)
     n_rows, n_cols = present.shape
     clusters = np.full((n_rows, n_cols + 1), -1, np.int64)  # column n_cols: the absent neighbour
     signs = np.zeros((n_rows, n_cols + 1), np.int64)
     counts = np.full((SIGNS * SIGNS, k), PRIOR)
+    step = max(1, CONTEXT_CELLS // k)
     for j in alive_c:
-        rows = np.flatnonzero(present[:, j])
-        if not len(rows):
-            continue
-        ctx = SIGNS * signs[rows, nb[0, j]] + signs[rows, nb[1, j]]
-        got = column(j, rows, counts[ctx] / counts[ctx].sum(1, keepdims=True))
-        clusters[rows, j], signs[rows, j] = got, sign[got]
-        np.add.at(counts, (ctx, got), 1)
+        present_rows = np.flatnonzero(present[:, j])
+        # the column's weights all see the counts as they stood before it: in runs of `step` rows
+        # (the same symbols, the same order) the probabilities take CONTEXT_CELLS floats at most
+        for a in range(0, len(present_rows), step):
+            rows = present_rows[a:a + step]
+            ctx = SIGNS * signs[rows, nb[0, j]] + signs[rows, nb[1, j]]
+            got = column(j, rows, counts[ctx] / counts[ctx].sum(1, keepdims=True))
+            clusters[rows, j], signs[rows, j] = got, sign[got]
+        if len(present_rows):
+            ctx = SIGNS * signs[present_rows, nb[0, j]] + signs[present_rows, nb[1, j]]
+            np.add.at(counts, (ctx, clusters[present_rows, j]), 1)
     return clusters[:, :n_cols]
 
 

@@ -597,7 +597,7 @@ def _read_ans(r, name, shape, clusters):
             ans.end(cluster_coder)
             cluster_ids = np.zeros(nnz, np.int64)
         positions = np.flatnonzero(present)
-    elif cluster_model == 1 and 1 < k <= ans.CONTEXT_CLUSTERS:
+    elif cluster_model == 1 and k > 1:
         coder = ans.read_words(r)
         categorical = ans.categorical()
         ids = ans.neighbour_clusters(present, codebook.numpy(), np.flatnonzero(present.any(0)), nb,
@@ -605,8 +605,6 @@ def _read_ans(r, name, shape, clusters):
         ans.end(coder)
         positions = np.flatnonzero(present)
         cluster_ids = ids.reshape(-1)[positions]
-    elif cluster_model == 1:
-        raise ValueError(f"the neighbours cluster model for {k} centroids (it takes 2..{ans.CONTEXT_CLUSTERS}): corrupt")
     else:
         raise ValueError(f"unknown cluster model {cluster_model}")
     r.done()

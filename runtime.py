@@ -547,6 +547,8 @@ class SparseConv2d(_Sparse):
         """(offsets, hp, wp, ho, wo) for an (h, w) input, made on its first call."""
         if (h, w) not in self._plans:
             hp, wp, ho, wo = conv_geometry(self, h, w)
+            if ho < 1 or wo < 1:
+                raise ValueError(f"SparseConv2d: a {h} x {w} input is smaller than the padded kernel's reach")
             self._plans[h, w] = (conv_offsets(self, self.form, hp, wp), hp, wp, ho, wo)
         return self._plans[h, w]
 
@@ -659,21 +661,34 @@ def _activation(node, modules):
     return nn.ReLU6() if node.op == "call_function" and node.target is F.relu6 else None
 
 
-def fold_plan(net):
+def fold_plan(net, example):
     """(net, {conv: (batch norm, activation or None)}) for a network in eval mode: each masked
-    conv whose output goes only to an eval-mode nn.BatchNorm2d of its channels, and that batch
-    norm's only to a ReLU or ReLU6, or to anything else, wherever the network applies them (an
-    nn.Sequential, or a forward() such as a ResNet block's F.relu(self.bn1(self.conv1(x)))).
-    The network comes back as a torch.fx.GraphModule without those batch norms and activations,
-    each conv's output going where the last of them went, so that the conv computes them. One
-    that torch.fx cannot trace (control flow on its input) comes back as it is, with no folds."""
+    conv, called once, whose output goes only to an eval-mode nn.BatchNorm2d of its channels,
+    and that batch norm's only to a ReLU or ReLU6, or to anything else, wherever the network
+    applies them (an nn.Sequential, or a forward() such as a ResNet block's
+    F.relu(self.bn1(self.conv1(x)))). Where there are some, the network comes back as a
+    torch.fx.GraphModule without those batch norms and activations, each conv's output going
+    where the last of them went, so that the conv computes them: its modules by the original's
+    names, its forward() as traced (other attributes and methods are not kept). A network
+    torch.fx cannot trace, or whose traced graph does not compute what it does on `example`
+    (a branch on an argument's default, an isinstance test), comes back as it is, no folds."""
     try:
         graph = _Tracer().trace(net)
+        with torch.no_grad():
+            traced = torch.fx.GraphModule(net, graph)(example)
+            same = torch.equal(traced, net(example))
     except Exception:  # noqa: BLE001  tracing runs the user's forward(), which may raise anything
         return net, {}
+    if not same:
+        return net, {}
     modules, folds = dict(net.named_modules()), {}
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], MaskedConv2d) or len(node.users) != 1:
+        if (node.op != "call_module" or not isinstance(modules[node.target], MaskedConv2d) or len(node.users) != 1
+                or calls[node.target] > 1):  # a conv called twice would fold its batch norm into both calls
             continue
         conv, bn_node = modules[node.target], next(iter(node.users))
         bn = modules[bn_node.target] if bn_node.op == "call_module" else None
@@ -687,7 +702,7 @@ def fold_plan(net):
         for gone in ([act_node] if act is not None else []) + [bn_node]:
             graph.erase_node(gone)
         folds[conv] = (bn, act)
-    return torch.fx.GraphModule(net, graph, type(net).__name__), folds
+    return (torch.fx.GraphModule(net, graph, type(net).__name__), folds) if folds else (net, {})
 
 
 def to_sparse(net, example, forms=FORMS):
@@ -711,11 +726,15 @@ def to_sparse(net, example, forms=FORMS):
         net(example.cpu())
     for h in hooks:
         h.remove()
-    net, fold = fold_plan(net)
+    net, fold = fold_plan(net, example.cpu())
     chosen, folded = {}, []
 
     def make(name, layer):
-        x, plain = inputs[name], plain_layer(layer)
+        plain = plain_layer(layer)
+        if name not in inputs:  # forward() never called it on the example: nothing to time it on
+            chosen[name] = "dense"
+            return plain
+        x = inputs[name]
         bn, act = fold.get(layer, (None, None))
         if bn is not None:
             plain = torch.nn.utils.fusion.fuse_conv_bn_eval(plain.eval(), bn)

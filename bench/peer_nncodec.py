@@ -261,8 +261,13 @@ def worker(folder):
 
 def block(result):
     """The text between docs/experiments.md's peer_nncodec markers, from the JSON main writes."""
-    return (table(result["rows"]) + f"\n\n{result['cpu']}, {result['settings']['threads']} thread(s); NNCodec "
-            f"{result['nncodec']}; QPs {result['settings']['qps'][0]} to {result['settings']['qps'][-1]}, coarsest first.")
+    rows, qps = result["rows"], result["settings"]["qps"]
+    here = dict(measured=result["time"], cpu=result["cpu"], nncodec=result["nncodec"],
+                threads=result["settings"]["threads"])
+    runs = sorted({tuple(row.get(k, here[k]) for k in ("cpu", "threads", "nncodec")) for row in rows})
+    when = sorted({row.get("measured", here["measured"]) for row in rows})
+    return (table(rows) + "\n\n" + "; ".join(f"{cpu}, {threads} thread(s), NNCodec {v}" for cpu, threads, v in runs)
+            + f"; measured {', '.join(when)}; QPs {qps[0]} to {qps[-1]}, coarsest first.")
 
 
 def table(rows):
@@ -328,16 +333,22 @@ def pipeline_figures(pruned, sweep, folder, target, val, test):
                 sweep=[dict(qp=e["qp"], bytes=e["bytes"], validation=e["validation"]) for e in walked])
 
 
-def merge_rows(rows, now, earlier, runs):
-    """The rows just measured (each marked `measured`: now) and, from an earlier result, the
-    rows of the recipes not measured now (each with the time it was measured), in the order of
-    the results' runs (dicts with recipe and seed)."""
-    measured = {row["recipe"] for row in rows}
-    kept = [dict(row, measured=row.get("measured", earlier["time"])) for row in (earlier or {}).get("rows", [])
-            if row["recipe"] not in measured]
+PROVENANCE = ("measured", "cpu", "nncodec", "threads")  # what each row records of the run that measured it
+
+
+def merge_rows(rows, provenance, earlier, runs):
+    """The rows just measured, each given `provenance` ({key of PROVENANCE: value}), and, from an
+    earlier result, the rows of the recipes not measured now that are still among the results'
+    runs (dicts with recipe and seed), each keeping its own provenance (or its file's: time, cpu,
+    nncodec, settings' threads); in the order of those runs."""
     order = {(r["recipe"], r["seed"]): i for i, r in enumerate(runs)}
-    return sorted(kept + [dict(row, measured=now) for row in rows],
-                  key=lambda row: order.get((row["recipe"], row["seed"]), len(order)))
+    measured = {row["recipe"] for row in rows}
+    if earlier:
+        theirs = dict(measured=earlier["time"], cpu=earlier["cpu"], nncodec=earlier["nncodec"],
+                      threads=earlier["settings"]["threads"])
+    kept = [{**theirs, **row} for row in (earlier or {}).get("rows", [])
+            if row["recipe"] not in measured and (row["recipe"], row["seed"]) in order]
+    return sorted(kept + [{**row, **provenance} for row in rows], key=lambda row: order[row["recipe"], row["seed"]])
 
 
 def main(cfg):
@@ -398,7 +409,8 @@ def main(cfg):
                 print(f"{row['recipe']} seed {row['seed']}: NNCodec QP {p['qp']}, {p['bytes']:,} B, validation "
                       f"{p['validation']:.2f}% (ours {row['accuracy']['validation']:.2f}%)")
     now = time.strftime("%Y-%m-%d %H:%M")
-    rows = merge_rows(rows, now, earlier, every)
+    rows = merge_rows(rows, dict(measured=now, cpu=util.cpu_model(), nncodec=answer["nncodec"],
+                                 threads=cfg["threads"]), earlier, every)
     result = dict(rows=rows, nncodec=answer["nncodec"], cpu=util.cpu_model(), cpus=os.cpu_count(),
                   load_average=dict(before=load_before, after=os.getloadavg()), settings=cfg, time=now)
     util.write_json(cfg["out"], result)

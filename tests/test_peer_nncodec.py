@@ -86,12 +86,16 @@ def test_a_failing_worker_is_reported(tmp_path):
 
 def test_rows_of_other_recipes_are_kept_in_the_results_order():
     runs = [dict(recipe=r, seed=s) for r, s in (("a", 0), ("a", 1), ("b", 0), ("c", 0))]
-    earlier = dict(time="then", rows=[dict(recipe="a", seed=0, bytes=1), dict(recipe="a", seed=1, bytes=2, measured="before"),
-                                      dict(recipe="b", seed=0, bytes=3)])
-    got = peer_nncodec.merge_rows([dict(recipe="c", seed=0, bytes=4), dict(recipe="b", seed=0, bytes=5)], "now", earlier, runs)
-    assert [(r["recipe"], r["bytes"], r["measured"]) for r in got] == [("a", 1, "then"), ("a", 2, "before"),
-                                                                      ("b", 5, "now"), ("c", 4, "now")]
-    assert peer_nncodec.merge_rows([dict(recipe="a", seed=0)], "now", None, runs) == [dict(recipe="a", seed=0, measured="now")]
+    earlier = dict(time="then", cpu="Intel", nncodec="2.1.3", settings=dict(threads=1),
+                   rows=[dict(recipe="a", seed=0, bytes=1), dict(recipe="a", seed=1, bytes=2, measured="before"),
+                         dict(recipe="b", seed=0, bytes=3), dict(recipe="gone", seed=0, bytes=9)])
+    now = dict(measured="now", cpu="AMD", nncodec="2.1.3", threads=2)
+    got = peer_nncodec.merge_rows([dict(recipe="c", seed=0, bytes=4), dict(recipe="b", seed=0, bytes=5)], now,
+                                  earlier, runs)
+    assert [(r["recipe"], r["bytes"], r["measured"], r["cpu"]) for r in got] == [
+        ("a", 1, "then", "Intel"), ("a", 2, "before", "Intel"), ("b", 5, "now", "AMD"), ("c", 4, "now", "AMD")]
+    assert all(set(peer_nncodec.PROVENANCE) <= set(r) for r in got)
+    assert peer_nncodec.merge_rows([dict(recipe="a", seed=0)], now, None, runs) == [dict(recipe="a", seed=0, **now)]
 
 
 def test_first_reaching_qp():

@@ -154,6 +154,8 @@ def test_sparse_conv_equals_conv2d(cin, cout, k, stride, padding, dilation, grou
         assert set(sparse._plans) == {(11, 9), (8, 13)}
         with pytest.raises(ValueError, match="input channels"):
             sparse(torch.randn(1, cin + 1, 11, 9))
+    with pytest.raises(ValueError, match="smaller than the padded kernel"):
+        rt.SparseConv2d(masked_conv(2, 3, 3, 1, 0, 1, 1, 0.5, True))(torch.randn(1, 2, 2, 5))
 
 
 def test_fastest_form_is_recorded_and_every_form_agrees(tmp_path):
@@ -242,10 +244,12 @@ def test_batch_norm_and_activation_fold_into_every_form():
             torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_plan_follows_forward_and_stops_where_a_conv_output_is_shared():
+def test_fold_plan_follows_forward_and_stops_where_it_would_change_the_network():
     """Known answers on a ResNet block: conv1 -> bn1 -> F.relu folds whole; conv2 -> bn2 folds
     without the ReLU that follows the shortcut's sum; a conv whose output also feeds the
-    shortcut keeps its batch norm; a network torch.fx cannot trace folds nothing."""
+    shortcut keeps its batch norm, and so does a conv called twice; a network torch.fx cannot
+    trace, or whose trace computes something else (a branch on an argument's default), folds
+    nothing."""
     from prune import MaskedConv2d
 
     class Block(nn.Module):
@@ -261,26 +265,42 @@ def test_fold_plan_follows_forward_and_stops_where_a_conv_output_is_shared():
             y = self.conv3(out)
             return self.bn3(y) + y
 
+    class Twice(Block):
+        def forward(self, x):
+            return self.conv3(F.relu(self.bn3(self.conv3(x))))
+
     class Branchy(Block):
         def forward(self, x):
             return self.bn1(self.conv1(x)) if x.sum() > 0 else x
 
-    net = Block().eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
-    x = torch.randn(2, 4, 6, 6)
+    class Optional(Block):
+        def forward(self, x, scale=None):
+            y = F.relu(self.bn1(self.conv1(x)))
+            return y if scale is None else y * scale
+
+    def made(cls):
+        net = cls().eval()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+        return net
+
+    net, x = made(Block), torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         want = net(x)
-        traced, folds = rt.fold_plan(copy.deepcopy(net))
+        traced, folds = rt.fold_plan(copy.deepcopy(net), x[:1])
         assert {type(k) for k in folds} == {MaskedConv2d} and len(folds) == 2
         (bn1, act1), (bn2, act2) = folds.values()
         assert isinstance(bn1, nn.BatchNorm2d) and isinstance(act1, nn.ReLU) and act2 is None
         fast, chosen, folded = rt.to_sparse(net, x[:1])
         assert folded == ["conv1", "conv2"]
         torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
-    branchy = Branchy().eval()
-    assert rt.fold_plan(branchy) == (branchy, {})
+        for cls in (Twice, Branchy, Optional):
+            other = made(cls)
+            assert rt.fold_plan(other, x[:1]) == (other, {}), cls.__name__
+            fast, _, folded = rt.to_sparse(other, x[:1])
+            assert folded == [] and type(fast) is cls
+            torch.testing.assert_close(fast(x), other(x), rtol=1e-5, atol=1e-5)
 
 
 def quantized_net(name, kwargs, density=0.1, seed=0):

@@ -53,7 +53,8 @@ flush_mb = 0                # MB written, untimed, before every call of every si
                             # other layers' weights pass through the cache between two calls of this one)
 bits = 5                    # codebook bits of the paper's layers (Table 4-5: fc layers 5 bits)
 files = ["bench/results/dc/lenet5_caffe_ratio-seed0.dc", "bench/results/dc/mobilenet_v2-seed0.dc",
-         "bench/results/dc/resnet20_auto-seed0.dc"]  # .dc files whose real fc layers and whole model are timed
+         "bench/results/dc/resnet20-seed0.dc", "bench/results/dc/resnet20_auto-seed0.dc"]
+                            # .dc files whose real fc layers and whole model are timed
 networks = {"resnet18": [{"in_shape": [3, 32, 32], "num_classes": 10, "cifar_stem": True}, 0.05]}
                             # {name: [model kwargs, density]}: random masks, for networks with no file shipped
 model_batches = [1, 16]     # batch sizes the whole networks are timed at

@@ -99,16 +99,14 @@ def neighbour_clusters(present, codebook, alive_c, nb, column):
     step = max(1, CONTEXT_CELLS // k)
     for j in alive_c:
         present_rows = np.flatnonzero(present[:, j])
+        ctx = SIGNS * signs[present_rows, nb[0, j]] + signs[present_rows, nb[1, j]]
         # the column's weights all see the counts as they stood before it: in runs of `step` rows
         # (the same symbols, the same order) the probabilities take CONTEXT_CELLS floats at most
         for a in range(0, len(present_rows), step):
-            rows = present_rows[a:a + step]
-            ctx = SIGNS * signs[rows, nb[0, j]] + signs[rows, nb[1, j]]
-            got = column(j, rows, counts[ctx] / counts[ctx].sum(1, keepdims=True))
+            rows, c = present_rows[a:a + step], ctx[a:a + step]
+            got = column(j, rows, counts[c] / counts[c].sum(1, keepdims=True))
             clusters[rows, j], signs[rows, j] = got, sign[got]
-        if len(present_rows):
-            ctx = SIGNS * signs[present_rows, nb[0, j]] + signs[present_rows, nb[1, j]]
-            np.add.at(counts, (ctx, clusters[present_rows, j]), 1)
+        np.add.at(counts, (ctx, clusters[present_rows, j]), 1)
     return clusters[:, :n_cols]
 
 

@@ -21,6 +21,7 @@ int64 column).
   fewer, 4 bytes), the packed one at batch 1 with a scalar or a vectorised (gather) loop.
 Nothing here prints.
 """
+import collections
 import copy
 
 import numba
@@ -682,10 +683,7 @@ def fold_plan(net, example):
     if not same:
         return net, {}
     modules, folds = dict(net.named_modules()), {}
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in list(graph.nodes):
         if (node.op != "call_module" or not isinstance(modules[node.target], MaskedConv2d) or len(node.users) != 1
                 or calls[node.target] > 1):  # a conv called twice would fold its batch norm into both calls

@@ -261,9 +261,7 @@ def worker(folder):
 
 def block(result):
     """The text between docs/experiments.md's peer_nncodec markers, from the JSON main writes."""
-    rows, qps = result["rows"], result["settings"]["qps"]
-    here = dict(measured=result["time"], cpu=result["cpu"], nncodec=result["nncodec"],
-                threads=result["settings"]["threads"])
+    rows, qps, here = result["rows"], result["settings"]["qps"], provenance(result)
     runs = sorted({tuple(row.get(k, here[k]) for k in ("cpu", "threads", "nncodec")) for row in rows})
     when = sorted({row.get("measured", here["measured"]) for row in rows})
     return (table(rows) + "\n\n" + "; ".join(f"{cpu}, {threads} thread(s), NNCodec {v}" for cpu, threads, v in runs)
@@ -333,22 +331,26 @@ def pipeline_figures(pruned, sweep, folder, target, val, test):
                 sweep=[dict(qp=e["qp"], bytes=e["bytes"], validation=e["validation"]) for e in walked])
 
 
-PROVENANCE = ("measured", "cpu", "nncodec", "threads")  # what each row records of the run that measured it
+def provenance(result):
+    """What each row records of the run that measured it, for the rows of `result` (main's JSON)
+    that do not say: {measured, cpu, nncodec, threads}."""
+    return dict(measured=result["time"], cpu=result["cpu"], nncodec=result["nncodec"],
+                threads=result["settings"]["threads"])
 
 
-def merge_rows(rows, provenance, earlier, runs):
-    """The rows just measured, each given `provenance` ({key of PROVENANCE: value}), and, from an
+PROVENANCE = ("measured", "cpu", "nncodec", "threads")  # provenance()'s keys
+
+
+def merge_rows(rows, now, earlier, runs):
+    """The rows just measured, each given `now` ({key of PROVENANCE: value}), and, from an
     earlier result, the rows of the recipes not measured now that are still among the results'
     runs (dicts with recipe and seed), each keeping its own provenance (or its file's: time, cpu,
     nncodec, settings' threads); in the order of those runs."""
     order = {(r["recipe"], r["seed"]): i for i, r in enumerate(runs)}
     measured = {row["recipe"] for row in rows}
-    if earlier:
-        theirs = dict(measured=earlier["time"], cpu=earlier["cpu"], nncodec=earlier["nncodec"],
-                      threads=earlier["settings"]["threads"])
-    kept = [{**theirs, **row} for row in (earlier or {}).get("rows", [])
+    kept = [{**provenance(earlier), **row} for row in (earlier or {}).get("rows", [])
             if row["recipe"] not in measured and (row["recipe"], row["seed"]) in order]
-    return sorted(kept + [{**row, **provenance} for row in rows], key=lambda row: order[row["recipe"], row["seed"]])
+    return sorted(kept + [{**row, **now} for row in rows], key=lambda row: order[row["recipe"], row["seed"]])
 
 
 def main(cfg):

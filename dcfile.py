@@ -37,8 +37,8 @@ from quantize import build_quantized_model
 
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 7
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # the versions this reader decodes
+VERSION = 8
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # the versions this reader decodes
 # The version history, in one place: each feature of the format and the version that added it.
 # A reader of a version-v file reads a feature where v >= SINCE[feature] (_Reader.since).
 SINCE = {
@@ -50,6 +50,9 @@ SINCE = {
     "dense codes": 5,    # a 'Q' section's span bits 0: a symbol per element
     "role groups": 6,    # a 'G' section names its members by role (m = 0), or lists their values (k = 0)
     "images": 7,         # an 'A' section's row image, the neighbours models, one-centroid layers without words
+    "float blocks": 8,   # codebooks and float32 tables as float blocks (raw, float16 or integers on a grid)
+    "header dictionary": 8,  # the header's zlib stream primed with HEADER_DICTIONARY
+    "static freqs": 8,   # an 'A' section's cluster frequencies written with the static cluster model only
 }
 CODERS = ("huffman", "ans")  # encode_model's coder: the paper's Huffman codes | ANS under context models ('A')
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
@@ -231,6 +234,84 @@ def _read_stream(r, count, alphabet):
     return huffman.decode(r.take((nbits + 7) // 8), nbits, count, lengths)
 
 
+# --- float blocks: codebooks and tables of float32 values (version 8) -----------------------------
+
+FLOAT_FORMS = ("float32", "float16", "grid")  # a float block's form byte: its position here
+GRID_EXPONENTS = (-200, 200)  # a grid's step 2**e: e in this range (float32 spans 2**-149 .. 2**127)
+MAX_GRID_BITS = 40            # bits of one zig-zag difference at most: every integer is below 2**40
+
+
+def _zigzag(d):
+    """Signed int64 (n,) -> unsigned codes 0, -1, 1, -2, 2, ... -> 0, 1, 2, 3, 4, ..."""
+    return np.where(d >= 0, 2 * d, -2 * d - 1).astype(np.uint64)
+
+
+def _grid(values):
+    """float32 values (n,) as integers on one power-of-two grid: (e, n int64) with each value
+    exactly n * 2**e, e the largest exponent that makes every n an integer; None where no grid
+    holds them all (a NaN, an infinity, a -0.0, or integers of more than MAX_GRID_BITS bits)."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all() or np.signbit(v[v == 0]).any():
+        return None
+    nonzero = v[v != 0]
+    if not len(nonzero):
+        return 0, np.zeros(len(v), np.int64)
+    mantissa, exponent = np.frexp(nonzero)  # |mantissa| in [0.5, 1): times 2**24 an integer of 24 bits
+    m = np.abs(mantissa * 2.0 ** 24).astype(np.int64)
+    low = (m & -m).astype(np.float64)  # each value's lowest set bit
+    e = int((exponent - 24 + np.log2(low).astype(np.int64)).min())
+    n = np.ldexp(v, -e)
+    if not GRID_EXPONENTS[0] <= e <= GRID_EXPONENTS[1] or np.abs(n).max() >= 2.0 ** (MAX_GRID_BITS - 2):
+        return None
+    return e, n.astype(np.int64)
+
+
+def _float_block(values):
+    """Version 8's encoding of float32 values (n,) in their order (a codebook's order is its
+    clusters'): form u8, then form 0 the n float32 bit patterns; 1 n float16 (where each value
+    is one exactly); 2 a grid: e i16, w u8, then n w-bit codes, most significant bit first, the
+    last byte zero-padded: the zig-zag codes of n_0 and of each n_i - n_(i-1), the values being
+    n_i * 2**e. The shortest of the three (the lower form on a tie). quantize.round_to_grid
+    puts codebooks on a coarse grid: 32 centroids of 8 bits take 36 bytes instead of 128."""
+    values = np.asarray(values, np.float32)
+    blocks = [struct.pack("<B", 0) + values.astype("<f4").tobytes()]
+    with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf, which the test refuses
+        half = values.astype("<f2")
+    if np.array_equal(half.astype(np.float32).view(np.uint32), values.view(np.uint32)):
+        blocks.append(struct.pack("<B", 1) + half.tobytes())
+    grid = _grid(values)
+    if grid is not None:
+        e, n = grid
+        codes = _zigzag(np.diff(n, prepend=0))
+        w = int(codes.max()).bit_length() if len(codes) else 0
+        bits = ((codes[:, None] >> np.arange(w - 1, -1, -1, dtype=np.uint64)) & 1).astype(np.uint8)
+        blocks.append(struct.pack("<BhB", 2, e, w) + np.packbits(bits.reshape(-1)).tobytes())
+    return min(blocks, key=len)
+
+
+def _read_float_block(r, n):
+    """Decode a float block of n values (see _float_block) -> float32 (n,), every value checked
+    to be what float32 holds exactly."""
+    form = r.unpack("<B")[0]
+    if form == 0:
+        return np.frombuffer(r.take(4 * n), "<f4").astype(np.float32)
+    if form == 1:
+        return np.frombuffer(r.take(2 * n), "<f2").astype(np.float32)
+    if form != 2:
+        raise ValueError(f"unknown float block form {form}")
+    e, w = r.unpack("<hB")
+    if not (GRID_EXPONENTS[0] <= e <= GRID_EXPONENTS[1] and w <= MAX_GRID_BITS):
+        raise ValueError(f"a grid of step 2**{e} and {w}-bit codes (at most {MAX_GRID_BITS})")
+    bits = np.unpackbits(np.frombuffer(r.take((n * w + 7) // 8), np.uint8))[:n * w].reshape(n, w)
+    codes = bits.astype(np.int64) @ (np.int64(1) << np.arange(w - 1, -1, -1, dtype=np.int64))
+    n_values = np.cumsum(np.where(codes % 2 == 0, codes // 2, -(codes + 1) // 2))  # |each| < 2**41: no overflow
+    exact = np.ldexp(n_values.astype(np.float64), e)  # exact: the integers have at most 53 bits
+    values = exact.astype(np.float32)
+    if np.abs(n_values).max(initial=0) >= 2 ** 53 or not np.array_equal(values.astype(np.float64), exact):
+        raise ValueError(f"a grid value (integer times 2**{e}) that float32 cannot hold")
+    return values
+
+
 # --- sections -----------------------------------------------------------------------------------
 
 class _Reader:
@@ -305,12 +386,36 @@ def _tabled_payload(name, t):
     has more distinct values than a code can hold."""
     if t.dtype not in DTYPES or t.numel() == 0:
         return None
-    table, ids = np.unique(_bit_patterns(t), return_inverse=True)
+    table, ids = _value_table(_bit_patterns(t), t.dtype)
     if len(table) > huffman.MAX_ALPHABET:
         return None
-    stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-    return (struct.pack("<BI", DTYPES.index(t.dtype), len(table))
-            + table.astype(table.dtype.newbyteorder("<")).tobytes() + stream)
+    stream, _ = _write_stream(ids, len(table))
+    return struct.pack("<BI", DTYPES.index(t.dtype), len(table)) + _table_bytes(table, t.dtype) + stream
+
+
+def _value_table(patterns, dtype):
+    """The distinct bit patterns (k,) of `patterns` (n,) and each element's entry (n,) int32:
+    float32 tables in the order of their values (so a grid's differences are small), others
+    sorted as unsigned integers."""
+    table, ids = np.unique(patterns, return_inverse=True)
+    if dtype == torch.float32:
+        order = np.argsort(table.view(np.float32), kind="stable")
+        table, ids = table[order], np.argsort(order)[ids]
+    return table, ids.astype(np.int32).reshape(-1)
+
+
+def _table_bytes(patterns, dtype):
+    """Bit patterns (k,) of `dtype` as stored: a float block for float32, else little-endian."""
+    if dtype == torch.float32:
+        return _float_block(patterns.view(np.float32))
+    return patterns.astype(patterns.dtype.newbyteorder("<")).tobytes()
+
+
+def _read_table(r, k, dtype):
+    """k values of `dtype` (see _table_bytes) -> their bit patterns (k,) as unsigned integers."""
+    if dtype == torch.float32 and r.since("float blocks"):
+        return _read_float_block(r, k).view(np.uint32)
+    return np.frombuffer(r.take(k * dtype.itemsize), np.dtype(UINT[dtype.itemsize]).newbyteorder("<"))
 
 
 def _bit_patterns(t):
@@ -320,8 +425,8 @@ def _bit_patterns(t):
 def _group_payload(tensors, positions, whole_role=False):
     """The payload of a 'G' section: the tensors (one dtype) at these section positions as
     one table of their distinct bit patterns and one index stream, or, from version 6, as
-    their values one after the other (k = 0; float16 where it holds every value exactly),
-    whichever is smaller. whole_role: the tensors are every 'R' tensor of their role, which
+    their values one after the other (k = 0), whichever is smaller; float32 values, table or
+    not, as a float block (before version 8: float16 where it held every value exactly). whole_role: the tensors are every 'R' tensor of their role, which
     version 6 writes as m = 0 instead of the positions (19 batch-norms: 38 bytes a group).
     None for tensors of a dtype the format does not store."""
     dtype = tensors[0].dtype
@@ -333,20 +438,11 @@ def _group_payload(tensors, positions, whole_role=False):
     def head(stored, k):  # dtype, stored dtype, m, the m positions, k
         return struct.pack(f"<BBH{len(listed)}HI", DTYPES.index(dtype), DTYPES.index(stored), len(listed), *listed, k)
 
-    def stored(patterns):  # -> (stored dtype, bytes): half the bytes where float16 holds every value exactly
-        if dtype == torch.float32:
-            half = patterns.view(np.float32).astype("<f2")
-            if np.array_equal(half.astype(np.float32).view(np.uint32), patterns):
-                return torch.float16, half.tobytes()
-        return dtype, patterns.astype(patterns.dtype.newbyteorder("<")).tobytes()
-
-    as_is, raw = stored(values)
-    payloads = [head(as_is, 0) + raw]
-    table, ids = np.unique(values, return_inverse=True)
+    payloads = [head(dtype, 0) + _table_bytes(values, dtype)]  # float32: a float block holds float16 too
+    table, ids = _value_table(values, dtype)
     if len(table) <= huffman.MAX_ALPHABET:
-        as_is, raw = stored(table)
-        stream, _ = _write_stream(ids.astype(np.int32).reshape(-1), len(table))
-        payloads.append(head(as_is, len(table)) + raw + stream)
+        stream, _ = _write_stream(ids, len(table))
+        payloads.append(head(dtype, len(table)) + _table_bytes(table, dtype) + stream)
     return min(payloads, key=len)
 
 
@@ -361,7 +457,9 @@ def _read_group(r, position, sections, later, roles):
     the other members go into `later` ({position: (name, tensor)}, filled by earlier groups
     too), for the decoder to take at their places. sections, roles: the model's layout."""
     dtype = r.dtype(DTYPES)
-    stored = r.dtype([dtype] + ([torch.float16] if dtype == torch.float32 else []))
+    # before version 8 a float32 group could store float16 values; from 8 a float block says
+    blocks = r.since("float blocks")
+    stored = r.dtype([dtype] + ([torch.float16] if dtype == torch.float32 and not blocks else []))
     m = r.unpack("<H")[0]
     if m == 0 and r.since("role groups"):  # every 'R' tensor of this one's role
         members = _role_members(sections, roles, roles[sections[position][1]])
@@ -379,7 +477,7 @@ def _read_group(r, position, sections, later, roles):
     if not (0 if r.since("role groups") else 1) <= k <= min(sum(sizes), huffman.MAX_ALPHABET):
         raise ValueError(f"a table of {k} values for {sum(sizes)} elements")
     count = k or sum(sizes)  # k = 0: the members' values themselves, no index stream
-    table = np.frombuffer(r.take(count * stored.itemsize), np.dtype(UINT[stored.itemsize]).newbyteorder("<"))
+    table = _read_table(r, count, stored)
     if stored != dtype:  # float16 -> float32, exact
         table = table.view("<f2").astype(np.float32).view(np.uint32)
     values = (table[_read_stream(r, sum(sizes), k)] if k else table).astype(UINT[dtype.itemsize])
@@ -401,7 +499,7 @@ def _read_tabled(r, name, shape):
     k = r.unpack("<I")[0]
     if not 1 <= k <= min(numel, huffman.MAX_ALPHABET):
         raise ValueError(f"a table of {k} values for {numel} elements")
-    table = np.frombuffer(r.take(k * dtype.itemsize), np.dtype(UINT[dtype.itemsize]).newbyteorder("<"))
+    table = _read_table(r, k, dtype)
     ids = _read_stream(r, numel, k)
     r.done()
     values = table[ids].astype(UINT[dtype.itemsize])
@@ -421,7 +519,7 @@ def _read_raw(r, name, shape):
 
 def _layer_arrays(name, codebook, index, mask):
     """Check a quantized layer against the contract -> (k, the payload's first fields (dtypes,
-    k, codebook), flat mask (numel,), flat index (numel,), positions (nnz,) of mask == 1 and
+    k, codebook), the codebook's bytes, flat mask (numel,), flat index (numel,), positions (nnz,) of mask == 1 and
     their clusters (nnz,) int32)."""
     k = codebook.numel()
     util.require(codebook.dtype == torch.float32 and codebook.dim() == 1 and 1 <= k <= huffman.MAX_ALPHABET,
@@ -439,19 +537,19 @@ def _layer_arrays(name, codebook, index, mask):
                  f"{name}.index is not 0 at pruned positions")
     util.require(not len(clusters) or (clusters.min() >= 0 and clusters.max() < k),
                  f"{name}.index holds values outside 0..{k - 1}")
-    head = (struct.pack("<BBI", DTYPES.index(index.dtype), DTYPES.index(mask.dtype), k)
-            + codebook.detach().cpu().numpy().astype("<f4").tobytes())
-    return k, head, flat_mask, flat_index, positions, clusters.astype(np.int32)
+    block = _float_block(codebook.detach().cpu().numpy())
+    head = struct.pack("<BBI", DTYPES.index(index.dtype), DTYPES.index(mask.dtype), k) + block
+    return k, head, len(block), flat_mask, flat_index, positions, clusters.astype(np.int32)
 
 
 def _quantized_payload(name, codebook, index, mask, b):
     """Encode layer `name`: codebook (k,) float32, index and mask of the weight's shape.
     b: span bits, 0 = best_span. -> (payload bytes, report row)."""
-    k, head, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
+    k, head, codebook_bytes, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
     util.require(0 <= b <= MAX_INDEX_BITS, f"{name}: index_bits must be 0 (auto) or 1..{MAX_INDEX_BITS}, not {b}")
     nnz = max(len(clusters), 1)
     row = dict(name=name, kind="quantized", shape=list(mask.shape), params=mask.numel(), nonzero=len(clusters),
-               clusters=k, weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=4 * k)
+               clusters=k, weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=codebook_bytes)
     # A dense layer (a ternary one: 60-90% non-zero) codes every position, 0 for a pruned weight
     # and 1 + its cluster for the others: a relative index and a cluster code each cost a whole
     # bit at least, 2 bits a weight, where one symbol of 3 costs 1.3-1.6.
@@ -490,7 +588,7 @@ def _ans_payload(name, codebook, index, mask):
     ans.neighbour_clusters, the smaller. All through constriction's ANS coder (Duda 2013), which
     spends -log2 p bits a symbol where a Huffman code spends whole bits (a presence bit of
     p = 0.05 costs Huffman 1 bit, ANS 0.07). -> (payload, report row) or None."""
-    k, head, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
+    k, head, codebook_bytes, flat_mask, flat_index, positions, clusters = _layer_arrays(name, codebook, index, mask)
     shape = tuple(mask.shape)
     n_rows, n_cols = ans.matrix(shape)
     if max(n_rows, n_cols) + 1 > huffman.MAX_ALPHABET or not n_rows * n_cols:
@@ -513,7 +611,7 @@ def _ans_payload(name, codebook, index, mask):
         counts = np.bincount(clusters, minlength=k)
         freqs = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype(np.int64)
     # one centroid: every cluster is known, no words
-    static = struct.pack("<B", 0) + ans.words(
+    static = struct.pack("<B", 0) + freqs.astype("<u2").tobytes() + ans.words(
         lambda c: c.encode_reverse(clusters, ans.static_model(freqs)) if len(clusters) and k > 1 else None)
     # each image shape with its neighbours models, against the static ones
     best, centroids = None, codebook.detach().cpu().numpy()
@@ -524,14 +622,13 @@ def _ans_payload(name, codebook, index, mask):
         if best is None or len(choice[0]) + len(choice[1]) < len(best[0]) + len(best[1]):
             best = choice
     presence, cluster_words, (h, w) = best
-    payload = (head + struct.pack("<I", len(clusters)) + freqs.astype("<u2").tobytes() + struct.pack("<HH", h, w)
-               + presence + cluster_words)
+    payload = head + struct.pack("<IHH", len(clusters), h, w) + presence + cluster_words
     nnz = max(len(clusters), 1)
-    weight_bytes = 2 * k + len(cluster_words)
+    weight_bytes = len(cluster_words)
     return payload, dict(name=name, kind="quantized", coder="ans", presence=ans.PRESENCE_MODELS[presence[0]],
                          clusters_model=ans.CLUSTER_MODELS[cluster_words[0]], image=[h, w],
                          shape=list(shape), params=mask.numel(), nonzero=len(clusters), clusters=k,
-                         weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=4 * k,
+                         weight_bits=max(1, math.ceil(math.log2(k))), codebook_bytes=codebook_bytes,
                          weight_bits_huffman=8 * weight_bytes / nnz, index_bits=0, fillers=0, index_bits_raw=0.0,
                          index_bits_huffman=8 * len(presence) / nnz, weight_bytes=weight_bytes,
                          index_bytes=len(presence), bytes=len(payload) + FRAME)
@@ -552,7 +649,8 @@ def _read_ans(r, name, shape, clusters):
     nnz = r.unpack("<I")[0]
     if nnz > numel:
         raise ValueError(f"{nnz} non-zeros in {numel} elements")
-    freqs = np.frombuffer(r.take(2 * k), "<u2").astype(np.int64)
+    read_freqs = lambda: np.frombuffer(r.take(2 * k), "<u2").astype(np.int64)
+    freqs = None if r.since("static freqs") else read_freqs()
     h, w = r.unpack("<HH") if r.since("images") else (1, 1)
     if not (h and w and n_cols % (h * w) == 0):
         raise ValueError(f"rows read as images of {h} x {w}, which do not divide their {n_cols} columns")
@@ -588,6 +686,7 @@ def _read_ans(r, name, shape, clusters):
         raise ValueError(f"unknown presence model {model}")
     cluster_model = r.unpack("<B")[0] if r.since("images") else 0
     if cluster_model == 0:
+        freqs = read_freqs() if freqs is None else freqs
         if nnz and not freqs.any():
             raise ValueError("no cluster has a frequency")
         cluster_coder = ans.read_words(r)
@@ -619,6 +718,8 @@ def _read_codebook(r, clusters, index_dtype):
         raise ValueError(f"codebook of {k} centroids where the header says {clusters}")
     if k - 1 > np.iinfo(INDEX_DTYPES[index_dtype]).max:
         raise ValueError(f"{k} centroids, more than its {index_dtype} index can name")
+    if r.since("float blocks"):
+        return torch.from_numpy(_read_float_block(r, k))
     return torch.from_numpy(np.frombuffer(r.take(4 * k), "<f4").copy())
 
 
@@ -711,7 +812,7 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
                 groups[members[0]] = (payload, names)
 
     header = json.dumps(dict(model=model_args, quantized=quantized, **(info or {})), separators=(",", ":"))
-    parts = [MAGIC, struct.pack("<H", VERSION), _section("H", zlib.compress(header.encode("utf-8"), 9))]
+    parts = [MAGIC, struct.pack("<H", VERSION), _section("H", _deflate_header(header))]
     rows, grouped = [], {n for _, names in groups.values() for n in names}
     for pos, (kind, name, shape, clusters) in enumerate(sections):
         if kind == "Q":
@@ -825,12 +926,32 @@ def _end(r):
 
 
 MAX_HEADER = 1 << 20  # bytes of header JSON a decoder inflates at most: a hostile stream cannot balloon
+# Version 8's header is a zlib stream primed with this preset dictionary (RFC 1950 FDICT): the
+# keys, models, data sets and layer names most headers repeat, so that a LeNet header of 300
+# bytes of JSON deflates to about 30 instead of 190. Part of the format: never change it.
+HEADER_DICTIONARY = (
+    b'{"model":{"name":"torchvision.mobilenet_v2","kwargs":{"in_shape":[3,224,224],"num_classes":1000,'
+    b'"pretrained":false,"model_args":{}}},"quantized":{"features.0.0":{"bits":4,"clusters":16},'
+    b'"layer1.0.conv1":{"bits":3,"clusters":8},"layer2.0.shortcut.0":{"bits":2,"clusters":4},'
+    b'"classifier.1":{"bits":6,"clusters":64}},"data":{"dataset":"cifar100","subset":0,"test_batch_size":1000,'
+    b'"image_size":224,"workers":4,"val_split":0.1},"settings":{"index_bits":{"*":0},"coder":"huffman"}}'
+    b'resnet18 resnet20 resnet56 alexnet vgg16 fashion_mnist svhn imagenet folder lenet5_caffe lenet5 '
+    b'{"model":{"name":"lenet_300_100","kwargs":{"in_shape":[1,28,28],"num_classes":10}},"quantized":'
+    b'{"conv1":{"bits":5,"clusters":32},"conv2":{"bits":5,"clusters":32},"fc1":{"bits":3,"clusters":8},'
+    b'"fc2":{"bits":3,"clusters":8},"fc3":{"bits":4,"clusters":16}},"data":{"dataset":"mnist","subset":0,'
+    b'"test_batch_size":1000},"settings":{"index_bits":{"*":0},"coder":"ans"}}')
+
+
+def _deflate_header(header):
+    """The header's JSON text -> its version-8 zlib stream (level 9, HEADER_DICTIONARY)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
+    return deflate.compress(header.encode("utf-8")) + deflate.flush()
 
 
 def _header(r):
     raw = bytes(r.take(len(r.buf)))
     if r.since("zlib header"):
-        inflate = zlib.decompressobj()
+        inflate = zlib.decompressobj(zdict=HEADER_DICTIONARY) if r.since("header dictionary") else zlib.decompressobj()
         try:
             raw = inflate.decompress(raw, MAX_HEADER)
         except zlib.error:

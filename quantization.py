@@ -27,8 +27,8 @@ import util
 from datasets import DataSpec, load_data
 from models import build_model, check_model, file_stem, teacher_from
 from prune import drop_dead_units, layer_kind, layer_value, masked_layers, per_layer
-from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_layer, quantize_model, round_to_half,
-                      share_values, to_ternary, ternary_to_quantized)
+from quantize import (KMEANS_INITS, MAX_BITS, fold_batch_norm, layer_rows, quantize_layer, quantize_model, round_to_grid,
+                      round_to_half, share_values, to_ternary, ternary_to_quantized)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # the network pruning.py was given: reads {out_dir}/{model}_{source}.pt
@@ -42,6 +42,8 @@ fold_bn = True              # fold each batch-norm's running statistics into its
 bn_bits = 0                 # with fold_bn: share each scale and shift among 2**bn_bits values (0 = float32)
 bn_half = False             # with fold_bn and bn_bits 0: round each folded scale and shift to float16
 bn_share = "layer"          # with bn_bits: layer (a table per vector) | network (one for all scales, one for shifts)
+codebook_bits = 8           # round each codebook and shared bias table to a power-of-two grid, the largest |value|
+                            # held in this many bits (stage 3 stores the integers); 0 = float32 as fine-tuned
 ttq_threshold = {"*": 0.05} # ttq, per layer: a weight is 0 where |latent| <= t x max|latent|
 ttq_float = {"*": False, "first": True, "last": True}  # ttq, per layer: keep it float32 ('first', 'last')
 drop_dead = True            # first prune the weights of units that cannot change the output (lossless)
@@ -100,6 +102,8 @@ def check_settings(cfg):
     util.require(all(0 <= v <= MAX_BITS for v in cfg["bias_bits"].values()),
                  f"bias_bits must be 0 (float32 biases) or 1..{MAX_BITS}, got {cfg['bias_bits']}")
     util.require(0 <= cfg["bn_bits"] <= MAX_BITS, f"bn_bits must be 0 (float32) or 1..{MAX_BITS}, got {cfg['bn_bits']}")
+    util.require(cfg["codebook_bits"] == 0 or 2 <= cfg["codebook_bits"] <= 23,
+                 f"codebook_bits must be 0 (float32) or 2..23, got {cfg['codebook_bits']}")
     util.require(cfg["fold_bn"] or not cfg["bn_bits"], "bn_bits shares folded batch-norms: set --fold_bn=True")
     util.require(cfg["fold_bn"] or not cfg["bn_half"], "bn_half rounds folded batch-norms: set --fold_bn=True")
     util.require(not (cfg["bn_half"] and cfg["bn_bits"]), "bn_half and bn_bits both store the batch-norms: set one")
@@ -256,6 +260,22 @@ def fold_norms(net, cfg, report):
     report("After folding the batch-norms" + how, "bn_folded")
 
 
+def grid_tables(net, cfg, quantized, report):
+    """Step 5 (beyond the paper, which stores its centroids as 32-bit floats): each layer's
+    codebook, and its shared biases, rounded to a power-of-two grid on which its largest value
+    takes codebook_bits bits (quantize.round_to_grid); stage 3 then stores a table as small
+    integers. LeNet-5's 32-centroid convs spend 128 bytes a codebook on 178 and 1,444 weights;
+    on an 8-bit grid about 36. Done last, so that what is evaluated is what the file holds."""
+    if not cfg["codebook_bits"]:
+        return
+    for name, m in masked_layers(net):
+        if name in quantized:
+            round_to_grid(m.codebook, cfg["codebook_bits"])
+            if "bias_values" in quantized[name]:
+                round_to_grid(m.bias, cfg["codebook_bits"])
+    report(f"After rounding the tables to {cfg['codebook_bits']}-bit grids", "gridded")
+
+
 def main(cfg):
     t_start = time.time()
     dev, precision = util.start_stage(cfg, check_settings, "fine-tuning")
@@ -303,6 +323,7 @@ def main(cfg):
     quantized, history = steps(net, cfg, (train, val), options, distill, report, progress, bits)
     share_biases(net, cfg, quantized, bias_bits, report)
     fold_norms(net, cfg, report)
+    grid_tables(net, cfg, quantized, report)
     accuracy, validation = report.accuracy, report.validation
     accuracy["quantized"] = accuracy[list(accuracy)[-1]]  # what the checkpoint computes
     validation["quantized"] = validation[list(validation)[-1]]
@@ -315,7 +336,8 @@ def main(cfg):
     rows = layer_rows(net, quantized, zeros)
     print(quant_table(rows))
     names = dict(clustered="ternary" if cfg["method"] == "ttq" else "after clustering",
-                 finetuned="after fine-tuning", bias_shared="biases shared", bn_folded="batch-norm folded")
+                 finetuned="after fine-tuning", bias_shared="biases shared", bn_folded="batch-norm folded",
+                 gridded="on grids")
     print(f"Accuracy: {start} {accuracy[start]:.2f}% | "
           + " | ".join(f"{names[k]} {accuracy[k]:.2f}%" for k in names if k in accuracy)
           + f" ({accuracy['quantized'] - accuracy[start]:+.2f} points)")

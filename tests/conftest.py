@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: small synthetic data sets in the on-disk layouts the project
 reads (so the suite runs with no network and no ../shared), and quantized state dicts made by
 hand with the compressed file's round trip."""
+import json
 import os
 import signal
 import struct
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -168,6 +170,65 @@ def rebuild(blob, replace):
     a hostile writer would do."""
     parts = [dcfile._section(kind, replace.get(i, payload)) for i, (_, kind, payload) in enumerate(sections(blob))]
     return dcfile.MAGIC + struct.pack("<H", dcfile.VERSION) + b"".join(parts)
+
+
+def float_block_size(payload, at, n):
+    """Bytes of the float block of n values at payload[at:] (dcfile._float_block)."""
+    form = payload[at]
+    return 1 + 4 * n if form == 0 else 1 + 2 * n if form == 1 else 4 + (n * payload[at + 3] + 7) // 8
+
+
+def codebook_end(payload):
+    """Offset just after a 'Q' or 'A' payload's dtypes, k and codebook (a float block)."""
+    k = struct.unpack_from("<I", payload, 2)[0]
+    return 6 + float_block_size(payload, 6, k)
+
+
+def header_json(payload):
+    """The header dict of an 'H' payload of the current version."""
+    inflate = zlib.decompressobj(zdict=dcfile.HEADER_DICTIONARY)
+    return json.loads(inflate.decompress(payload) + inflate.flush())
+
+
+def as_version7(blob, version=7):
+    """The same file as version 7 wrote it (and labelled `version`, for the tests of what an
+    older reader refuses): the header plain zlib, codebooks and float32 tables raw float32
+    (a 'G' group's values as float16 where each is one exactly). 'A' payloads are left as they are."""
+    secs = sections(blob)
+    header = header_json(secs[0][2])
+    layout, _, roles = dcfile.architecture(header["model"], header["quantized"])
+    replace = {0: zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)}
+    i, later = 1, set()
+    for at, (_, name, _, _) in enumerate(layout):
+        if at in later:
+            continue
+        _, kind, payload = secs[i]
+        r = dcfile._Reader(payload)
+        if kind == "Q":
+            r.take(6)
+            block = dcfile._read_float_block(r, struct.unpack_from("<I", payload, 2)[0])
+            replace[i] = payload[:6] + block.astype("<f4").tobytes() + payload[r.pos:]
+        elif kind == "T" and payload[0] == 0:  # a float32 table
+            r.take(5)
+            block = dcfile._read_float_block(r, struct.unpack_from("<I", payload, 1)[0])
+            replace[i] = payload[:5] + block.astype("<f4").tobytes() + payload[r.pos:]
+        elif kind == "G":
+            m = struct.unpack_from("<H", payload, 2)[0]
+            members = (list(struct.unpack_from(f"<{m}H", payload, 4)) if m else
+                       [p for p, e in enumerate(layout) if e[0] == "R" and roles[e[1]] == roles[name]])
+            later |= set(members[1:])
+            k_at = 4 + 2 * m
+            k = struct.unpack_from("<I", payload, k_at)[0]
+            if payload[0] == 0:  # float32 values
+                r.take(k_at + 4)
+                block = dcfile._read_float_block(r, k or sum(int(np.prod(layout[p][2])) for p in members))
+                half = np.array_equal(block.astype("<f2").astype(np.float32).view(np.uint32), block.view(np.uint32))
+                stored = block.astype("<f2" if half else "<f4").tobytes()
+                replace[i] = (payload[:1] + bytes([dcfile.DTYPES.index(torch.float16 if half else torch.float32)])
+                              + payload[2:k_at + 4] + stored + payload[r.pos:])
+        i += 1
+    out = rebuild(blob, replace)
+    return out[:8] + struct.pack("<H", version) + out[10:]
 
 
 def fails(blob, match):

@@ -8,7 +8,8 @@ import torch
 
 import ans
 import dcfile
-from conftest import MNIST, assert_bit_equal, fails, patch, quantized_state, rebuild, round_trip, sections
+from conftest import (MNIST, as_version7, assert_bit_equal, codebook_end, fails, patch, quantized_state, rebuild,
+                      round_trip, sections)
 
 
 def ans_layer(mask, index, k):
@@ -66,7 +67,7 @@ def flips_caught(blob, a, offsets, shape):
     return caught
 
 
-def test_corrupt_or_truncated_ans_sections_are_one_clear_error():
+def test_corrupt_or_truncated_ans_sections_are_one_clear_error(monkeypatch):
     g = torch.Generator().manual_seed(6)
     rows, cols = torch.rand(300, 1, generator=g) ** 3, torch.rand(1, 784, generator=g) ** 3
     mask = torch.rand(300, 784, generator=g) < 0.8 * rows * cols
@@ -75,22 +76,27 @@ def test_corrupt_or_truncated_ans_sections_are_one_clear_error():
     secs = sections(blob)
     assert secs[1][1] == "A"
     a = secs[1][2]
-    nnz_at = 2 + 4 + 4 * 8
+    nnz_at = codebook_end(a)
     fails(rebuild(blob, {1: a[:-4]}), "needs|ANS")  # truncated inside the cluster words
     fails(rebuild(blob, {1: a[:len(a) // 2]}), "needs|ANS|counts")
     fails(rebuild(blob, {1: patch(a, nnz_at, "<I", 300 * 784 + 1)}), "non-zeros in")
     assert report["layers"][0]["presence"] == "margins"
     fails(rebuild(blob, {1: patch(a, nnz_at, "<I", int(mask.sum()) + 1)}), "sum to")
-    model_at = nnz_at + 4 + 16 + 4  # after the frequencies and the image h x w
+    model_at = nnz_at + 4 + 4  # after the image h x w
     fails(rebuild(blob, {1: patch(a, model_at, "<B", 3)}), "unknown presence model 3")
     fails(rebuild(blob, {1: patch(a, model_at - 4, "<HH", 5, 5)}), "do not divide")
     fails(rebuild(blob, {1: patch(a, model_at - 4, "<HH", 0, 1)}), "do not divide")
     fails(rebuild(blob, {1: patch(a, 2, "<I", 7)}), "centroids where the header says")
-    fails(rebuild(blob, {1: patch(a, nnz_at + 4, "16s", bytes(16))}), "no cluster has a frequency")
+    with monkeypatch.context() as m:  # the static cluster model: its model byte, then the frequencies
+        m.setattr(ans, "CONTEXT_CLUSTERS", 1)
+        static, static_report = dcfile.encode_model(state, args, quantized, coder="ans")
+    row, s = static_report["layers"][0], sections(static)[1][2]
+    assert row["clusters_model"] == "static"
+    fails(rebuild(static, {1: patch(s, len(s) - row["weight_bytes"] + 1, "16s", bytes(16))}),
+          "no cluster has a frequency")
     # flipped bits inside the ANS words (CRC made valid again): caught by the decoder's checks
     assert flips_caught(blob, a, range(len(a) - 200, len(a), 13), state["fc1.index"].shape) > 0
-    old = rebuild(blob, {})
-    fails(old[:8] + struct.pack("<H", 4) + old[10:], "kind 'A'")  # no 'A' before version 5
+    fails(as_version7(blob, 4), "kind 'A'")  # no 'A' before version 5
     # a hostile header can make a layer empty (a zero in_shape); its 'A' section is refused
     with pytest.raises(ValueError, match="has no elements"):
         dcfile._read_ans(dcfile._Reader(a), "fc1", (300, 0), 8)
@@ -161,12 +167,12 @@ def test_corrupt_neighbours_sections_are_one_clear_error():
     blob, report = dcfile.encode_model(state, args, quantized, coder="ans")
     a = sections(blob)[1][2]
     assert sections(blob)[1][1] == "A" and report["layers"][0]["presence"] == "neighbours"
-    model_at = 2 + 4 + 4 * 8 + 4 + 16 + 4
+    model_at = codebook_end(a) + 4 + 4
     live_rows, live_cols = struct.unpack_from("<II", a, model_at + 1)
     fails(rebuild(blob, {1: patch(a, model_at + 1, "<I", 301)}), "live rows")
     fails(rebuild(blob, {1: patch(a, model_at + 1, "<I", live_rows - 1)}), "flags mark")
     fails(rebuild(blob, {1: patch(a, model_at + 5, "<I", live_cols + 1)}), "flags mark")
-    fails(rebuild(blob, {1: patch(a, 2 + 4 + 32, "<I", int(mask.sum()) + 1)}), "non-zeros|live rows")
+    fails(rebuild(blob, {1: patch(a, codebook_end(a), "<I", int(mask.sum()) + 1)}), "non-zeros|live rows")
     words = struct.unpack_from("<I", a, model_at + 9)[0]
     cluster_model_at = model_at + 13 + 4 * words
     assert a[cluster_model_at] == 1
@@ -174,7 +180,7 @@ def test_corrupt_neighbours_sections_are_one_clear_error():
     fails(rebuild(blob, {1: a[:-4]}), "needs|ANS")
     fails(rebuild(blob, {1: a[:model_at + 40]}), "needs|ANS")
     assert flips_caught(blob, a, range(model_at + 13, len(a), 37), state["fc1.index"].shape) > 0
-    fails(blob[:8] + struct.pack("<H", 6) + blob[10:], "section 1")  # a version-6 reader's 'A' has no image
+    fails(as_version7(blob, 6), "section 1")  # a version-6 reader's 'A' has no image
 
 
 def test_more_centroids_than_the_cluster_contexts_take_are_coded_static(monkeypatch):

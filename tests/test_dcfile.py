@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import dcfile
+import quantize
 import util
-from conftest import MNIST, SMALL, assert_bit_equal, fails, patch, quantized_state, rebuild, round_trip, sections
+from conftest import (MNIST, SMALL, as_version7, assert_bit_equal, codebook_end, fails, header_json, patch,
+                      quantized_state, rebuild, round_trip, sections)
 from models import build_model
 from prune import masked_layers
 
@@ -113,8 +115,7 @@ def test_hostile_dense_codes_are_rejected():
     fails(rebuild(blob, {1: patch(q, span_at + 5, "<I", numel - 1)}), "dense codes of")
     fails(rebuild(blob, {1: patch(q, span_at + 1, "<I", numel + 1)}), "dense codes of")
     fails(rebuild(blob, {1: patch(q, span_at + 1, "<I", int(state["fc1.mask"].sum()) - 1)}), "non-zeros where")
-    old = rebuild(blob, {})
-    fails(old[:8] + struct.pack("<H", 4) + old[10:], "span of 0 bits")  # no dense codes before version 5
+    fails(as_version7(blob, 4), "span of 0 bits")  # no dense codes before version 5
 
 
 def test_lenet5_caffe_edge_layers_round_trip():
@@ -193,8 +194,9 @@ def test_intact_file_decodes(small_file):
     state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
     blob, _ = round_trip(state, args, quantized)
     assert [k for _, k, _ in sections(blob)] == ["H", "Q", "G", "Q", "Q", "E"]
-    # the group's dtype, stored dtype, m = 0 (every bias) and k = 0 in place of 3 dtypes
-    assert len(blob) == len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 4) - 3
+    # the group's dtype, stored dtype, m = 0 (every bias), k = 0 and a float block's form byte
+    # in place of 3 dtypes (the values raw, or fewer bytes on a grid)
+    assert len(blob) <= len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 4 + 1) - 3
 
 
 def test_version_2_files_still_decode_bit_for_bit():
@@ -234,15 +236,15 @@ def test_a_flipped_bit_in_each_section_is_caught(small_file, where):
 
 
 def quant_fields(payload):
-    """Offset of the span byte in a version-3 'Q' payload (index dtype, mask dtype, k,
-    codebook), and the offset where the streams begin."""
-    pos = 2 + 4 + 4 * struct.unpack_from("<I", payload, 2)[0]
+    """Offset of the span byte in a 'Q' payload (index dtype, mask dtype, k, codebook), and
+    the offset where the streams begin."""
+    pos = codebook_end(payload)
     return pos, pos + 9
 
 
 def header_of(secs):
-    """The header dict of a version-4 file's sections (zlib-compressed JSON)."""
-    return json.loads(zlib.decompress(secs[0][2]))
+    """The header dict of a file's sections."""
+    return header_json(secs[0][2])
 
 
 def as_version2(blob):
@@ -252,6 +254,7 @@ def as_version2(blob):
     secs = sections(blob)
     header = header_of(secs)
     layout, _, _ = dcfile.architecture(header["model"], header["quantized"])
+    secs = sections(as_version7(blob))
     replace = {0: json.dumps(header).encode()}
     for i, (kind, name, shape, _) in enumerate(layout, start=1):
         payload, n_dtypes = secs[i][2], 2 if kind == "Q" else 1
@@ -319,8 +322,8 @@ def test_tabled_tensors_round_trip_and_pay():
     shared = shared_biases(state)
     blob, report = round_trip(shared, args, quantized, share_tables=False)  # each bias its own table
     rows = {r["name"]: r for r in report["layers"]}
-    assert rows["fc1.bias"]["kind"] == "tabled" and rows["fc3.bias"]["kind"] == "raw"  # 10 values: raw is smaller
-    assert [k for _, k, _ in sections(blob)] == ["H", "Q", "T", "Q", "T", "Q", "R", "E"]
+    assert rows["fc1.bias"]["kind"] == rows["fc3.bias"]["kind"] == "tabled"  # 10 values: 5 float16s and codes
+    assert [k for _, k, _ in sections(blob)] == ["H", "Q", "T", "Q", "T", "Q", "T", "E"]
     before = {r["name"]: r["bytes"] for r in plain_report["layers"]}
     assert rows["fc1.bias"]["bytes"] < before["fc1.bias"] / 4  # 300 floats -> 5 codes of at most 3 bits
     # A version-1 file cannot hold a table.
@@ -369,7 +372,7 @@ def test_shared_tables_round_trip_and_pay():
     layout, _, _ = dcfile.architecture(args, quantized)
     assert list(decoded) == dcfile.state_keys(layout)  # in the model's order, groups or not
     # A file of an earlier version (its header plain JSON) cannot hold a group.
-    old = rebuild(blob, {0: json.dumps(header_of(sections(blob))).encode()})
+    old = rebuild(as_version7(blob), {0: json.dumps(header_of(sections(blob))).encode()})
     fails(old[:8] + struct.pack("<H", 3) + old[10:], "kind 'G'")
 
 
@@ -380,8 +383,13 @@ def test_group_tables_halve_where_float16_holds_every_value():
         state[k] = state[k].half().float()  # exactly representable in float16
     state[scales[-1]] = state[scales[-1]].half().float() * 0 + torch.tensor(-0.0)  # -0.0: float16 keeps it
     blob, _ = round_trip(state, args, quantized)
-    stored = [dcfile.DTYPES[payload[1]] for _, kind, payload in sections(blob) if kind == "G"]
-    assert torch.float16 in stored and torch.float32 in stored  # running_var 1 - 1e-5 is not a float16
+    forms = [dcfile.FLOAT_FORMS[p[8]] for _, kind, p in sections(blob) if kind == "G" and p[0] == 0]  # m = 0
+    # float16 values sit on a grid too, which their table takes where it is smaller still;
+    # running_var 1 - 1e-5 is not a float16 (its one value is on a grid of 24 bits)
+    assert sorted(forms) == ["float32", "grid", "grid", "grid"]
+    # before version 8 the same groups said so in their stored dtype
+    stored = [dcfile.DTYPES[p[1]] for _, kind, p in sections(as_version7(blob)) if kind == "G"]
+    assert torch.float16 in stored and torch.float32 in stored
 
 
 def resnet20_half_bn(seed=0):
@@ -399,15 +407,13 @@ def test_group_holds_float16_values_themselves_where_a_table_costs_more():
     state, args, quantized = resnet20_half_bn()
     blob, report = round_trip(state, args, quantized)
     raw = [(payload, r) for (_, kind, payload), r in zip(sections(blob)[1:], report["layers"]) if kind == "G"
-           and struct.unpack_from("<I", payload, 4)[0] == 0]  # m = 0 (every batch-norm), k = 0
-    assert len(raw) == 2  # the scales and the shifts; running means and variances keep their one-value tables
-    for payload, row in raw:
-        assert dcfile.DTYPES[payload[1]] == torch.float16 and row["params"] == 688
-        assert len(payload) == 4 + 4 + 2 * 688  # dtypes, m = 0, k = 0, 2 bytes a value
+           and struct.unpack_from("<I", payload, 4)[0] == 0 and r["members"][0].endswith(("bn1.weight", "bn1.bias"))]
+    assert len(raw) == 2  # the scales and the shifts
+    for payload, row in raw:  # float16 or a grid, whichever is smaller: 2 bytes a value at most
+        assert dcfile.FLOAT_FORMS[payload[8]] in ("float16", "grid") and len(payload) <= 4 + 4 + 1 + 2 * 688
     # Version 5 had no such group; cut short, the values are missing.
     i, (_, _, g) = next((i, s) for i, s in enumerate(sections(blob)) if s[2] == raw[0][0])
-    old = rebuild(blob, {})
-    fails(old[:8] + struct.pack("<H", 5) + old[10:], "member positions")  # m = 0, then k = 0: neither in 5
+    fails(as_version7(blob, 5), "member positions")  # m = 0, then k = 0: neither in 5
     fails(rebuild(blob, {i: g[:-2]}), "needs")
     fails(rebuild(blob, {i: g + b"\0"}), "stray")
 
@@ -424,8 +430,7 @@ def test_group_of_a_whole_role_names_no_positions():
     assert sorted(struct.unpack_from("<H", payload, 2)[0] for _, kind, payload in sections(blob) if kind == "G") \
         == [0, 0, 0, 0, 18]
     # A version-5 file cannot name its members by role.
-    old = rebuild(round_trip(*resnet20_shared_bn())[0], {})
-    fails(old[:8] + struct.pack("<H", 5) + old[10:], "member positions")
+    fails(as_version7(round_trip(*resnet20_shared_bn())[0], 5), "member positions")
 
 
 def test_hostile_group_is_rejected():
@@ -467,3 +472,82 @@ def test_an_index_dtype_too_narrow_for_its_codebook_is_refused():
     assert payload[0] == dcfile.DTYPES.index(torch.int16)
     fails(rebuild(blob, {at: patch(payload, 0, "<B", dcfile.DTYPES.index(torch.uint8))}),
           "300 centroids, more than its torch.uint8 index can name")
+
+
+# --- version 8: float blocks, the header's dictionary ---------------------------------------------
+
+def float_block(values):
+    return dcfile._float_block(np.array(values, np.float32))
+
+
+def read_float_block(raw, n):
+    r = dcfile._Reader(raw)
+    out = dcfile._read_float_block(r, n)
+    r.done()
+    return out
+
+
+def test_float_block_known_answer():
+    # 0.5, -0.25, 1.0 = 2, -1, 4 times 2**-2; differences 2, -3, 5 zig-zag to 4, 5, 10: 4 bits each
+    raw = float_block([0.5, -0.25, 1.0])
+    assert raw == bytes([2]) + struct.pack("<hB", -2, 4) + bytes([0b01000101, 0b10100000])
+    assert read_float_block(raw, 3).tolist() == [0.5, -0.25, 1.0]
+    assert float_block([0.0, 0.0]) == bytes([2]) + struct.pack("<hB", 0, 0)  # zeros: no bits at all
+    assert float_block([1 / 3]) == bytes([0]) + struct.pack("<f", 1 / 3)  # 24 significant bits: raw is smaller
+    assert float_block([-0.0, 1.5]) == bytes([1]) + np.array([-0.0, 1.5], "<f2").tobytes()  # no grid holds -0.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=40), st.booleans())
+def test_float_block_round_trip_bit_for_bit(values, gridded):
+    values = np.array(values, np.float32)
+    if gridded and len(values) and np.isfinite(values).all():
+        t = torch.from_numpy(values.copy())
+        quantize.round_to_grid(t, 8)
+        values = t.numpy()
+    raw = dcfile._float_block(values)
+    assert len(raw) <= 1 + 4 * len(values)
+    np.testing.assert_array_equal(read_float_block(raw, len(values)).view(np.uint32), values.view(np.uint32))
+    if gridded and len(values) and np.isfinite(values).all():
+        assert raw[0] == 2 or len(values) < 3  # 8-bit integers beat 32-bit floats from three values
+
+
+def test_hostile_float_blocks_are_rejected():
+    for raw, match in ((bytes([3]), "form 3"), (bytes([2]) + struct.pack("<hB", 500, 1) + b"\0", "grid of step"),
+                       (bytes([2]) + struct.pack("<hB", 0, 41) + bytes(6), "grid of step"),
+                       (bytes([2]) + struct.pack("<hB", 0, 8), "needs"), (bytes([0, 0, 0]), "needs"),
+                       # 2**25 + 1 has 26 significant bits: no float32
+                       (bytes([2]) + struct.pack("<hB", 0, 32) + struct.pack(">I", 2 * (2 ** 25 + 1)), "cannot hold"),
+                       (bytes([2]) + struct.pack("<hB", -200, 2) + bytes([0b10000000]), "cannot hold")):  # 2**-200
+        with pytest.raises(ValueError, match=match):
+            read_float_block(raw, 1)
+
+
+def test_gridded_codebooks_and_tables_take_a_few_bits_a_value():
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, clusters=32)
+    plain, plain_report = round_trip(shared_biases(state), args, quantized)
+    for key in [k for k in state if k.endswith((".codebook", ".bias"))]:
+        state[key] = torch.sort(state[key]).values if key.endswith("codebook") else state[key]
+        quantize.round_to_grid(state[key], 8)
+    blob, report = round_trip(state, args, quantized)
+    rows = {r["name"]: r for r in report["layers"]}
+    for layer in quantized:  # 32 sorted centroids of 8 bits: 4 bytes of grid, then a few bits each
+        assert rows[layer]["codebook_bytes"] <= 4 + 32 * 9 / 8 < 4 * 32
+    # an older reader cannot read a float block: the version-7 layout holds the same tensors
+    decoded, _ = dcfile.decode_bytes(as_version7(blob))
+    assert_bit_equal(state, decoded)
+    assert len(as_version7(blob)) > len(blob)
+
+
+def test_header_dictionary():
+    state, args, quantized = quantized_state("lenet_300_100", MNIST)
+    blob, report = dcfile.encode_model(state, args, quantized, info=dict(
+        data=dict(dataset="mnist", subset=0, test_batch_size=1000), settings=dict(index_bits={"*": 0}, coder="ans")))
+    header = sections(blob)[0][2]
+    assert len(header) < 40  # 300 bytes of JSON, most of it in the dictionary
+    with pytest.raises(zlib.error):  # without the dictionary, inflate cannot go on
+        zlib.decompress(header)
+    # a version-7 file's header is plain zlib, and still reads
+    _, old_header = dcfile.decode_bytes(as_version7(blob))
+    assert old_header == header_json(header)
+    fails(rebuild(blob, {0: zlib.compress(b"[]")}), "lacks the model")

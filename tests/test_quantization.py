@@ -6,10 +6,12 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import datasets
+import dcfile
 import pruning
 import quantization
 import training
@@ -41,12 +43,15 @@ def test_stage1_to_stage2_smoke(fake_mnist, stage1):
     for line in ("--- Pruned and retrained (stage 1) ---", "--- After clustering (linear init) ---",
                  "--- After fine-tuning the centroids ---", "Accuracy: retrained "):
         assert line in r.stdout
-    assert r.stdout.count("Test set: Average loss: ") == 3
+    assert r.stdout.count("Test set: Average loss: ") == 4
     summary = json.loads(open(os.path.join(stage1, "lenet_300_100_quantized.json")).read())
-    assert set(summary["accuracy"]) == set(summary["validation"]) == {"retrained", "clustered", "finetuned", "quantized"}
-    assert summary["accuracy"]["quantized"] == summary["accuracy"]["finetuned"]
-    assert [(l["name"], l["bits"], l["clusters"], l["distinct"]) for l in summary["layers"]] == \
-        [("fc1", 5, 32, 32), ("fc2", 5, 32, 32), ("fc3", 5, 32, 32)]
+    assert set(summary["accuracy"]) == set(summary["validation"]) == {"retrained", "clustered", "finetuned", "gridded",
+                                                                      "quantized"}
+    assert summary["accuracy"]["quantized"] == summary["accuracy"]["gridded"]
+    assert [(l["name"], l["bits"], l["clusters"]) for l in summary["layers"]] == \
+        [("fc1", 5, 32), ("fc2", 5, 32), ("fc3", 5, 32)]
+    # centroids closer than the 8-bit grid's step share its value
+    assert all(l["distinct"] <= 32 for l in summary["layers"])
     pruned = util.load_checkpoint(os.path.join(stage1, "lenet_300_100_pruned.pt"), "pruned", CPU, "")
     assert summary["accuracy"]["retrained"] == pytest.approx(pruned["metrics"]["accuracy"]["retrained"])
     assert summary["settings"]["pruning"] == pruned["settings"]
@@ -57,15 +62,18 @@ def test_stage1_to_stage2_smoke(fake_mnist, stage1):
     assert ckpt["metrics"]["pruning"]["accuracy"] == pruned["metrics"]["accuracy"]
     zeros = {n[:-len(".weight")]: v == 0 for n, v in pruned["state_dict"].items() if n.endswith(".weight")}
     check_quantized(net, {n: 5 for n in zeros}, zeros)
+    for name, m in masked_layers(net):  # every codebook on a power-of-two grid, its largest |value| 8 bits
+        e, n = dcfile._grid(m.codebook.detach().numpy())
+        assert np.abs(n).max() <= 2 ** 8, name
     _, test = datasets.load_data(DataSpec("mnist", fake_mnist, 64, 1000, 0.1, subset=400), CPU)[1:]
     loss, correct, total = training.evaluate(net, test)
-    assert 100 * correct / total == pytest.approx(summary["accuracy"]["finetuned"])
+    assert 100 * correct / total == pytest.approx(summary["accuracy"]["gridded"])
 
 
 def test_shared_biases_have_at_most_2_to_the_bias_bits_values(fake_mnist, stage1, tmp_path, capsys):
     shutil.copy(os.path.join(stage1, "lenet_300_100_pruned.pt"), tmp_path)
     code, out, err = run_here("quantization", f"--data_root={fake_mnist}", f"--out_dir={tmp_path}",
-                              "--finetune_epochs=0", "--bias_bits={'*': 2, 'fc3': 0}", capsys=capsys)
+                              "--finetune_epochs=0", "--bias_bits={'*': 2, 'fc3': 0}", "--codebook_bits=0", capsys=capsys)
     assert code == 0, err
     assert "--- After sharing the biases ---" in out and "biases shared" in out
     net, ckpt = load_quantized(str(tmp_path / "lenet_300_100_quantized.pt"), CPU)

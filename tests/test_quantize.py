@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import datasets
+import quantize
 import training
 import util
 from conftest import CPU
@@ -297,3 +298,29 @@ def test_ternary_layer_keeps_pruned_zeros_and_freezes_to_the_same_weight():
 
 
 # --- quantization.py as a user runs it ------------------------------------------------------
+
+
+def test_round_to_grid_known_answers():
+    # the largest |value| 0.7 takes 3 bits: step 2**(floor(log2 0.7) - 2) = 1/8
+    t = torch.tensor([0.3, -0.7, -0.01])
+    assert quantize.round_to_grid(t, 3) == -3
+    assert t.tolist() == [0.25, -0.75, 0.0] and not torch.signbit(t).tolist()[2]  # -0.01 -> +0.0, not -0.0
+    # one step for several tensors, from their joint largest value (3 in 2 bits: step 1)
+    a, b = torch.tensor([1.0, 0.4]), torch.tensor([-3.0])
+    assert quantize.round_to_grid([a, b], 2) == 0 and a.tolist() == [1.0, 0.0] and b.tolist() == [-3.0]
+    zeros = torch.zeros(3)
+    assert quantize.round_to_grid(zeros, 8) is None and zeros.tolist() == [0.0] * 3
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=64), st.integers(2, 16))
+def test_round_to_grid_moves_each_value_half_a_step_at_most(values, bits):
+    t = torch.tensor(values, dtype=torch.float32)
+    before = t.clone()
+    e = quantize.round_to_grid(t, bits)
+    if e is None:
+        assert not before.any()
+        return
+    assert (t.double() - before.double()).abs().max() <= 2.0 ** e / 2
+    n = t.double() / 2.0 ** e
+    assert torch.equal(n, n.round()) and n.abs().max() <= 2 ** bits  # integers of `bits` bits (and the sign)

@@ -12,11 +12,12 @@ the environment's python with --worker, as .npz files and JSON (no pickle).
 For every row of bench/results/results.json with a shipped .dc file, the quantized layers
 (cluster codes, positions and codebooks; biases and batch-norm are left out on both sides):
   - ours: the bytes of their sections when the decoded state is encoded with each coder
-    (Huffman, ANS); a section holds the codebook as float32 and a few bytes of framing;
+    (Huffman, ANS); a section holds the codebook (a float block: float32, or small integers on
+    the grid stage 2 rounds it to) and a few bytes of framing;
   - NNCodec lossless: the same weights given as signed integer ranks (0 = pruned, +-r = the
     r-th centroid out from zero on that side), coded as integers and through its codebook mode,
-    each decoded and checked equal in the worker; bytes = the bitstream + 4 a centroid (the
-    codebook as float32, as ours stores it);
+    each decoded and checked equal in the worker; bytes = the bitstream + the codebooks as our
+    file stores them (the same values, so the same bytes);
   - NNCodec's own pipeline, for the rows of the datasets in `pipeline` whose run folder holds
     stage 1's pruned checkpoint: the pruned weights of the same layers, uniformly quantized with
     dependent quantization and no retraining, at each QP of `qps` (coarsest first); the first
@@ -131,14 +132,14 @@ def ranks_of(layers):
 
 def section_bytes(report):
     """{layer: bytes} of the quantized layers' sections in an encode_model report (cluster codes,
-    positions, the float32 codebook and the section's framing)."""
+    positions, the codebook and the section's framing)."""
     return {r["name"]: r["bytes"] for r in report["layers"] if r["kind"] == "quantized"}
 
 
-def with_codebooks(bitstream_bytes, clusters):
-    """NNCodec's bytes for layers of `clusters` centroids in all: its bitstream and the codebooks
-    as float32, 4 bytes a centroid, as our file stores them (it codes the ranks, not the values)."""
-    return bitstream_bytes + 4 * clusters
+def codebook_bytes(codebook):
+    """Bytes of a codebook (k,) as our file stores it (dcfile's float block): what NNCodec's
+    figures add for it, since NNCodec codes the ranks, not the values."""
+    return len(dcfile._float_block(np.asarray(codebook, np.float32)))
 
 
 def ours(state, header, coder):
@@ -296,6 +297,7 @@ def prepare(cfg, i, run, folder):
     row = dict(recipe=run["recipe"], seed=run["seed"], model=run["model"], file=run["file"],
                dataset=header.get("data", {}).get("dataset"),
                clusters={n: int(len(c)) for n, (c, _, _) in layers.items()},
+               codebook_bytes={n: codebook_bytes(c) for n, (c, _, _) in layers.items()},
                nonzero={n: int((m == 1).sum()) for n, (_, _, m) in layers.items()},
                accuracy=dict(validation=100 - run["val_error"], test=100 - run["error"]["decoded"]),
                ours={coder: ours(state, header, coder) for coder in dcfile.CODERS})
@@ -309,12 +311,12 @@ def prepare(cfg, i, run, folder):
     return row, (path, pruned)
 
 
-def lossless_figures(answer, clusters):
+def lossless_figures(answer, codebooks):
     """A row's NNCodec lossless figures from the worker's answer ({mode: {'bitstream', 'layers'}})
-    and its layers' codebook sizes ({layer: k}): each mode's bytes with the codebooks, the
+    and its layers' codebook bytes ({layer: bytes}): each mode's bytes with the codebooks, the
     smaller named."""
-    modes = {mode: dict(bytes=with_codebooks(a["bitstream"], sum(clusters.values())), bitstream=a["bitstream"],
-                        layers={n: with_codebooks(b, clusters[n]) for n, b in a["layers"].items()})
+    modes = {mode: dict(bytes=a["bitstream"] + sum(codebooks.values()), bitstream=a["bitstream"],
+                        layers={n: b + codebooks[n] for n, b in a["layers"].items()})
              for mode, a in answer.items()}
     best = min(modes, key=lambda m: modes[m]["bytes"])
     return dict(mode=best, bytes=modes[best]["bytes"], modes=modes)
@@ -393,7 +395,7 @@ def main(cfg):
         print(f"NNCodec {answer['nncodec']}: {len(jobs)} jobs in {time.time() - t0:.0f} s")
         lossless = iter(a for a, job in zip(answer["answers"], jobs) if job["kind"] == "lossless")
         for i, row in enumerate(rows):
-            row["nncodec_lossless"] = lossless_figures(next(lossless), row["clusters"])
+            row["nncodec_lossless"] = lossless_figures(next(lossless), row["codebook_bytes"])
             row["ans_vs_nncodec"] = 100 * (row["ours"]["ans"]["bytes"] / row["nncodec_lossless"]["bytes"] - 1)
             row["nncodec_pipeline"] = None
             if i in pipelines:

@@ -56,21 +56,23 @@ def test_byte_accounting():
     assert list(layers) == list(quantized)
     others = sum(r["bytes"] for r in report["layers"] if r["kind"] != "quantized")
     assert sum(layers.values()) + others + report["header_bytes"] == len(blob)
-    # each section holds its float32 codebook
-    assert all(r["codebook_bytes"] == 4 * 16 < r["bytes"] for r in report["layers"] if r["kind"] == "quantized")
+    # each section holds its codebook: random float32 centroids, 4 bytes each at most (after a form byte)
+    assert all(r["codebook_bytes"] <= 1 + 4 * 16 < r["bytes"] for r in report["layers"] if r["kind"] == "quantized")
     header = dict(model=args, quantized=quantized)
     for coder in dcfile.CODERS:
         got = peer_nncodec.ours(state, header, coder)
         assert got["bytes"] == sum(got["layers"].values()) and set(got["layers"]) == set(quantized)
     assert peer_nncodec.ours(state, header, "ans")["bytes"] <= peer_nncodec.ours(state, header, "huffman")["bytes"]
-    assert peer_nncodec.with_codebooks(1000, 3 * 16) == 1000 + 4 * 48
+    # NNCodec is charged the codebook as our file stores it: float32, or small integers on a grid
+    assert peer_nncodec.codebook_bytes([0.1, 0.2, 1 / 3]) == 1 + 3 * 4
+    assert peer_nncodec.codebook_bytes([-0.5, -0.125, 0.125, 0.5]) == 1 + 3 + 2  # 4 codes of 3 bits
 
 
 def test_lossless_figures_add_the_codebooks_and_name_the_smaller():
     answer = {"integer": dict(bitstream=100, layers={"a": 60, "b": 50}),
               "codebook": dict(bitstream=90, layers={"a": 55, "b": 45})}
-    got = peer_nncodec.lossless_figures(answer, {"a": 4, "b": 2})
-    assert (got["mode"], got["bytes"]) == ("codebook", 90 + 4 * 6)
+    got = peer_nncodec.lossless_figures(answer, {"a": 16, "b": 8})
+    assert (got["mode"], got["bytes"]) == ("codebook", 90 + 24)
     assert got["modes"]["integer"]["bytes"] == 124 and got["modes"]["codebook"]["layers"] == {"a": 71, "b": 53}
 
 

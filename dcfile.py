@@ -238,7 +238,7 @@ def _read_stream(r, count, alphabet):
 
 FLOAT_FORMS = ("float32", "float16", "grid")  # a float block's form byte: its position here
 GRID_EXPONENTS = (-200, 200)  # a grid's step 2**e: e in this range (float32 spans 2**-149 .. 2**127)
-MAX_GRID_BITS = 40            # bits of one zig-zag difference at most: every integer is below 2**40
+MAX_GRID_BITS = 40            # bits of one zig-zag code at most (the encoder's integers are below 2**38)
 
 
 def _zigzag(d):
@@ -272,7 +272,7 @@ def _float_block(values):
     is one exactly); 2 a grid: e i16, w u8, then n w-bit codes, most significant bit first, the
     last byte zero-padded: the zig-zag codes of n_0 and of each n_i - n_(i-1), the values being
     n_i * 2**e. The shortest of the three (the lower form on a tie). quantize.round_to_grid
-    puts codebooks on a coarse grid: 32 centroids of 8 bits take 36 bytes instead of 128."""
+    puts codebooks on a coarse grid: 32 sorted centroids of 8 bits take about 40 bytes, not 128."""
     values = np.asarray(values, np.float32)
     blocks = [struct.pack("<B", 0) + values.astype("<f4").tobytes()]
     with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf, which the test refuses
@@ -302,9 +302,11 @@ def _read_float_block(r, n):
     e, w = r.unpack("<hB")
     if not (GRID_EXPONENTS[0] <= e <= GRID_EXPONENTS[1] and w <= MAX_GRID_BITS):
         raise ValueError(f"a grid of step 2**{e} and {w}-bit codes (at most {MAX_GRID_BITS})")
+    if n << w >= 1 << 62:  # the running sums below could leave int64
+        raise ValueError(f"a grid of {n} codes of {w} bits: sums past 2**62")
     bits = np.unpackbits(np.frombuffer(r.take((n * w + 7) // 8), np.uint8))[:n * w].reshape(n, w)
     codes = bits.astype(np.int64) @ (np.int64(1) << np.arange(w - 1, -1, -1, dtype=np.int64))
-    n_values = np.cumsum(np.where(codes % 2 == 0, codes // 2, -(codes + 1) // 2))  # |each| < 2**41: no overflow
+    n_values = np.cumsum(np.where(codes % 2 == 0, codes // 2, -(codes + 1) // 2))  # |each sum| < n 2**w < 2**62
     exact = np.ldexp(n_values.astype(np.float64), e)  # exact: the integers have at most 53 bits
     values = exact.astype(np.float32)
     if np.abs(n_values).max(initial=0) >= 2 ** 53 or not np.array_equal(values.astype(np.float64), exact):
@@ -950,6 +952,8 @@ def _deflate_header(header):
 
 def _header(r):
     raw = bytes(r.take(len(r.buf)))
+    if r.since("header dictionary") and not (len(raw) >= 2 and raw[1] & 0x20):  # RFC 1950's FDICT flag
+        raise ValueError("header is not zlib data primed with the format's dictionary")
     if r.since("zlib header"):
         inflate = zlib.decompressobj(zdict=HEADER_DICTIONARY) if r.since("header dictionary") else zlib.decompressobj()
         try:

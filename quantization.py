@@ -265,7 +265,7 @@ def grid_tables(net, cfg, quantized, report):
     codebook, and its shared biases, rounded to a power-of-two grid on which its largest value
     takes codebook_bits bits (quantize.round_to_grid); stage 3 then stores a table as small
     integers. LeNet-5's 32-centroid convs spend 128 bytes a codebook on 178 and 1,444 weights;
-    on an 8-bit grid about 36. Done last, so that what is evaluated is what the file holds."""
+    on an 8-bit grid about 40. Done last, so that what is evaluated is what the file holds."""
     if not cfg["codebook_bits"]:
         return
     for name, m in masked_layers(net):

@@ -235,6 +235,12 @@ def test_a_flipped_bit_in_each_section_is_caught(small_file, where):
         assert "CRC" in message or "truncated" in message or "end marker" in message
 
 
+def primed(raw):
+    """A header payload: `raw` deflated with the format's preset dictionary."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_DEFAULT_STRATEGY, dcfile.HEADER_DICTIONARY)
+    return deflate.compress(raw) + deflate.flush()
+
+
 def quant_fields(payload):
     """Offset of the span byte in a 'Q' payload (index dtype, mask dtype, k, codebook), and
     the offset where the streams begin."""
@@ -293,12 +299,13 @@ def test_hostile_counts_are_rejected_before_allocating(small_file):
     fails(rebuild(small_file, {2: raw + b"\x00"}), "stray")
     header = header_of(secs)
     huge = dict(header, model=dict(name="lenet_300_100", kwargs={"in_shape": [1, 2**20, 2**20]}))
-    fails(rebuild(small_file, {0: zlib.compress(json.dumps(huge).encode())}), "elements")
+    fails(rebuild(small_file, {0: primed(json.dumps(huge).encode())}), "elements")
     unknown = dict(header, model=dict(name="gpt", kwargs={}))
-    fails(rebuild(small_file, {0: zlib.compress(json.dumps(unknown).encode())}), "cannot build")
-    fails(rebuild(small_file, {0: zlib.compress(b"\xff{")}), "JSON")
+    fails(rebuild(small_file, {0: primed(json.dumps(unknown).encode())}), "cannot build")
+    fails(rebuild(small_file, {0: primed(b"\xff{")}), "JSON")
     fails(rebuild(small_file, {0: b"\xff{"}), "zlib")
-    fails(rebuild(small_file, {0: zlib.compress(b" " * (dcfile.MAX_HEADER + 1))}), "at most")  # a zip bomb
+    fails(rebuild(small_file, {0: b"\x78\xbb"}), "zlib")  # the FDICT flag, then no stream
+    fails(rebuild(small_file, {0: primed(b" " * (dcfile.MAX_HEADER + 1))}), "at most")  # a zip bomb
     fails(rebuild(small_file, {0: secs[0][2] + b"\x00"}), "one zlib stream")
     fails(rebuild(small_file, {len(secs) - 1: struct.pack("<I", 3)}), "end marker")
     bad_code = bytearray(q)
@@ -501,14 +508,15 @@ def test_float_block_known_answer():
 @given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=40), st.booleans())
 def test_float_block_round_trip_bit_for_bit(values, gridded):
     values = np.array(values, np.float32)
+    on_grid = None
     if gridded and len(values) and np.isfinite(values).all():
         t = torch.from_numpy(values.copy())
-        quantize.round_to_grid(t, 8)
+        on_grid = quantize.round_to_grid(t, 8)  # None where every value is 0 (and left as it was)
         values = t.numpy()
     raw = dcfile._float_block(values)
     assert len(raw) <= 1 + 4 * len(values)
     np.testing.assert_array_equal(read_float_block(raw, len(values)).view(np.uint32), values.view(np.uint32))
-    if gridded and len(values) and np.isfinite(values).all():
+    if on_grid is not None:
         assert raw[0] == 2 or len(values) < 3  # 8-bit integers beat 32-bit floats from three values
 
 
@@ -521,6 +529,8 @@ def test_hostile_float_blocks_are_rejected():
                        (bytes([2]) + struct.pack("<hB", -200, 2) + bytes([0b10000000]), "cannot hold")):  # 2**-200
         with pytest.raises(ValueError, match=match):
             read_float_block(raw, 1)
+    with pytest.raises(ValueError, match="sums past"):  # 2**23 codes of 40 bits could wrap int64 running sums
+        read_float_block(bytes([2]) + struct.pack("<hB", 0, 40), 2 ** 23)
 
 
 def test_gridded_codebooks_and_tables_take_a_few_bits_a_value():
@@ -550,4 +560,6 @@ def test_header_dictionary():
     # a version-7 file's header is plain zlib, and still reads
     _, old_header = dcfile.decode_bytes(as_version7(blob))
     assert old_header == header_json(header)
-    fails(rebuild(blob, {0: zlib.compress(b"[]")}), "lacks the model")
+    fails(rebuild(blob, {0: zlib.compress(json.dumps(header_json(header)).encode())}), "dictionary")
+    fails(rebuild(blob, {0: dcfile._deflate_header("[]")}), "lacks the model")
+    fails(rebuild(blob, {0: b"x"}), "dictionary")

@@ -59,6 +59,7 @@ data_root = ""              # where the data sets are ('' = the folder the prune
 threads = 1                 # torch CPU threads (the machine is shared)
 out = "bench/results/peer_nncodec.json"  # where the figures are written
 doc = "docs/experiments.md"  # whose peer_nncodec block gets the table ('' = leave it)
+readme = "README.md"        # whose nncodec block gets the summary, a row per recipe ('' = leave it)
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -287,6 +288,27 @@ def table(rows):
     return "\n".join(lines)
 
 
+def summary(rows):
+    """The README's table: a row per recipe, the means over its seeds of the bytes of the
+    quantized layers under each coder, and ANS against NNCodec's two figures."""
+    lines = ["| recipe | ours, Huffman B | ours, ANS B | NNCodec lossless B | ANS vs NNCodec lossless "
+             "| NNCodec's pipeline B, at our validation accuracy | ANS vs NNCodec's pipeline |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        rs = [r for r in rows if r["recipe"] == recipe]
+        mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
+        ans, lossless = mean(lambda r: r["ours"]["ans"]["bytes"]), mean(lambda r: r["nncodec_lossless"]["bytes"])
+        piped = [r for r in rs if r["nncodec_pipeline"] and r["nncodec_pipeline"]["reached"]]
+        pipe = sum(r["nncodec_pipeline"]["bytes"] for r in piped) / len(piped) if piped else None
+        ans_piped = sum(r["ours"]["ans"]["bytes"] for r in piped) / len(piped) if piped else None
+        seeds = f" ({len(rs)} seeds)" if len(rs) > 1 else ""
+        lines.append(f"| {recipe}{seeds} | {mean(lambda r: r['ours']['huffman']['bytes']):,.0f} | {ans:,.0f} "
+                     f"| {lossless:,.0f} | {100 * (ans / lossless - 1):+.1f}% | "
+                     + (f"{pipe:,.0f}" + (f" ({len(piped)} of {len(rs)} seeds)" if len(piped) < len(rs) else "")
+                        + f" | {100 * (ans_piped / pipe - 1):+.1f}% |" if piped else "- | - |"))
+    return "\n".join(lines)
+
+
 def prepare(cfg, i, run, folder):
     """Decode the shipped file of results row `run`, measure our coders on it and write the
     worker's inputs to folder: ranks{i}.npz, and pruned{i}.npz (stage 1's weights of the same
@@ -421,6 +443,8 @@ def main(cfg):
     print(table(rows))
     if cfg["doc"]:
         replace_block(cfg["doc"], block(result), "<!-- peer_nncodec:begin -->", "<!-- peer_nncodec:end -->")
+    if cfg["readme"]:
+        replace_block(cfg["readme"], summary(rows), "<!-- nncodec:begin -->", "<!-- nncodec:end -->")
     print(f"CPU: {result['cpu']}, {cfg['threads']} thread(s), load average {load_before[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}; NNCodec {answer['nncodec']}; wrote {cfg['out']}")
 

@@ -149,3 +149,17 @@ def test_table_marks_a_pipeline_that_does_not_reach_ours():
     assert "| 10,552 | 8,251 | 9,179 (integer) | -10.1% | -22, 8,069, 98.53% / 98.68% (best: none reached ours; " \
            "stage 1 98.47%) | 98.63% / 98.85% |" in lines[2]
     assert "| -10.1% | - | 98.63%" in lines[3]
+
+
+def test_summary_means_a_recipe_over_its_seeds():
+    def row(recipe, seed, huffman, ans, lossless, pipeline):
+        return dict(recipe=recipe, seed=seed, ours=dict(huffman=dict(bytes=huffman), ans=dict(bytes=ans)),
+                    nncodec_lossless=dict(bytes=lossless),
+                    nncodec_pipeline=pipeline and dict(bytes=pipeline[0], reached=pipeline[1]))
+    rows = [row("a", 0, 120, 90, 100, (150, True)), row("a", 1, 140, 110, 100, (100, False)),
+            row("b", 0, 10, 8, 8, None)]
+    lines = peer_nncodec.summary(rows).splitlines()
+    assert len(lines) == 4
+    # a: ANS 100 against lossless 100; the pipeline only where it reached our accuracy (seed 0: 90 vs 150)
+    assert lines[2] == "| a (2 seeds) | 130 | 100 | 100 | +0.0% | 150 (1 of 2 seeds) | -40.0% |"
+    assert lines[3] == "| b | 10 | 8 | 8 | +0.0% | - | - |"

@@ -105,7 +105,7 @@ def blocks(text):
 def test_generated_blocks_are_what_their_scripts_write():
     readme = blocks(open(os.path.join(ROOT, "README.md")).read())
     doc = blocks(open(os.path.join(ROOT, "docs", "experiments.md")).read())
-    assert set(readme) == {"results", "networks"}
+    assert set(readme) == {"results", "networks", "nncodec"}
     assert readme["results"] == results_table.table(json.load(open(RESULTS))["rows"])
     inference = bench_inference.recorded(os.path.join(ROOT, "bench", "results"))
     assert inference and readme["networks"] == bench_inference.networks_block(
@@ -116,8 +116,8 @@ def test_generated_blocks_are_what_their_scripts_write():
     assert set(doc) == {"coders", "context_models", "inference", "peer_nncodec"} | {f"levers:{name}" for name in recorded}
     assert doc["context_models"] == context_models.block(json.load(open(os.path.join(ROOT, "bench", "results",
                                                                                       "context_models.json"))))
-    assert doc["peer_nncodec"] == peer_nncodec.block(json.load(open(os.path.join(ROOT, "bench", "results",
-                                                                                  "peer_nncodec.json"))))
+    peer = json.load(open(os.path.join(ROOT, "bench", "results", "peer_nncodec.json")))
+    assert doc["peer_nncodec"] == peer_nncodec.block(peer) and readme["nncodec"] == peer_nncodec.summary(peer["rows"])
     for name, done in recorded.items():
         assert doc[f"levers:{name}"] == levers.lever_table(done["runs"], done["chosen"], done["budget"]), name
     assert doc["coders"] == coders.block(json.load(open(os.path.join(ROOT, "bench", "results", "coders.json"))))

@@ -239,6 +239,7 @@ def _read_stream(r, count, alphabet):
 FLOAT_FORMS = ("float32", "float16", "grid")  # a float block's form byte: its position here
 GRID_EXPONENTS = (-200, 200)  # a grid's step 2**e: e in this range (float32 spans 2**-149 .. 2**127)
 MAX_GRID_BITS = 40            # bits of one zig-zag code at most (the encoder's integers are below 2**38)
+GRID_CHUNK = 1 << 16          # codes packed at a time (a multiple of 8: each chunk ends on a byte)
 
 
 def _zigzag(d):
@@ -250,7 +251,8 @@ def _grid(values):
     """float32 values (n,) as integers on one power-of-two grid: (e, n int64) with each value
     exactly n * 2**e, e the largest exponent that makes every n an integer; None where no grid
     holds them all (a NaN, an infinity, a -0.0, or integers of more than MAX_GRID_BITS bits)."""
-    v = values.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # exact; a signalling NaN stays a NaN
+        v = values.astype(np.float64)
     if not np.isfinite(v).all() or np.signbit(v[v == 0]).any():
         return None
     nonzero = v[v != 0]
@@ -284,8 +286,12 @@ def _float_block(values):
         e, n = grid
         codes = _zigzag(np.diff(n, prepend=0))
         w = int(codes.max()).bit_length() if len(codes) else 0
-        bits = ((codes[:, None] >> np.arange(w - 1, -1, -1, dtype=np.uint64)) & 1).astype(np.uint8)
-        blocks.append(struct.pack("<BhB", 2, e, w) + np.packbits(bits.reshape(-1)).tobytes())
+        # only where it can be the smallest, and within the decoder's bound on the running sums
+        if 4 + (len(codes) * w + 7) // 8 < min(map(len, blocks)) and len(codes) << w < 1 << 62:
+            shifts = np.arange(w - 1, -1, -1, dtype=np.uint64)
+            packed = [np.packbits(((chunk[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1))
+                      for chunk in np.split(codes, range(GRID_CHUNK, len(codes), GRID_CHUNK))]  # w bytes per 8 codes
+            blocks.append(struct.pack("<BhB", 2, e, w) + b"".join(p.tobytes() for p in packed))
     return min(blocks, key=len)
 
 
@@ -304,11 +310,15 @@ def _read_float_block(r, n):
         raise ValueError(f"a grid of step 2**{e} and {w}-bit codes (at most {MAX_GRID_BITS})")
     if n << w >= 1 << 62:  # the running sums below could leave int64
         raise ValueError(f"a grid of {n} codes of {w} bits: sums past 2**62")
-    bits = np.unpackbits(np.frombuffer(r.take((n * w + 7) // 8), np.uint8))[:n * w].reshape(n, w)
+    raw = r.take((n * w + 7) // 8)
+    if w == 0:  # every value 0
+        return np.zeros(n, np.float32)
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8))[:n * w].reshape(n, w)
     codes = bits.astype(np.int64) @ (np.int64(1) << np.arange(w - 1, -1, -1, dtype=np.int64))
     n_values = np.cumsum(np.where(codes % 2 == 0, codes // 2, -(codes + 1) // 2))  # |each sum| < n 2**w < 2**62
     exact = np.ldexp(n_values.astype(np.float64), e)  # exact: the integers have at most 53 bits
-    values = exact.astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        values = exact.astype(np.float32)
     if np.abs(n_values).max(initial=0) >= 2 ** 53 or not np.array_equal(values.astype(np.float64), exact):
         raise ValueError(f"a grid value (integer times 2**{e}) that float32 cannot hold")
     return values

@@ -271,8 +271,9 @@ def grid_tables(net, cfg, quantized, report):
     for name, m in masked_layers(net):
         if name in quantized:
             round_to_grid(m.codebook, cfg["codebook_bits"])
-            if "bias_values" in quantized[name]:
+            if "bias_values" in quantized[name]:  # (shared values closer than a step become one)
                 round_to_grid(m.bias, cfg["codebook_bits"])
+                quantized[name]["bias_values"] = len(m.bias.detach().unique())
     report(f"After rounding the tables to {cfg['codebook_bits']}-bit grids", "gridded")
 
 

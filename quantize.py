@@ -325,11 +325,15 @@ def round_to_grid(tensors, bits):
     0.4% of the largest |centroid|, a 3-bit codebook's clusters are 25% of it apart.
     -0.0 becomes 0.0. Returns e, or None where every value is 0 (nothing changes)."""
     tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
-    e = grid_step(torch.cat([t.detach().reshape(-1) for t in tensors]), bits)
+    values = torch.cat([t.detach().reshape(-1) for t in tensors])
+    if not torch.isfinite(values).all():
+        raise ValueError("values to put on a grid must be finite (a NaN or infinity is among them)")
+    e = grid_step(values, bits)
     if e is not None:
+        top = float(math.floor(torch.finfo(torch.float32).max / 2.0 ** e))  # float32's largest is not rounded past
         with torch.no_grad():
             for t in tensors:  # n * 2**e: exact in float32 for |n| < 2**24; + 0.0 drops the sign of a zero
-                t.copy_(torch.round(t.double() / 2.0 ** e).mul_(2.0 ** e).add_(0.0).to(t.dtype))
+                t.copy_(torch.round(t.double() / 2.0 ** e).clamp_(-top, top).mul_(2.0 ** e).add_(0.0).to(t.dtype))
     return e
 
 

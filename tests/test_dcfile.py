@@ -520,6 +520,16 @@ def test_float_block_round_trip_bit_for_bit(values, gridded):
         assert len(raw) <= 4 + (11 * len(values) + 7) // 8
 
 
+def test_long_float_blocks_round_trip():
+    # codes packed in chunks: more values than one chunk, on a grid of 12 bits
+    values = (np.random.default_rng(0).integers(-2048, 2048, dcfile.GRID_CHUNK * 3 + 5) / 1024).astype(np.float32)
+    raw = dcfile._float_block(values)
+    assert raw[0] == 2 and len(raw) < 2 * len(values)
+    np.testing.assert_array_equal(read_float_block(raw, len(values)), values)
+    zeros = read_float_block(dcfile._float_block(np.zeros(1 << 20, np.float32)), 1 << 20)
+    assert zeros.dtype == np.float32 and not zeros.any()
+
+
 def test_hostile_float_blocks_are_rejected():
     for raw, match in ((bytes([3]), "form 3"), (bytes([2]) + struct.pack("<hB", 500, 1) + b"\0", "grid of step"),
                        (bytes([2]) + struct.pack("<hB", 0, 41) + bytes(6), "grid of step"),

@@ -16,6 +16,10 @@ def test_stages_1_2_3_and_decode(tmp_path, fake_mnist, capsys):
     assert r.returncode == 0, r.stderr
     r = run_script("quantization.py", "--finetune_epochs=1", "--bias_bits=3", *common)
     assert r.returncode == 0, r.stderr
+    # shared biases on their 8-bit grid (codebook_bits): the checkpoint counts what is left
+    ckpt = util.load_checkpoint(os.path.join(out, "lenet_300_100_quantized.pt"), "quantized", "cpu", "")
+    for name in ("fc1", "fc2", "fc3"):
+        assert ckpt["quantized"][name]["bias_values"] == len(ckpt["state_dict"][f"{name}.bias"].unique()) <= 8
     r = run_script("huffman_encode.py", *common)
     assert r.returncode == 0, r.stderr
     assert "equal the quantized checkpoint's bit for bit" in r.stdout

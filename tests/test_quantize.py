@@ -310,6 +310,11 @@ def test_round_to_grid_known_answers():
     assert quantize.round_to_grid([a, b], 2) == 0 and a.tolist() == [1.0, 0.0] and b.tolist() == [-3.0]
     zeros = torch.zeros(3)
     assert quantize.round_to_grid(zeros, 8) is None and zeros.tolist() == [0.0] * 3
+    top = torch.tensor([torch.finfo(torch.float32).max, 1.0])  # rounds down, not past float32 to inf
+    quantize.round_to_grid(top, 8)
+    assert torch.isfinite(top).all() and top[0] > 0.99 * torch.finfo(torch.float32).max
+    with pytest.raises(ValueError, match="finite"):
+        quantize.round_to_grid(torch.tensor([1.0, float("nan")]), 8)
 
 
 @settings(max_examples=50, deadline=None)

@@ -824,7 +824,7 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
                 groups[members[0]] = (payload, names)
 
     header = json.dumps(dict(model=model_args, quantized=quantized, **(info or {})), separators=(",", ":"))
-    parts = [MAGIC, struct.pack("<H", VERSION), _section("H", _deflate_header(header))]
+    parts = [MAGIC, struct.pack("<H", VERSION), _section("H", _deflate_header(header.encode("utf-8")))]
     rows, grouped = [], {n for _, names in groups.values() for n in names}
     for pos, (kind, name, shape, clusters) in enumerate(sections):
         if kind == "Q":
@@ -954,10 +954,10 @@ HEADER_DICTIONARY = (
     b'"test_batch_size":1000},"settings":{"index_bits":{"*":0},"coder":"ans"}}')
 
 
-def _deflate_header(header):
-    """The header's JSON text -> its version-8 zlib stream (level 9, HEADER_DICTIONARY)."""
+def _deflate_header(raw):
+    """The header's UTF-8 JSON bytes -> its version-8 zlib stream (level 9, HEADER_DICTIONARY)."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
-    return deflate.compress(header.encode("utf-8")) + deflate.flush()
+    return deflate.compress(raw) + deflate.flush()
 
 
 def _header(r):

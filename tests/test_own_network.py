@@ -190,7 +190,7 @@ def test_a_hostile_header_imports_nothing(tmp_path, registry):
     header = dcfile.decode_bytes(blob)[1]
     for name in ("os:system", f"{tmp_path}/evil.py:run", "subprocess:run", "evil:run"):
         hostile = rebuild(blob, {0: dcfile._deflate_header(json.dumps({**header, "model": {**header["model"],
-                                                                                         "name": name}}))})
+                                                                                         "name": name}}).encode())})
         before = set(sys.modules)
         with pytest.raises(dcfile.FormatError, match="whose code runs only when you name it") as e:
             dcfile.decode_bytes(hostile)

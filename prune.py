@@ -35,27 +35,45 @@ def masked_weight(layer):
     return out
 
 
+def variational_output(layer, x, op):
+    """A training step's output of a layer under sparse variational dropout (Molchanov et al.
+    2017, section 4.2): each weight is Gaussian, mean `weight`, variance exp(`log_sigma2`), and
+    the local reparameterization trick samples the pre-activations instead of the weights,
+    mean op(x, w) and variance op(x^2, sigma^2), one draw per example. op(x, w, bias) is the
+    layer's linear map. The mask does not enter: a weight whose noise has grown past the
+    threshold is noise, and the mask that drops it is read in evaluation only."""
+    mean = op(x, layer.weight, layer.bias)
+    var = op(x * x, torch.exp(layer.log_sigma2), None)
+    return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+
+
 class MaskedLinear(nn.Linear):
     """nn.Linear whose weight (out, in) is multiplied by a 0/1 `mask` buffer of the same shape."""
-    splice = False  # True while dynamic network surgery retrains the layer
+    splice = False       # True while dynamic network surgery retrains the layer
+    variational = False  # True while sparse variational dropout trains it (a log_sigma2 parameter)
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.register_buffer("mask", torch.ones_like(self.weight))
 
     def forward(self, x):  # x: (N, *, in) -> (N, *, out)
+        if self.variational and self.training:
+            return variational_output(self, x, F.linear)
         return F.linear(x, masked_weight(self), self.bias)
 
 
 class MaskedConv2d(nn.Conv2d):
     """nn.Conv2d whose weight (out, in/groups, kh, kw) is multiplied by a 0/1 `mask` buffer."""
     splice = False
+    variational = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("mask", torch.ones_like(self.weight))
 
     def forward(self, x):  # x: (N, C, H, W)
+        if self.variational and self.training:
+            return variational_output(self, x, self._conv_forward)
         return self._conv_forward(x, masked_weight(self), self.bias)
 
 
@@ -343,6 +361,89 @@ def input_units(w, groups=1):
     out, per_group = w.shape[0], w.shape[1]
     w = w.reshape(groups, out // groups, per_group, -1)  # (group, filter in group, channel in group, kernel)
     return w.permute(0, 2, 1, 3).reshape(groups * per_group, -1)
+
+
+# --- sparse variational dropout (Molchanov, Ashukha & Vetrov 2017) ---------------------------
+
+LOG_ALPHA_RANGE = (-10.0, 10.0)  # log alpha is clipped here, as in the paper's code: past 10 a weight is
+                                 # noise whatever its value, and the KL term's gradient there is ~0
+VD_KL = (0.63576, 1.87320, 1.48695)  # k1, k2, k3 of the paper's fit of the KL term (eq. 14)
+VD_INIT_LOG_SIGMA2 = -10.0       # every weight starts nearly deterministic: the trained network, noise-free
+
+
+def log_alpha(layer):
+    """log alpha = log sigma^2 - log theta^2 of each weight (the weight's shape), clipped to
+    LOG_ALPHA_RANGE: alpha is the weight's noise-to-signal ratio, and a weight with a large
+    alpha can be dropped without changing the expected output (Molchanov et al. section 4.3)."""
+    return torch.clamp(layer.log_sigma2 - torch.log(layer.weight * layer.weight + 1e-8), *LOG_ALPHA_RANGE)
+
+
+def variational_kl(log_a):
+    """The KL divergence of each weight's posterior from the log-uniform prior (a tensor of
+    log alpha -> the same shape), by the paper's approximation (eq. 14):
+        KL = k1 - k1 sigmoid(k2 + k3 log alpha) + log(1 + 1/alpha) / 2,
+    0 as alpha -> infinity (a dropped weight costs nothing) and large for a precise weight."""
+    k1, k2, k3 = VD_KL
+    return k1 - k1 * torch.sigmoid(k2 + k3 * log_a) + 0.5 * F.softplus(-log_a)
+
+
+class VariationalDropout:
+    """Pruning by sparse variational dropout (Molchanov et al. 2017): every chosen layer gets a
+    `log_sigma2` parameter (its weight's shape, at VD_INIT_LOG_SIGMA2) and trains as a Gaussian
+    posterior over its weights, the loss per example the cross-entropy plus `beta` x KL / n
+    (the evidence lower bound for beta = 1, n the training images). The KL pulls alpha up on
+    the weights the data do not need; those past `threshold` (log alpha) are pruned.
+
+    Used as fit's after_step (the masks follow log alpha after every step, so evaluation sees
+    the pruned network; the KL's weight rises linearly from 0 over `ramp_steps`, as in the
+    paper's code, so that the network first fits under noise) and `penalty` (the KL term).
+    `finish` ends it: weights past the threshold zeroed, log_sigma2 removed. layers: [(name,
+    masked layer)]."""
+
+    def __init__(self, layers, threshold, beta, n, ramp_steps):
+        self.layers, self.threshold, self.beta, self.n, self.ramp_steps = layers, threshold, beta, n, ramp_steps
+        self.step = 0
+        for _, m in layers:
+            m.log_sigma2 = nn.Parameter(torch.full_like(m.weight, VD_INIT_LOG_SIGMA2))
+            m.variational = True
+        self.update_masks()
+
+    def parameters(self):
+        """The log_sigma2 parameters, which take no weight decay (the KL is their prior)."""
+        return [m.log_sigma2 for _, m in self.layers]
+
+    def kl_weight(self):
+        return self.beta * min(1.0, self.step / self.ramp_steps) if self.ramp_steps > 0 else self.beta
+
+    def penalty(self):
+        """beta x ramp x KL / n: the KL term's share of one example's loss (a scalar tensor)."""
+        return self.kl_weight() / self.n * sum(variational_kl(log_alpha(m)).sum() for _, m in self.layers)
+
+    def update_masks(self):
+        with torch.no_grad():
+            for _, m in self.layers:
+                m.mask.copy_((log_alpha(m) < self.threshold).to(m.mask.dtype))
+
+    def __call__(self):
+        self.step += 1
+        self.update_masks()
+
+    def state_dict(self):
+        return dict(step=self.step)
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self.update_masks()
+
+    def finish(self):
+        """Prune the weights past the threshold (zeroed, as every pruned weight is) and turn the
+        layers back into plain masked ones: the checkpoint holds no log_sigma2."""
+        self.update_masks()
+        for _, m in self.layers:
+            with torch.no_grad():
+                m.weight.mul_(m.mask)
+            del m.log_sigma2
+            m.variational = False
 
 
 PRUNE_METHODS = {"std": prune_by_std, "percentile": prune_by_percentile, "global": prune_global,

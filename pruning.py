@@ -21,8 +21,8 @@ import training
 import util
 from datasets import AUGMENTS, DATASETS, DataSpec, data_shape, folder_classes, imagenet_folders, load_data
 from models import PRETRAINED, build_model, check_model, file_stem, model_kind, recorded_name, teacher_from, unmaskable
-from prune import (PRUNE_METHODS, GradualSurgery, erk_densities, finish_surgery, group_lasso_penalty, masked_layers,
-                   per_layer, prune_by_percentile, surgery_step)
+from prune import (PRUNE_METHODS, GradualSurgery, VariationalDropout, erk_densities, finish_surgery, group_lasso_penalty,
+                   masked_layers, per_layer, prune_by_percentile, surgery_step)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # a network of models.MODELS, torchvision.<builder>, path/to/file.py:factory or
@@ -55,8 +55,9 @@ group_lasso = {"*": 0.0}    # per layer: group-lasso strength on whole units whi
 weight_decay = 5e-4         # L2 penalty in dense training
 retrain_weight_decay = 5e-4 # L2 penalty while the pruned network retrains
 optimizer = "sgd"           # adam | sgd (momentum 0.9, Nesterov)
+retrain_optimizer = ""      # the pruned network's: adam | sgd ('' = optimizer); vd needs adam
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
-prune_method = "dns"        # std | percentile | global | dns (dynamic network surgery)
+prune_method = "dns"        # std | percentile | global | dns (dynamic network surgery) | vd (variational dropout)
 prune_layers = "all"        # all | fc | conv: the layers pruned
 sensitivity = {"*": 2.8, "fc3": 1.4}  # per layer, std and dns: threshold = sensitivity x std of the weights
 percent = {"*": 90.0}       # per layer, percentile and global: percent of surviving weights pruned
@@ -65,6 +66,9 @@ dns_band = 0.1              # dns: weights within +-band x threshold keep their 
 dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | density (held per layer)
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
+vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
+vd_threshold = 3.0          # vd: at the end, prune the weights whose log alpha (noise / signal) is above this
+vd_ramp = 0.1               # vd: fraction of retraining over which the KL term's weight rises from 0
 max_drop = 0.0              # > 0: the automatic recipe: erk_alive searched on validation, the sparsest whose network
                             # stays within max_drop / 2 points of dense (quantization.py spends the other half)
 search_probes = 4           # max_drop: densities tried, each retrained retrain_epochs / search_probes epochs
@@ -76,14 +80,17 @@ device = "auto"             # auto (CUDA if available) | cpu | cuda | cuda:N
 SETTINGS = util.settings_from(globals())
 
 
+METHODS = (*PRUNE_METHODS, "vd")  # vd: a VariationalDropout, which learns the masks while it trains
+
+
 def check_settings(cfg):
     """Reject bad settings before any work, each with one line that names the fix."""
     kind = check_model(cfg["model"])
     util.require(kind != "registered" or not cfg["model_args"],
                  f"model_args applies to torchvision.<builder> and factory networks, not {cfg['model']}")
     util.require(cfg["dataset"] in DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
-    util.require(cfg["prune_method"] in PRUNE_METHODS,
-                 f"unknown prune_method {cfg['prune_method']!r}; choose one of {', '.join(PRUNE_METHODS)}")
+    util.require(cfg["prune_method"] in METHODS,
+                 f"unknown prune_method {cfg['prune_method']!r}; choose one of {', '.join(METHODS)}")
     util.require(cfg["prune_layers"] in ("all", "fc", "conv"),
                  f"unknown prune_layers {cfg['prune_layers']!r}; choose all, fc or conv")
     util.require(all(v >= 0 for v in cfg["sensitivity"].values()),
@@ -119,6 +126,18 @@ def check_settings(cfg):
     util.require(cfg["max_drop"] >= 0, f"max_drop must be >= 0 points (0 = the recipe's densities), got {cfg['max_drop']}")
     util.require(not cfg["max_drop"] or (not cfg["erk_alive"] and cfg["prune_iterations"] == 1),
                  "max_drop searches erk_alive itself: leave erk_alive at 0 and prune_iterations at 1")
+    util.require(cfg["retrain_optimizer"] in ("",) + training.OPTIMIZERS,
+                 f"unknown retrain_optimizer {cfg['retrain_optimizer']!r}; choose '' (= optimizer), "
+                 f"{', '.join(training.OPTIMIZERS)}")
+    if cfg["prune_method"] == "vd":
+        util.require((cfg["retrain_optimizer"] or cfg["optimizer"]) == "adam",
+                     "prune_method=vd trains each weight's log sigma^2 by Adam (its gradients are ~1e-5): set "
+                     "--retrain_optimizer=adam")
+        util.require(cfg["prune_iterations"] == 1 and not cfg["erk_alive"] and not cfg["max_drop"],
+                     "prune_method=vd chooses each layer's density itself: leave prune_iterations at 1 and erk_alive "
+                     "and max_drop at 0")
+        util.require(cfg["vd_beta"] > 0, f"vd_beta must be > 0, got {cfg['vd_beta']}")
+        util.require(0 <= cfg["vd_ramp"] <= 1, f"vd_ramp must be in [0, 1], got {cfg['vd_ramp']}")
     util.require(cfg["search_probes"] >= 1, f"search_probes must be >= 1, got {cfg['search_probes']}")
     util.require(cfg["dns_ramp"] == 0 or cfg["dns_threshold"] == "density",
                  f"dns_ramp ramps the held density: set --dns_threshold=density (got {cfg['dns_threshold']})")
@@ -307,23 +326,38 @@ def main(cfg):
     # recomputed on the survivors prunes further each cycle (section 3.3). Dynamic network
     # surgery instead re-evaluates the masks after every step of retraining.
     distill, penalty = retraining_terms(net, cfg, arch, snapshots, dev)
-    retrain_options = training.TrainOptions(cfg["optimizer"], cfg["schedule"], cfg["retrain_weight_decay"], precision)
+    retrain_options = training.TrainOptions(cfg["retrain_optimizer"] or cfg["optimizer"], cfg["schedule"],
+                                            cfg["retrain_weight_decay"], precision)
     # The automatic recipe first finds the densities on validation, then prunes there as a recipe would.
     search = search_alive(net, cfg, train, val, retrain_options, distill, penalty, progress, dev) \
         if cfg["max_drop"] else None
     if search:
         cfg = {**cfg, "erk_alive": search["alive"], "prune_method": "dns", "dns_threshold": "density"}
     for it in range(1, cfg["prune_iterations"] + 1):
-        thresholds = prune(net, cfg)
-        for name, t in thresholds.items():
-            print(f"Pruning with threshold : {t} for layer {name}")
+        if cfg["prune_method"] == "vd":
+            # Sparse variational dropout learns which weights matter while it retrains: a weight
+            # whose learned noise outgrows its value (log alpha > vd_threshold) is pruned at the end.
+            vd = VariationalDropout(masked_layers(net, cfg["prune_layers"]), cfg["vd_threshold"], cfg["vd_beta"],
+                                    len(train.y), round(cfg["vd_ramp"] * cfg["retrain_epochs"] * len(train)))
+            params = [{"params": [p for n, p in net.named_parameters() if not n.endswith("log_sigma2")]},
+                      {"params": vd.parameters(), "weight_decay": 0.0}]
+            after_step, terms = vd, [t for t in (penalty, vd.penalty) if t is not None]
+            print(f"Variational dropout on {len(vd.layers)} layers: KL weight {cfg['vd_beta']}, prune at log alpha "
+                  f"> {cfg['vd_threshold']}")
+        else:
+            thresholds = prune(net, cfg)
+            for name, t in thresholds.items():
+                print(f"Pruning with threshold : {t} for layer {name}")
+            params, after_step, terms = net.parameters(), surgery(net, cfg, thresholds, len(train)), [penalty]
         report("After pruning" + (f" (iteration {it})" if cfg["prune_iterations"] > 1 else ""), "pruned")
-        after_step = surgery(net, cfg, thresholds, len(train))
-        history[f"retrain{it}"] = training.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
+        history[f"retrain{it}"] = training.fit(net, params, train, val, cfg["retrain_epochs"],
                                                cfg["retrain_lr"], retrain_options, label=f"retrain{it}",
-                                               after_step=after_step, distill=distill, penalty=penalty,
+                                               after_step=after_step, distill=distill,
+                                               penalty=terms[0] if len(terms) == 1 else lambda: sum(t() for t in terms),
                                                progress=progress)
-        if after_step:
+        if isinstance(after_step, VariationalDropout):
+            after_step.finish()
+        elif after_step:
             finish_surgery(net)
         util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun
         report("After Retraining", "retrained")

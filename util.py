@@ -303,13 +303,14 @@ def best_time(fn, reps):
 # --- the per-layer table of the original run ------------------------------------------------
 
 def layer_stats(model):
-    """[{name, shape, total, nonzero}] for every parameter, in state-dict order. A masked
+    """[{name, shape, total, nonzero}] for every parameter of the network (not variational
+    dropout's log_sigma2, which the checkpoint does not keep), in state-dict order. A masked
     layer's weight counts as weight * mask (during dynamic network surgery the pruned
     weights are kept but do not compute)."""
     masks = {f"{n}.weight": m.mask for n, m in model.named_modules() if isinstance(getattr(m, "mask", None), torch.Tensor)}
     return [dict(name=n, shape=list(p.shape), total=p.numel(),
                  nonzero=int((p * masks[n] != 0).sum() if n in masks else (p != 0).sum()))
-            for n, p in model.named_parameters()]
+            for n, p in model.named_parameters() if not n.endswith(".log_sigma2")]  # variational dropout's noise
 
 
 def layer_table(stats):

@@ -1,5 +1,7 @@
 """prune.py: the threshold rules, dynamic network surgery, the Erdos-Renyi-kernel densities,
-the group lasso and dead units, on hand-made tensors with known answers."""
+the group lasso, dead units and sparse variational dropout, on hand-made tensors with known answers."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -254,3 +256,59 @@ def test_dead_units_keep_the_outputs_on_random_inputs(name):
     found = drop_dead_units(net)
     assert found["unread"] > 0 and found["constant"] > 0 and found["weights"] > 0 and found["biases"] > 0
     assert torch.allclose(net(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_log_alpha_and_the_kl_term_known_answers():
+    layer = MaskedLinear(3, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.1, 0.0]]))
+    layer.log_sigma2 = nn.Parameter(torch.zeros(1, 3))
+    la = prune.log_alpha(layer)
+    assert la.tolist()[0] == pytest.approx([-math.log(1 + 1e-8), -math.log(0.01 + 1e-8), 10.0], abs=1e-6)  # clipped
+    k1, k2, k3 = prune.VD_KL
+    for a in (-10.0, -1.0, 0.0, 3.0, 10.0):  # eq. 14 written out
+        expected = k1 - k1 / (1 + math.exp(-(k2 + k3 * a))) + 0.5 * math.log1p(math.exp(-a))
+        assert prune.variational_kl(torch.tensor(a, dtype=torch.float64)).item() == pytest.approx(expected, rel=1e-12)
+    kl = prune.variational_kl(torch.linspace(-10, 10, 101))
+    assert (kl[1:] < kl[:-1]).all() and kl[-1] < 1e-4  # noisier costs less; a dropped weight nothing
+
+
+def test_variational_output_mean_and_variance():
+    torch.manual_seed(0)
+    layer = MaskedLinear(2, 1, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        layer.bias.fill_(0.5)
+    layer.log_sigma2 = nn.Parameter(torch.log(torch.tensor([[0.25, 1.0]])))
+    layer.variational = True
+    x = torch.tensor([[1.0, 3.0]]).repeat(200_000, 1)
+    out = layer.train()(x)  # mean 2 - 3 + 0.5 = -0.5, variance 1 x 0.25 + 9 x 1 = 9.25
+    assert out.mean().item() == pytest.approx(-0.5, abs=0.02)
+    assert out.var().item() == pytest.approx(9.25, rel=0.02)
+    layer.mask[0, 1] = 0  # evaluation: the masked mean, no noise
+    assert torch.equal(layer.eval()(x[:2]), torch.full((2, 1), 2.5))
+
+
+def test_variational_dropout_masks_ramp_and_finish():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(4, 3), nn.ReLU(), MaskedConv2d(3, 2, 1))
+    fc, conv = model[0], model[2]
+    vd = prune.VariationalDropout([("0", fc), ("2", conv)], threshold=3.0, beta=0.5, n=100, ramp_steps=4)
+    assert fc.variational and conv.variational and fc.mask.all()  # log sigma^2 = -10: every weight precise
+    ramp = []
+    for _ in range(6):
+        vd()
+        ramp.append(vd.kl_weight())
+    assert ramp == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]  # beta x step / ramp_steps, then beta
+    with torch.no_grad():  # noise past the threshold on two weights of fc
+        fc.log_sigma2[0, 0] = torch.log(fc.weight[0, 0] ** 2) + 3.5
+        fc.log_sigma2[1, 2] = torch.log(fc.weight[1, 2] ** 2) + 2.5
+    expected = 0.5 / 100 * sum(prune.variational_kl(prune.log_alpha(m)).sum() for m in (fc, conv))
+    assert vd.penalty().item() == pytest.approx(expected.item())
+    vd()
+    assert fc.mask.sum() == 11 and fc.mask[0, 0] == 0 and fc.mask[1, 2] == 1
+    assert vd.state_dict() == {"step": 7}
+    vd.finish()
+    assert not fc.variational and not hasattr(fc, "log_sigma2") and fc.weight[0, 0] == 0
+    assert all(not k.endswith("log_sigma2") for k in model.state_dict())  # the checkpoint holds none
+    assert torch.equal((fc.weight != 0).float(), fc.mask)  # pruned weights are exact zeros

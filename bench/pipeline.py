@@ -47,7 +47,8 @@ reuse = False               # keep what a run's folder already holds: each stage
 ship = "bench/results/dc"   # each run's .dc file is copied here as {recipe}-seed{N}.dc, its sha256 recorded
                             # (bench/verify.py checks them); '' = not shipped
 overrides = {}              # {stage: {setting: value}} over the recipe for every run: collecting runs that took
-                            # an earlier dense network, e.g. "{'pruning': {'restart_epochs': 0}}"
+                            # an earlier dense network, e.g. "{'pruning': {'restart_epochs': 0}}"; '{seed}' in a
+                            # string becomes the run's seed: "{'pruning': {'init_from': 'out/a/seed{seed}/x.pt'}}"
 # -----------------------------------------------------------------------------
 SETTINGS = util.settings_from(globals())
 
@@ -71,10 +72,19 @@ def read_recipes(folder):
 STAGES = util.STAGES
 
 
+def for_seed(overrides, seed):
+    """`overrides` ({stage: {setting: value}}) with '{seed}' in each string value replaced by
+    the seed: each seed of a recipe can prune its own earlier dense network."""
+    return {stage: {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in settings.items()}
+            for stage, settings in (overrides or {}).items()}
+
+
 def commands(recipe, seed, cfg, overrides=None, folder=None, stages=STAGES):
     """The stage commands (argv lists) of one run of a recipe, and its folder: each stage reads
-    config/<recipe>.py, then this run's seed, folder and `overrides` ({stage: {setting: value}})."""
+    config/<recipe>.py, then this run's seed, folder and `overrides` ({stage: {setting: value}},
+    '{seed}' in a string the seed)."""
     folder = folder or os.path.join(cfg["out_dir"], recipe, f"seed{seed}")
+    overrides = for_seed(overrides, seed)
     path = os.path.relpath(os.path.join(cfg["recipe_dir"], recipe + ".py"))
     # A training stage killed earlier continues from its resume state (a finished one left none).
     per_stage = dict(pruning=dict(data_root=cfg["data_root"], seed=seed, resume=True),
@@ -106,7 +116,7 @@ def stages_done(folder, recipe, seed, overrides=None):
             got = json.load(open(os.path.join(folder, f"{model}_{suffix}.json")))["settings"]
         except (OSError, ValueError, KeyError, TypeError):
             return done
-        want = {**recipe[stage], **(overrides or {}).get(stage, {}),
+        want = {**recipe[stage], **for_seed(overrides, seed).get(stage, {}),
                 **({} if stage == "huffman_encode" else {"seed": seed})}
         if any(got.get(k) != v for k, v in want.items()):
             return done

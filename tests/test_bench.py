@@ -139,6 +139,23 @@ def test_byte_groups_of_a_residual_network():
     assert groups["header, version, end"]["bytes"] == 1000 - 30 - 90 - 90 - 45
 
 
+def test_pipeline_overrides_take_each_runs_seed(tmp_path):
+    overrides = {"pruning": {"init_from": "runs/a/seed{seed}/lenet5_caffe_initial.pt", "restart_epochs": 0}}
+    cfg = dict(out_dir=str(tmp_path), recipe_dir="config", data_root="data")
+    for seed in (0, 2):
+        folder, argv = pipeline.commands("lenet5_caffe", seed, cfg, overrides)
+        assert f"--init_from=runs/a/seed{seed}/lenet5_caffe_initial.pt" in argv[0]
+        assert "--restart_epochs=0" in argv[0] and not any("init_from" in a for a in argv[1])
+    recipe = dict(pruning=dict(model="lenet5_caffe"), quantization={}, huffman_encode={})
+    summary = dict(settings=dict(model="lenet5_caffe", seed=2, restart_epochs=0,
+                                 init_from="runs/a/seed2/lenet5_caffe_initial.pt"))
+    (tmp_path / "lenet5_caffe_pruned.json").write_text(json.dumps(summary))
+    assert pipeline.stages_done(str(tmp_path), recipe, 2, overrides) == 1  # its own seed's dense network
+    summary["settings"].update(seed=1, init_from="runs/a/seed1/lenet5_caffe_initial.pt")
+    (tmp_path / "lenet5_caffe_pruned.json").write_text(json.dumps(summary))
+    assert pipeline.stages_done(str(tmp_path), recipe, 2, overrides) == 0
+
+
 def test_pipeline_rejects_an_unknown_model(capsys):
     with pytest.raises(SystemExit) as exit_:
         util.run_stage(pipeline.main, pipeline.SETTINGS, ["--recipes=['vgg']"])

@@ -396,7 +396,8 @@ class VariationalDropout:
 
     Used as fit's after_step (the masks follow log alpha after every step, so evaluation sees
     the pruned network; the KL's weight rises linearly from 0 over `ramp_steps`, as in the
-    paper's code, so that the network first fits under noise) and `penalty` (the KL term).
+    paper's code, so that the network first fits under noise) and `penalty` (the KL term),
+    with no weight decay (the KL is the prior of the weights and of log_sigma2).
     `finish` ends it: weights past the threshold zeroed, log_sigma2 removed. layers: [(name,
     masked layer)]."""
 
@@ -407,10 +408,6 @@ class VariationalDropout:
             m.log_sigma2 = nn.Parameter(torch.full_like(m.weight, VD_INIT_LOG_SIGMA2))
             m.variational = True
         self.update_masks()
-
-    def parameters(self):
-        """The log_sigma2 parameters, which take no weight decay (the KL is their prior)."""
-        return [m.log_sigma2 for _, m in self.layers]
 
     def kl_weight(self):
         return self.beta * min(1.0, self.step / self.ramp_steps) if self.ramp_steps > 0 else self.beta

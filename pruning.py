@@ -55,7 +55,6 @@ group_lasso = {"*": 0.0}    # per layer: group-lasso strength on whole units whi
 weight_decay = 5e-4         # L2 penalty in dense training
 retrain_weight_decay = 5e-4 # L2 penalty while the pruned network retrains
 optimizer = "sgd"           # adam | sgd (momentum 0.9, Nesterov)
-retrain_optimizer = ""      # the pruned network's: adam | sgd ('' = optimizer); vd needs adam
 schedule = "cosine"         # learning-rate schedule within each phase: cosine | constant
 prune_method = "dns"        # std | percentile | global | dns (dynamic network surgery) | vd (variational dropout)
 prune_layers = "all"        # all | fc | conv: the layers pruned
@@ -66,9 +65,11 @@ dns_band = 0.1              # dns: weights within +-band x threshold keep their 
 dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | density (held per layer)
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
+vd_epochs = 30              # vd: epochs of variational training (Adam) that learn the masks; retraining follows
+vd_lr = 1e-3                # vd: its learning rate
 vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
 vd_threshold = 3.0          # vd: at the end, prune the weights whose log alpha (noise / signal) is above this
-vd_ramp = 0.1               # vd: fraction of retraining over which the KL term's weight rises from 0
+vd_ramp = 0.1               # vd: fraction of vd_epochs over which the KL term's weight rises from 0
 max_drop = 0.0              # > 0: the automatic recipe: erk_alive searched on validation, the sparsest whose network
                             # stays within max_drop / 2 points of dense (quantization.py spends the other half)
 search_probes = 4           # max_drop: densities tried, each retrained retrain_epochs / search_probes epochs
@@ -126,18 +127,13 @@ def check_settings(cfg):
     util.require(cfg["max_drop"] >= 0, f"max_drop must be >= 0 points (0 = the recipe's densities), got {cfg['max_drop']}")
     util.require(not cfg["max_drop"] or (not cfg["erk_alive"] and cfg["prune_iterations"] == 1),
                  "max_drop searches erk_alive itself: leave erk_alive at 0 and prune_iterations at 1")
-    util.require(cfg["retrain_optimizer"] in ("",) + training.OPTIMIZERS,
-                 f"unknown retrain_optimizer {cfg['retrain_optimizer']!r}; choose '' (= optimizer), "
-                 f"{', '.join(training.OPTIMIZERS)}")
     if cfg["prune_method"] == "vd":
-        util.require((cfg["retrain_optimizer"] or cfg["optimizer"]) == "adam",
-                     "prune_method=vd trains each weight's log sigma^2 by Adam (its gradients are ~1e-5): set "
-                     "--retrain_optimizer=adam")
         util.require(cfg["prune_iterations"] == 1 and not cfg["erk_alive"] and not cfg["max_drop"],
                      "prune_method=vd chooses each layer's density itself: leave prune_iterations at 1 and erk_alive "
                      "and max_drop at 0")
         util.require(cfg["vd_beta"] > 0, f"vd_beta must be > 0, got {cfg['vd_beta']}")
         util.require(0 <= cfg["vd_ramp"] <= 1, f"vd_ramp must be in [0, 1], got {cfg['vd_ramp']}")
+        util.require(cfg["vd_epochs"] >= 1, f"vd_epochs must be at least 1, got {cfg['vd_epochs']}")
     util.require(cfg["search_probes"] >= 1, f"search_probes must be >= 1, got {cfg['search_probes']}")
     util.require(cfg["dns_ramp"] == 0 or cfg["dns_threshold"] == "density",
                  f"dns_ramp ramps the held density: set --dns_threshold=density (got {cfg['dns_threshold']})")
@@ -243,6 +239,26 @@ def prune(net, cfg):
     return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"])
 
 
+def variational_dropout(net, cfg, train, val, precision, distill, penalty, progress):
+    """Prune by sparse variational dropout (Molchanov et al. 2017): vd_epochs of training in
+    which each weight of the pruned layers is a Gaussian with a learned variance, under the KL
+    term that pulls the variances of the weights the data do not need up; those whose log alpha
+    ends above vd_threshold are pruned, and retraining follows with the masks fixed. The log
+    variances move by about the learning rate per step whatever their gradient's scale, so this
+    phase trains with Adam, as the paper, and without weight decay (the KL is the weights' prior).
+    Returns the phase's history."""
+    vd = VariationalDropout(masked_layers(net, cfg["prune_layers"]), cfg["vd_threshold"], cfg["vd_beta"],
+                            len(train.y), round(cfg["vd_ramp"] * cfg["vd_epochs"] * len(train)))
+    print(f"Variational dropout on {len(vd.layers)} layers for {cfg['vd_epochs']} epochs: KL weight {cfg['vd_beta']}, "
+          f"prune at log alpha > {cfg['vd_threshold']}")
+    options = training.TrainOptions("adam", cfg["schedule"], 0.0, precision)
+    kl = vd.penalty if penalty is None else lambda: penalty() + vd.penalty()
+    history = training.fit(net, net.parameters(), train, val, cfg["vd_epochs"], cfg["vd_lr"], options, label="vd",
+                           after_step=vd, distill=distill, penalty=kl, progress=progress)
+    vd.finish()
+    return history
+
+
 def surgery(net, cfg, thresholds, steps_per_epoch):
     """Dynamic network surgery's mask update after every retraining step (Guo et al. 2016), or
     None for the other rules, whose masks stay fixed while the survivors retrain."""
@@ -326,8 +342,7 @@ def main(cfg):
     # recomputed on the survivors prunes further each cycle (section 3.3). Dynamic network
     # surgery instead re-evaluates the masks after every step of retraining.
     distill, penalty = retraining_terms(net, cfg, arch, snapshots, dev)
-    retrain_options = training.TrainOptions(cfg["retrain_optimizer"] or cfg["optimizer"], cfg["schedule"],
-                                            cfg["retrain_weight_decay"], precision)
+    retrain_options = training.TrainOptions(cfg["optimizer"], cfg["schedule"], cfg["retrain_weight_decay"], precision)
     # The automatic recipe first finds the densities on validation, then prunes there as a recipe would.
     search = search_alive(net, cfg, train, val, retrain_options, distill, penalty, progress, dev) \
         if cfg["max_drop"] else None
@@ -335,29 +350,19 @@ def main(cfg):
         cfg = {**cfg, "erk_alive": search["alive"], "prune_method": "dns", "dns_threshold": "density"}
     for it in range(1, cfg["prune_iterations"] + 1):
         if cfg["prune_method"] == "vd":
-            # Sparse variational dropout learns which weights matter while it retrains: a weight
-            # whose learned noise outgrows its value (log alpha > vd_threshold) is pruned at the end.
-            vd = VariationalDropout(masked_layers(net, cfg["prune_layers"]), cfg["vd_threshold"], cfg["vd_beta"],
-                                    len(train.y), round(cfg["vd_ramp"] * cfg["retrain_epochs"] * len(train)))
-            params = [{"params": [p for n, p in net.named_parameters() if not n.endswith("log_sigma2")]},
-                      {"params": vd.parameters(), "weight_decay": 0.0}]
-            after_step, terms = vd, [t for t in (penalty, vd.penalty) if t is not None]
-            print(f"Variational dropout on {len(vd.layers)} layers: KL weight {cfg['vd_beta']}, prune at log alpha "
-                  f"> {cfg['vd_threshold']}")
+            history["vd"] = variational_dropout(net, cfg, train, val, precision, distill, penalty, progress)
+            thresholds = {}
         else:
             thresholds = prune(net, cfg)
-            for name, t in thresholds.items():
-                print(f"Pruning with threshold : {t} for layer {name}")
-            params, after_step, terms = net.parameters(), surgery(net, cfg, thresholds, len(train)), [penalty]
+        for name, t in thresholds.items():
+            print(f"Pruning with threshold : {t} for layer {name}")
         report("After pruning" + (f" (iteration {it})" if cfg["prune_iterations"] > 1 else ""), "pruned")
-        history[f"retrain{it}"] = training.fit(net, params, train, val, cfg["retrain_epochs"],
+        after_step = surgery(net, cfg, thresholds, len(train))
+        history[f"retrain{it}"] = training.fit(net, net.parameters(), train, val, cfg["retrain_epochs"],
                                                cfg["retrain_lr"], retrain_options, label=f"retrain{it}",
-                                               after_step=after_step, distill=distill,
-                                               penalty=terms[0] if len(terms) == 1 else lambda: sum(t() for t in terms),
+                                               after_step=after_step, distill=distill, penalty=penalty,
                                                progress=progress)
-        if isinstance(after_step, VariationalDropout):
-            after_step.finish()
-        elif after_step:
+        if after_step:
             finish_surgery(net)
         util.same_on_every_rank([m.mask for _, m in masked_layers(net)], "the pruning masks")  # under torchrun
         report("After Retraining", "retrained")

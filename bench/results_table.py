@@ -45,6 +45,7 @@ def row(folder, model):
     dense["seconds"] = dense.get("seconds", 0) - sum(h["seconds"] for h in p.get("history", {}).get("restart", [])) \
         if s.get("init_from") else 0
     epochs = dense.get("epochs", 0) + s["prune_iterations"] * s["retrain_epochs"] + q["settings"]["finetune_epochs"] \
+        + len(p.get("history", {}).get("vd", [])) \
         + sum(probe["epochs"] for probe in (p.get("search") or {}).get("probes", []))  # the automatic recipe's
     quantized = q["accuracy"]["quantized"]
     dense_accuracy = p["accuracy"].get("dense", p["accuracy"].get("initial"))  # "initial": runs before the rename

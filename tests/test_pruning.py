@@ -114,10 +114,10 @@ def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
     out = tmp_path / "vd"  # a KL weight far past the ELBO's, so that two short epochs prune
     code, stdout, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
                                  f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=vd",
-                                 "--retrain_optimizer=adam", "--retrain_lr=0.05", "--retrain_epochs=2", "--batch_size=16",
-                                 "--vd_beta=200.0", "--vd_ramp=0.0", capsys=capsys)
+                                 "--vd_lr=0.05", "--vd_epochs=2", "--batch_size=16", "--vd_beta=200.0", "--vd_ramp=0.0",
+                                 "--retrain_epochs=1", "--retrain_lr=0.01", capsys=capsys)
     assert code == 0, err
-    assert "Variational dropout on 3 layers" in stdout and "log_sigma2" not in stdout
+    assert "Variational dropout on 3 layers for 2 epochs" in stdout and "log_sigma2" not in stdout
     state = util.load_checkpoint(str(out / "lenet_300_100_pruned.pt"), "pruned", torch.device("cpu"), "")["state_dict"]
     initial = util.load_checkpoint(str(dense / "lenet_300_100_initial.pt"), "initial", torch.device("cpu"),
                                    "")["state_dict"]
@@ -127,6 +127,7 @@ def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
         assert torch.equal(w != 0, m == 1), layer  # pruned weights are exact zeros
     assert state["fc1.mask"].mean() < 0.5  # the KL emptied most of fc1
     summary = json.loads((out / "lenet_300_100_pruned.json").read_text())
+    assert [len(summary["history"][k]) for k in ("vd", "retrain1")] == [2, 1]  # then retrained, masks fixed
     assert summary["params"]["total"] == sum(v.numel() for k, v in initial.items() if not k.endswith("mask"))
 
 
@@ -216,11 +217,9 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--erk_alive=0.2"], "erk_alive sets the densities that surgery holds: set --prune_method=dns"),
     (["--erk_alive=1.5", "--dns_threshold=density"], "erk_alive must be in [0, 1] (0 = off), got 1.5"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
-    (["--prune_method=vd"], "prune_method=vd trains each weight's log sigma^2 by Adam"),
-    (["--prune_method=vd", "--retrain_optimizer=adam", "--prune_iterations=2"],
-     "prune_method=vd chooses each layer's density itself"),
-    (["--prune_method=vd", "--retrain_optimizer=adam", "--vd_beta=0.0"], "vd_beta must be > 0, got 0.0"),
-    (["--retrain_optimizer=lbfgs"], "unknown retrain_optimizer 'lbfgs'"),
+    (["--prune_method=vd", "--prune_iterations=2"], "prune_method=vd chooses each layer's density itself"),
+    (["--prune_method=vd", "--vd_beta=0.0"], "vd_beta must be > 0, got 0.0"),
+    (["--prune_method=vd", "--vd_epochs=0"], "vd_epochs must be at least 1, got 0"),
     (["--retrain_weight_decay=-1e-4"], "weight decay must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network

@@ -44,7 +44,8 @@ def variational_output(layer, x, op):
     threshold is noise, and the mask that drops it is read in evaluation only."""
     mean = op(x, layer.weight, layer.bias)
     var = op(x * x, torch.exp(layer.log_sigma2), None)
-    return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+    # A fast conv algorithm (Winograd, FFT) can return a tiny negative where the variance is 0.
+    return mean + torch.sqrt(var.clamp_min(0) + 1e-8) * torch.randn_like(mean)
 
 
 class MaskedLinear(nn.Linear):

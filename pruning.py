@@ -21,8 +21,8 @@ import training
 import util
 from datasets import AUGMENTS, DATASETS, DataSpec, data_shape, folder_classes, imagenet_folders, load_data
 from models import PRETRAINED, build_model, check_model, file_stem, model_kind, recorded_name, teacher_from, unmaskable
-from prune import (PRUNE_METHODS, GradualSurgery, VariationalDropout, erk_densities, finish_surgery, group_lasso_penalty,
-                   masked_layers, per_layer, prune_by_percentile, surgery_step)
+from prune import (LOG_ALPHA_RANGE, PRUNE_METHODS, GradualSurgery, VariationalDropout, erk_densities, finish_surgery,
+                   group_lasso_penalty, masked_layers, per_layer, prune_by_percentile, surgery_step)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # a network of models.MODELS, torchvision.<builder>, path/to/file.py:factory or
@@ -68,7 +68,7 @@ erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel den
 vd_epochs = 30              # vd: epochs of variational training (Adam) that learn the masks; retraining follows
 vd_lr = 1e-3                # vd: its learning rate
 vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
-vd_threshold = 3.0          # vd: at the end, prune the weights whose log alpha (noise / signal) is above this
+vd_threshold = 3.0          # vd: at the end, prune the weights whose log alpha (noise / signal) is at or above this
 vd_ramp = 0.1               # vd: fraction of vd_epochs over which the KL term's weight rises from 0
 max_drop = 0.0              # > 0: the automatic recipe: erk_alive searched on validation, the sparsest whose network
                             # stays within max_drop / 2 points of dense (quantization.py spends the other half)
@@ -134,6 +134,10 @@ def check_settings(cfg):
         util.require(cfg["vd_beta"] > 0, f"vd_beta must be > 0, got {cfg['vd_beta']}")
         util.require(0 <= cfg["vd_ramp"] <= 1, f"vd_ramp must be in [0, 1], got {cfg['vd_ramp']}")
         util.require(cfg["vd_epochs"] >= 1, f"vd_epochs must be at least 1, got {cfg['vd_epochs']}")
+        lo, hi = LOG_ALPHA_RANGE
+        util.require(lo < cfg["vd_threshold"] < hi, f"vd_threshold must be inside log alpha's range ({lo:g}, {hi:g}), "
+                     f"where it can prune some weights and keep others, got {cfg['vd_threshold']}")
+        util.require(cfg["vd_lr"] > 0, f"vd_lr must be > 0, got {cfg['vd_lr']}")
     util.require(cfg["search_probes"] >= 1, f"search_probes must be >= 1, got {cfg['search_probes']}")
     util.require(cfg["dns_ramp"] == 0 or cfg["dns_threshold"] == "density",
                  f"dns_ramp ramps the held density: set --dns_threshold=density (got {cfg['dns_threshold']})")
@@ -250,7 +254,7 @@ def variational_dropout(net, cfg, train, val, precision, distill, penalty, progr
     vd = VariationalDropout(masked_layers(net, cfg["prune_layers"]), cfg["vd_threshold"], cfg["vd_beta"],
                             len(train.y), round(cfg["vd_ramp"] * cfg["vd_epochs"] * len(train)))
     print(f"Variational dropout on {len(vd.layers)} layers for {cfg['vd_epochs']} epochs: KL weight {cfg['vd_beta']}, "
-          f"prune at log alpha > {cfg['vd_threshold']}")
+          f"prune at log alpha >= {cfg['vd_threshold']}")
     options = training.TrainOptions("adam", cfg["schedule"], 0.0, precision)
     kl = vd.penalty if penalty is None else lambda: penalty() + vd.penalty()
     history = training.fit(net, net.parameters(), train, val, cfg["vd_epochs"], cfg["vd_lr"], options, label="vd",

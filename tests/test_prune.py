@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import prune
 from models import build_model
@@ -279,14 +280,28 @@ def test_variational_output_mean_and_variance():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[2.0, -1.0]]))
         layer.bias.fill_(0.5)
-    layer.log_sigma2 = nn.Parameter(torch.log(torch.tensor([[0.25, 1.0]])))
+    layer.log_sigma2 = nn.Parameter(torch.log(torch.tensor([[0.25, 4.0]])))
     layer.variational = True
-    x = torch.tensor([[1.0, 3.0]]).repeat(200_000, 1)
-    out = layer.train()(x)  # mean 2 - 3 + 0.5 = -0.5, variance 1 x 0.25 + 9 x 1 = 9.25
-    assert out.mean().item() == pytest.approx(-0.5, abs=0.02)
-    assert out.var().item() == pytest.approx(9.25, rel=0.02)
-    layer.mask[0, 1] = 0  # evaluation: the masked mean, no noise
-    assert torch.equal(layer.eval()(x[:2]), torch.full((2, 1), 2.5))
+    layer.mask[0, 1] = 0  # training ignores the mask: a weight past the threshold is still noise to learn
+    x = torch.tensor([[1.0, 3.0]]).repeat(400_000, 1)
+    out = layer.train()(x)  # mean 2 - 3 + 0.5 = -0.5, variance 1 x 0.25 + 9 x 4 = 36.25
+    assert out.mean().item() == pytest.approx(-0.5, abs=0.05)
+    assert out.var().item() == pytest.approx(36.25, rel=0.01)
+    assert torch.equal(layer.eval()(x[:2]), torch.full((2, 1), 2.5))  # evaluation: the masked mean, no noise
+
+
+def test_variational_output_of_a_grouped_conv():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(4, 4, 3, padding=1, groups=2)
+    conv.log_sigma2 = nn.Parameter(torch.log(torch.rand_like(conv.weight) + 0.1))
+    conv.variational = True
+    x = torch.randn(1, 4, 5, 5).expand(20_000, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = conv.train()(x)
+        mean = F.conv2d(x[:1], conv.weight, conv.bias, padding=1, groups=2)
+        var = F.conv2d(x[:1] ** 2, conv.log_sigma2.exp(), None, padding=1, groups=2)
+    assert torch.allclose(out.mean(0), mean[0], atol=0.05 * var.max().sqrt().item())
+    assert torch.allclose(out.var(0), var[0], rtol=0.06)  # each output's variance: its own group's inputs only
 
 
 def test_variational_dropout_masks_ramp_and_finish():

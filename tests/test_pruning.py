@@ -220,6 +220,7 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--prune_method=vd", "--prune_iterations=2"], "prune_method=vd chooses each layer's density itself"),
     (["--prune_method=vd", "--vd_beta=0.0"], "vd_beta must be > 0, got 0.0"),
     (["--prune_method=vd", "--vd_epochs=0"], "vd_epochs must be at least 1, got 0"),
+    (["--prune_method=vd", "--vd_threshold=12.0"], "vd_threshold must be inside log alpha's range (-10, 10)"),
     (["--retrain_weight_decay=-1e-4"], "weight decay must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),
     # a file, not a folder: torchvision's download stops at making its folder, before any network

@@ -2,7 +2,7 @@
 quantization.py): SIGKILL in the middle of dynamic network surgery, or of the centroids'
 fine-tuning, then --resume=True: the checkpoint and the JSON are the uninterrupted run's, bit
 for bit; so in every other phase (dense training, the warm restart, a second prune-retrain
-cycle, TTQ), stopped in process; resuming with other settings, or from a damaged state, is a
+cycle, variational dropout and the retraining after it, TTQ), stopped in process; resuming with other settings, or from a damaged state, is a
 one-line error."""
 import json
 import os
@@ -92,6 +92,8 @@ class Killed(Exception):
     ("pruning", "train", ["--epochs=3", "--prune_method=std"]),
     ("pruning", "restart", ["--epochs=1", "--restart_epochs=3", "--prune_method=std"]),
     ("pruning", "retrain2", ["--epochs=1", "--prune_method=std", "--prune_iterations=2"]),
+    ("pruning", "vd", ["--epochs=1", "--prune_method=vd", "--vd_epochs=3", "--retrain_epochs=1"]),  # log_sigma2 too
+    ("pruning", "retrain1", ["--epochs=1", "--prune_method=vd", "--vd_epochs=1"]),  # after vd's phase
     ("quantization", "ttq", ["--method=ttq", "--source=initial", "--finetune_epochs=3"]),
 ])
 def test_every_phase_resumes_in_process(fake_mnist, tmp_path, capsys, monkeypatch, stage, label, args):

@@ -247,7 +247,7 @@ def variational_dropout(net, cfg, train, val, precision, distill, penalty, progr
     """Prune by sparse variational dropout (Molchanov et al. 2017): vd_epochs of training in
     which each weight of the pruned layers is a Gaussian with a learned variance, under the KL
     term that pulls the variances of the weights the data do not need up; those whose log alpha
-    ends above vd_threshold are pruned, and retraining follows with the masks fixed. The log
+    ends at or above vd_threshold are pruned, and retraining follows with the masks fixed. The log
     variances move by about the learning rate per step whatever their gradient's scale, so this
     phase trains with Adam, as the paper, and without weight decay (the KL is the weights' prior).
     Returns the phase's history."""

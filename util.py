@@ -310,7 +310,7 @@ def layer_stats(model):
     masks = {f"{n}.weight": m.mask for n, m in model.named_modules() if isinstance(getattr(m, "mask", None), torch.Tensor)}
     return [dict(name=n, shape=list(p.shape), total=p.numel(),
                  nonzero=int((p * masks[n] != 0).sum() if n in masks else (p != 0).sum()))
-            for n, p in model.named_parameters() if not n.endswith(".log_sigma2")]  # variational dropout's noise
+            for n, p in model.named_parameters() if not n.endswith(".log_sigma2")]
 
 
 def layer_table(stats):

@@ -176,11 +176,27 @@ def percentile_threshold(weights, q):
     return float(a.kthvalue(k + 1).values)  # kthvalue, unlike quantile, has no size limit
 
 
-def apply_threshold(module, threshold, zero_weights=True):
-    """Zero the mask wherever |w| < threshold (already-pruned stay pruned), and the weight
-    there too unless surgery keeps it to splice back."""
+GRANULARITIES = ("weight", "kernel")
+
+
+def magnitudes(weight, granularity="weight"):
+    """The magnitude by which pruning ranks a layer's weights, shaped like the weight: |w|, or
+    with granularity 'kernel' the root mean square of the kernel each weight belongs to (a
+    conv's kh x kw slice of one filter at one input channel), so that pruning keeps or drops a
+    kernel whole (Mao et al. 2017, 2-D sparsity): the coder's neighbour contexts then find a
+    kernel's positions all but free after its first weight. An fc weight, or a 1 x 1 conv's, is
+    its own kernel. weight (out, in, *kernel) -> same shape, non-negative."""
+    if granularity == "weight" or weight.dim() < 3:
+        return weight.abs()
+    kernel = tuple(range(2, weight.dim()))
+    return weight.pow(2).mean(dim=kernel, keepdim=True).sqrt().expand_as(weight)
+
+
+def apply_threshold(module, threshold, zero_weights=True, granularity="weight"):
+    """Zero the mask wherever the magnitude (see magnitudes) < threshold (already-pruned stay
+    pruned), and the weight there too unless surgery keeps it to splice back."""
     with torch.no_grad():
-        module.mask.mul_((module.weight.abs() >= threshold).to(module.mask.dtype))
+        module.mask.mul_((magnitudes(module.weight, granularity) >= threshold).to(module.mask.dtype))
         if zero_weights:
             module.weight.mul_(module.mask)
 
@@ -200,14 +216,16 @@ def prune_by_std(model, sensitivity, which="all", surgery=False):
     return out
 
 
-def prune_by_percentile(model, q, which="all", surgery=False):
-    """Per layer: prune the q percent (float or per-layer dict) smallest surviving weights.
+def prune_by_percentile(model, q, which="all", surgery=False, granularity="weight"):
+    """Per layer: prune the q percent (float or per-layer dict) smallest surviving weights, or
+    with granularity 'kernel' the weights of the smallest kernels (see magnitudes; a conv's
+    kernels are all one size, so q percent of its kernels is q percent of its weights).
     surgery: keep the pruned weights and let the layers splice (as prune_dns)."""
     out = {}
     for name, m in masked_layers(model, which):
-        alive = m.weight.detach()[m.mask.bool()]
+        alive = magnitudes(m.weight.detach(), granularity)[m.mask.bool()]
         out[name] = percentile_threshold(alive, layer_value(q, name, layer_kind(m)))
-        apply_threshold(m, out[name], zero_weights=not surgery)
+        apply_threshold(m, out[name], zero_weights=not surgery, granularity=granularity)
         if surgery:
             m.splice = True
     return out
@@ -255,7 +273,7 @@ def prune_dns(model, sensitivity, which="all"):
     return prune_by_std(model, sensitivity, which, surgery=True)
 
 
-def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None):
+def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None, granularity="weight"):
     """One mask update of dynamic network surgery (Guo et al. 2016 eq. 3, with their
     hysteresis): a weight whose magnitude falls below (1 - band) t is pruned, one that rises
     above (1 + band) t is spliced back, one in between keeps its state. The band stops weights
@@ -271,7 +289,10 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
     magnitude that keeps that fraction of the layer's weights (those above it, before the
     band): the layer's density is held, and surgery only chooses which weights hold it. A
     loss whose gradients reshape the weight distribution (distillation) moves the density
-    that a std rule gives; this does not."""
+    that a std rule gives; this does not.
+
+    granularity: 'kernel' ranks, prunes and splices a conv's kernels whole by their root mean
+    square (see magnitudes), the thresholds being on that magnitude."""
     layers = dict(model.named_modules())
     with torch.no_grad():
         if sensitivities is not None:
@@ -279,7 +300,7 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
                 thresholds[name] = layers[name].weight.std() * sensitivities[name]  # a tensor: no GPU wait
         if densities is not None:
             for name in thresholds:
-                a = layers[name].weight.abs().flatten()
+                a = magnitudes(layers[name].weight, granularity).flatten()
                 n, keep = a.numel(), round(densities[name] * a.numel())
                 if keep == 0 or keep == n:  # nothing kept: no magnitude passes; all kept: all pass
                     thresholds[name] = a.new_tensor(float("inf") if keep == 0 else 0.0)
@@ -287,7 +308,7 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
                     thresholds[name] = (a.kthvalue(n - keep).values + a.kthvalue(n - keep + 1).values) / 2
         for name, t in thresholds.items():
             m = layers[name]
-            a = m.weight.abs()
+            a = magnitudes(m.weight, granularity)
             m.mask.copy_(torch.where(a < (1 - band) * t, 0.0, torch.where(a > (1 + band) * t, 1.0, m.mask)))
 
 
@@ -304,15 +325,16 @@ class GradualSurgery:
     """surgery_step with held densities that follow `ramped`: from 100% down to `densities`
     ({layer name: d}) over `steps` steps (0: the targets from the first step). Called with no
     arguments after every optimizer step (training.fit's after_step); state_dict holds the
-    steps taken, so that a resumed phase goes on where it stopped."""
+    steps taken, so that a resumed phase goes on where it stopped. granularity: surgery_step's."""
 
-    def __init__(self, model, thresholds, band, densities, steps):
+    def __init__(self, model, thresholds, band, densities, steps, granularity="weight"):
         self.model, self.thresholds, self.band, self.densities, self.steps = model, thresholds, band, densities, steps
-        self.step = 0
+        self.granularity, self.step = granularity, 0
 
     def __call__(self):
         self.step += 1
-        surgery_step(self.model, self.thresholds, self.band, None, ramped(self.densities, self.step, self.steps))
+        surgery_step(self.model, self.thresholds, self.band, None, ramped(self.densities, self.step, self.steps),
+                     self.granularity)
 
     def state_dict(self):
         return dict(step=self.step)

@@ -21,8 +21,8 @@ import training
 import util
 from datasets import AUGMENTS, DATASETS, DataSpec, data_shape, folder_classes, imagenet_folders, load_data
 from models import PRETRAINED, build_model, check_model, file_stem, model_kind, recorded_name, teacher_from, unmaskable
-from prune import (LOG_ALPHA_RANGE, PRUNE_METHODS, GradualSurgery, VariationalDropout, erk_densities, finish_surgery,
-                   group_lasso_penalty, masked_layers, per_layer, prune_by_percentile, surgery_step)
+from prune import (GRANULARITIES, LOG_ALPHA_RANGE, PRUNE_METHODS, GradualSurgery, VariationalDropout, erk_densities,
+                   finish_surgery, group_lasso_penalty, masked_layers, per_layer, prune_by_percentile, surgery_step)
 
 # -----------------------------------------------------------------------------
 model = "lenet_300_100"     # a network of models.MODELS, torchvision.<builder>, path/to/file.py:factory or
@@ -65,6 +65,8 @@ dns_band = 0.1              # dns: weights within +-band x threshold keep their 
 dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | density (held per layer)
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
+granularity = "weight"      # with erk_alive or max_drop: what surgery keeps or prunes whole: weight | kernel (a conv's
+                            # kh x kw kernel per filter and input channel, Mao et al. 2017: positions cost less)
 vd_epochs = 30              # vd: epochs of variational training (Adam) that learn the masks; retraining follows
 vd_lr = 1e-3                # vd: its learning rate
 vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
@@ -123,6 +125,11 @@ def check_settings(cfg):
                                           and cfg["prune_iterations"] == 1),
                  "erk_alive sets the densities that surgery holds: set --prune_method=dns --dns_threshold=density "
                  "(one iteration)")
+    util.require(cfg["granularity"] in GRANULARITIES,
+                 f"unknown granularity {cfg['granularity']!r}; choose {' or '.join(GRANULARITIES)}")
+    util.require(cfg["granularity"] == "weight" or cfg["erk_alive"] or cfg["max_drop"],
+                 "granularity=kernel applies to the held Erdos-Renyi-kernel densities: set --erk_alive (with "
+                 "--prune_method=dns --dns_threshold=density) or --max_drop")
     util.require(0 <= cfg["dns_ramp"] <= 1, f"dns_ramp must be in [0, 1], got {cfg['dns_ramp']}")
     util.require(cfg["max_drop"] >= 0, f"max_drop must be >= 0 points (0 = the recipe's densities), got {cfg['max_drop']}")
     util.require(not cfg["max_drop"] or (not cfg["erk_alive"] and cfg["prune_iterations"] == 1),
@@ -236,7 +243,8 @@ def prune(net, cfg):
     (Evci et al. 2020) that surgery then holds. Returns {layer name: threshold}."""
     if cfg["erk_alive"]:
         erk = erk_densities(net, cfg["erk_alive"], cfg["prune_layers"])
-        return prune_by_percentile(net, {n: 100 * (1 - d) for n, d in erk.items()}, cfg["prune_layers"], surgery=True)
+        return prune_by_percentile(net, {n: 100 * (1 - d) for n, d in erk.items()}, cfg["prune_layers"], surgery=True,
+                                   granularity=cfg["granularity"])
     amount = cfg["sensitivity"] if cfg["prune_method"] in ("std", "dns") else cfg["percent"]
     if cfg["prune_method"] == "global":
         amount = amount["*"]
@@ -271,7 +279,7 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
     if cfg["dns_threshold"] == "density":  # held at what pruning left, reached over dns_ramp of the steps
         held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])}
         return GradualSurgery(net, thresholds, cfg["dns_band"], held,
-                               round(cfg["dns_ramp"] * cfg["retrain_epochs"] * steps_per_epoch))
+                               round(cfg["dns_ramp"] * cfg["retrain_epochs"] * steps_per_epoch), cfg["granularity"])
     scaled = per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
         if cfg["dns_threshold"] == "scaled" else None
     return functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)

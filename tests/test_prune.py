@@ -188,6 +188,55 @@ def test_prune_by_percentile_for_surgery_keeps_the_largest():
     assert layer.mask.sum() == 0 and layer.weight.abs().sum() == 0
 
 
+def test_kernel_magnitudes_known_answer():
+    w = torch.tensor([[[[3.0, -4.0], [0.0, 0.0]], [[1.0, 1.0], [-1.0, 1.0]]]])  # (1 filter, 2 channels, 2 x 2)
+    # each weight scores its kernel's root mean square: sqrt((9 + 16) / 4) = 2.5 and 1
+    assert prune.magnitudes(w, "kernel").tolist() == [[[[2.5, 2.5], [2.5, 2.5]], [[1.0, 1.0], [1.0, 1.0]]]]
+    assert torch.equal(prune.magnitudes(w, "weight"), w.abs())
+    fc = torch.tensor([[-2.0, 0.5]])
+    assert torch.equal(prune.magnitudes(fc, "kernel"), fc.abs())  # an fc weight is its own kernel
+    one = torch.tensor([[[[-3.0]], [[0.5]]]])
+    assert torch.equal(prune.magnitudes(one, "kernel"), one.abs())  # and a 1 x 1 conv's
+
+
+S = 0.75 ** 0.5
+
+
+def kernel_layer():
+    """A 2 x 2-kernel conv of 2 filters x 2 input channels whose kernels' root mean squares are
+    s, 2s, 3s and 4s (filter-major, s = sqrt(3) / 2), each holding a weight above the next kernel's others."""
+    layer = MaskedConv2d(2, 2, 2, bias=False)
+    with torch.no_grad():
+        for i, r in enumerate((1.0, 2.0, 3.0, 4.0)):  # the weights (0.5r, 0.5r, 0.5r, 1.5r): RMS = sqrt(0.75) r
+            layer.weight[i // 2, i % 2] = torch.tensor([[0.5, -0.5], [0.5, -1.5]]) * r
+    return layer
+
+
+def test_kernel_granular_pruning_and_surgery_keep_whole_kernels():
+    layer = kernel_layer()
+    net = nn.Sequential(layer)
+    t = prune.prune_by_percentile(net, {"0": 50.0}, surgery=True, granularity="kernel")
+    # by single magnitudes the 50% kept would mix kernels (kernel 1's 1.5 x 2 = 3 beats kernel 3's 0.5 x 4);
+    # by kernel the two strongest kernels are kept whole, and surgery keeps the rest to splice back
+    assert t["0"] == pytest.approx(3 * S) and layer.mask[:, :, 0, 0].tolist() == [[0, 0], [1, 1]]
+    assert (layer.mask == layer.mask[:, :, :1, :1]).all() and layer.weight.abs().min() > 0
+    thresholds = {"0": 0.0}
+    prune.surgery_step(net, thresholds, band=0.0, densities={"0": 0.25}, granularity="kernel")
+    assert float(thresholds["0"]) == pytest.approx(3.5 * S)  # halfway between RMS 3s dropped and 4s kept
+    assert layer.mask[:, :, 0, 0].tolist() == [[0, 0], [0, 1]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
+    with torch.no_grad():  # kernel 0 grows past the others: it is spliced back whole, kernel 3 pruned whole
+        layer.weight[0, 0] *= 10
+    prune.surgery_step(net, thresholds, band=0.0, densities={"0": 0.25}, granularity="kernel")
+    assert layer.mask[:, :, 0, 0].tolist() == [[1, 0], [0, 0]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
+    # the band acts on a kernel's magnitude: at density 50% kernel 3 (RMS 4s) would be spliced back, but it lies
+    # inside t = 3.5s +- 50% and keeps its state
+    prune.surgery_step(net, thresholds, band=0.5, densities={"0": 0.5}, granularity="kernel")
+    assert layer.mask[:, :, 0, 0].tolist() == [[1, 0], [0, 0]]
+    step = prune.GradualSurgery(net, {"0": 0.0}, 0.0, {"0": 0.5}, 0, "kernel")
+    step()
+    assert layer.mask[:, :, 0, 0].tolist() == [[1, 0], [0, 1]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
+
+
 def test_group_lasso_known_answer_and_whole_units():
     fc = MaskedLinear(3, 2)
     with torch.no_grad():

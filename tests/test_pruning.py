@@ -106,6 +106,26 @@ def test_dns_from_a_dense_checkpoint(fake_mnist, tmp_path, capsys):
     assert code == 2 and "not the" in err and "lenet5" in err
 
 
+def test_kernel_granular_surgery_keeps_whole_kernels_at_the_erk_counts(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "kernel"
+    code, _, err = run_here("pruning", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}",
+                            "--subset=300", "--epochs=1", "--prune_method=dns", "--dns_threshold=density",
+                            "--erk_alive=0.2", "--granularity=kernel", "--retrain_epochs=1", "--lr=0.05",
+                            "--retrain_lr=0.05", "--optimizer=sgd", capsys=capsys)
+    assert code == 0, err
+    state = util.load_checkpoint(str(out / "lenet5_pruned.pt"), "pruned", torch.device("cpu"), "")["state_dict"]
+    erk = prune.erk_densities(build_model("lenet5"), 0.2)
+    for layer in erk:
+        w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
+        assert torch.equal(w != 0, m == 1), layer  # surgery ended: zeros exactly where pruned
+        size = m[0, 0].numel() if m.dim() == 4 else 1  # a conv's kernel, an fc's weight
+        assert abs(int(m.sum()) - erk[layer] * m.numel()) <= size, layer  # the held count, to a kernel
+        if m.dim() == 4:  # every 5 x 5 kernel alive or pruned whole
+            kernels = m.flatten(2)
+            assert ((kernels == 1).all(2) | (kernels == 0).all(2)).all(), layer
+            assert 0 < kernels[:, :, 0].mean() < 1 or erk[layer] == 1, layer
+
+
 def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
     dense = tmp_path / "dense"
     code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
@@ -217,6 +237,8 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--erk_alive=0.2"], "erk_alive sets the densities that surgery holds: set --prune_method=dns"),
     (["--erk_alive=1.5", "--dns_threshold=density"], "erk_alive must be in [0, 1] (0 = off), got 1.5"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
+    (["--granularity=row"], "unknown granularity 'row'; choose weight or kernel"),
+    (["--granularity=kernel"], "granularity=kernel applies to the held Erdos-Renyi-kernel densities: set --erk_alive"),
     (["--prune_method=vd", "--prune_iterations=2"], "prune_method=vd chooses each layer's density itself"),
     (["--prune_method=vd", "--vd_beta=0.0"], "vd_beta must be > 0, got 0.0"),
     (["--prune_method=vd", "--vd_epochs=0"], "vd_epochs must be at least 1, got 0"),

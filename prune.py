@@ -176,7 +176,7 @@ def percentile_threshold(weights, q):
     return float(a.kthvalue(k + 1).values)  # kthvalue, unlike quantile, has no size limit
 
 
-GRANULARITIES = ("weight", "kernel")
+GRANULARITIES = ("weight", "kernel")  # or a number n (a string): an fc layer's inputs in runs of n
 
 
 def magnitudes(weight, granularity="weight"):
@@ -185,11 +185,13 @@ def magnitudes(weight, granularity="weight"):
     conv's kh x kw slice of one filter at one input channel), so that pruning keeps or drops a
     kernel whole (Mao et al. 2017, 2-D sparsity): the coder's neighbour contexts then find a
     kernel's positions all but free after its first weight. An fc weight, or a 1 x 1 conv's, is
-    its own kernel. weight (out, in, *kernel) -> same shape, non-negative."""
-    if granularity == "weight" or weight.dim() < 3:
+    its own kernel. A number n (a string) makes each run of n inputs of an fc row a kernel: an
+    fc that reads a flattened (c, h, w) map takes one channel's map whole with n = h x w
+    (LeNet-5's fc1, 50 maps of 4 x 4: '16'). weight (out, in, *kernel) -> same shape, >= 0."""
+    if granularity == "weight" or (granularity == "kernel" and weight.dim() < 3):
         return weight.abs()
-    kernel = tuple(range(2, weight.dim()))
-    return weight.pow(2).mean(dim=kernel, keepdim=True).sqrt().expand_as(weight)
+    runs = weight.flatten(2) if granularity == "kernel" else weight.reshape(weight.shape[0], -1, int(granularity))
+    return runs.pow(2).mean(dim=2, keepdim=True).sqrt().expand_as(runs).reshape(weight.shape)
 
 
 def apply_threshold(module, threshold, zero_weights=True, granularity="weight"):
@@ -203,14 +205,17 @@ def apply_threshold(module, threshold, zero_weights=True, granularity="weight"):
 
 # --- model-level rules: return {layer name: threshold} --------------------------------------
 
-def prune_by_std(model, sensitivity, which="all", surgery=False):
-    """Per layer: threshold = std(survivors) x sensitivity (a float or per-layer dict).
+def prune_by_std(model, sensitivity, which="all", surgery=False, granularity="weight"):
+    """Per layer: threshold = std(survivors) x sensitivity (a float or per-layer dict), on the
+    magnitudes of granularity (a string or per-layer dict, see magnitudes: a kernel's root mean
+    square is compared with the threshold where it is 'kernel').
     surgery: keep the pruned weights and let the layers splice (prune_dns)."""
     out = {}
     for name, m in masked_layers(model, which):
         s = layer_value(sensitivity, name, layer_kind(m))
         out[name] = std_threshold(m.weight.detach(), m.mask, s)
-        apply_threshold(m, out[name], zero_weights=not surgery)
+        g = layer_value(granularity, name, layer_kind(m))
+        apply_threshold(m, out[name], zero_weights=not surgery, granularity=g)
         if surgery:
             m.splice = True
     return out
@@ -218,14 +223,16 @@ def prune_by_std(model, sensitivity, which="all", surgery=False):
 
 def prune_by_percentile(model, q, which="all", surgery=False, granularity="weight"):
     """Per layer: prune the q percent (float or per-layer dict) smallest surviving weights, or
-    with granularity 'kernel' the weights of the smallest kernels (see magnitudes; a conv's
-    kernels are all one size, so q percent of its kernels is q percent of its weights).
+    where granularity (a string or per-layer dict) is 'kernel' the weights of the smallest
+    kernels (see magnitudes; a conv's kernels are all one size, so q percent of its kernels is q
+    percent of its weights).
     surgery: keep the pruned weights and let the layers splice (as prune_dns)."""
     out = {}
     for name, m in masked_layers(model, which):
-        alive = magnitudes(m.weight.detach(), granularity)[m.mask.bool()]
+        g = layer_value(granularity, name, layer_kind(m))
+        alive = magnitudes(m.weight.detach(), g)[m.mask.bool()]
         out[name] = percentile_threshold(alive, layer_value(q, name, layer_kind(m)))
-        apply_threshold(m, out[name], zero_weights=not surgery, granularity=granularity)
+        apply_threshold(m, out[name], zero_weights=not surgery, granularity=g)
         if surgery:
             m.splice = True
     return out
@@ -266,11 +273,11 @@ def erk_densities(model, alive, which="all"):
     return {n: 1.0 if n in full else 0.0 for n in raw}
 
 
-def prune_dns(model, sensitivity, which="all"):
+def prune_dns(model, sensitivity, which="all", granularity="weight"):
     """Start dynamic network surgery (Guo et al. 2016): prune_by_std's thresholds and masks,
     but the weights are kept and the layers splice (see masked_weight) until finish_surgery.
     Returns {layer name: t}."""
-    return prune_by_std(model, sensitivity, which, surgery=True)
+    return prune_by_std(model, sensitivity, which, surgery=True, granularity=granularity)
 
 
 def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None, granularity="weight"):
@@ -291,8 +298,8 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
     loss whose gradients reshape the weight distribution (distillation) moves the density
     that a std rule gives; this does not.
 
-    granularity: 'kernel' ranks, prunes and splices a conv's kernels whole by their root mean
-    square (see magnitudes), the thresholds being on that magnitude."""
+    granularity (a string or per-layer dict): where 'kernel', a conv's kernels are ranked, pruned
+    and spliced whole by their root mean square (see magnitudes), the threshold being on that."""
     layers = dict(model.named_modules())
     with torch.no_grad():
         if sensitivities is not None:
@@ -300,7 +307,8 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
                 thresholds[name] = layers[name].weight.std() * sensitivities[name]  # a tensor: no GPU wait
         if densities is not None:
             for name in thresholds:
-                a = magnitudes(layers[name].weight, granularity).flatten()
+                m = layers[name]
+                a = magnitudes(m.weight, layer_value(granularity, name, layer_kind(m))).flatten()
                 n, keep = a.numel(), round(densities[name] * a.numel())
                 if keep == 0 or keep == n:  # nothing kept: no magnitude passes; all kept: all pass
                     thresholds[name] = a.new_tensor(float("inf") if keep == 0 else 0.0)
@@ -308,7 +316,7 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
                     thresholds[name] = (a.kthvalue(n - keep).values + a.kthvalue(n - keep + 1).values) / 2
         for name, t in thresholds.items():
             m = layers[name]
-            a = magnitudes(m.weight, granularity)
+            a = magnitudes(m.weight, layer_value(granularity, name, layer_kind(m)))
             m.mask.copy_(torch.where(a < (1 - band) * t, 0.0, torch.where(a > (1 + band) * t, 1.0, m.mask)))
 
 

@@ -65,8 +65,9 @@ dns_band = 0.1              # dns: weights within +-band x threshold keep their 
 dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | density (held per layer)
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
-granularity = "weight"      # with erk_alive or max_drop: what surgery keeps or prunes whole: weight | kernel (a conv's
-                            # kh x kw kernel per filter and input channel, Mao et al. 2017: positions cost less)
+granularity = {"*": "weight"}  # per layer, with erk_alive or max_drop: what surgery keeps or prunes whole: weight |
+                            # kernel (a conv's kh x kw kernel per filter and input channel, Mao et al. 2017) |
+                            # "n": an fc layer's inputs in runs of n (one channel's h x w map after a conv: "16")
 vd_epochs = 30              # vd: epochs of variational training (Adam) that learn the masks; retraining follows
 vd_lr = 1e-3                # vd: its learning rate
 vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
@@ -125,11 +126,13 @@ def check_settings(cfg):
                                           and cfg["prune_iterations"] == 1),
                  "erk_alive sets the densities that surgery holds: set --prune_method=dns --dns_threshold=density "
                  "(one iteration)")
-    util.require(cfg["granularity"] in GRANULARITIES,
-                 f"unknown granularity {cfg['granularity']!r}; choose {' or '.join(GRANULARITIES)}")
-    util.require(cfg["granularity"] == "weight" or cfg["erk_alive"] or cfg["max_drop"],
-                 "granularity=kernel applies to the held Erdos-Renyi-kernel densities: set --erk_alive (with "
-                 "--prune_method=dns --dns_threshold=density) or --max_drop")
+    util.require(all(g in GRANULARITIES or (g.isdigit() and int(g) > 0) for g in cfg["granularity"].values()),
+                 f"unknown granularity in {cfg['granularity']}; choose {', '.join(GRANULARITIES)} or a number of an "
+                 "fc layer's inputs ('16')")
+    util.require(set(cfg["granularity"].values()) == {"weight"} or cfg["prune_method"] in ("std", "percentile",
+                                                                                            "dns"),
+                 f"granularity other than weight applies to prune_method std, percentile or dns, not "
+                 f"{cfg['prune_method']} (global pools single weights; vd learns each weight's noise)")
     util.require(0 <= cfg["dns_ramp"] <= 1, f"dns_ramp must be in [0, 1], got {cfg['dns_ramp']}")
     util.require(cfg["max_drop"] >= 0, f"max_drop must be >= 0 points (0 = the recipe's densities), got {cfg['max_drop']}")
     util.require(not cfg["max_drop"] or (not cfg["erk_alive"] and cfg["prune_iterations"] == 1),
@@ -183,6 +186,12 @@ def network(cfg, dev):
     arch = dict(name=recorded_name(cfg["model"]), kwargs={**kwargs, "pretrained": False} if "pretrained" in kwargs else kwargs)
     for key in ("sensitivity", "percent"):  # every pruned layer needs a value ('*' is the default)
         per_layer(net, cfg[key], key, cfg["prune_layers"])
+    layers = dict(net.named_modules())
+    for name, g in per_layer(net, cfg["granularity"], "granularity", cfg["prune_layers"]).items():
+        shape = tuple(layers[name].weight.shape)
+        util.require(not g.isdigit() or (len(shape) == 2 and shape[1] % int(g) == 0),
+                     f"granularity {g!r} of layer {name} {shape}: a number groups an fc layer's inputs in runs and "
+                     "must divide them")
     return net, arch
 
 
@@ -245,10 +254,10 @@ def prune(net, cfg):
         erk = erk_densities(net, cfg["erk_alive"], cfg["prune_layers"])
         return prune_by_percentile(net, {n: 100 * (1 - d) for n, d in erk.items()}, cfg["prune_layers"], surgery=True,
                                    granularity=cfg["granularity"])
+    if cfg["prune_method"] == "global":  # one percentile of single weights pooled across layers
+        return PRUNE_METHODS["global"](net, cfg["percent"]["*"], cfg["prune_layers"])
     amount = cfg["sensitivity"] if cfg["prune_method"] in ("std", "dns") else cfg["percent"]
-    if cfg["prune_method"] == "global":
-        amount = amount["*"]
-    return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"])
+    return PRUNE_METHODS[cfg["prune_method"]](net, amount, cfg["prune_layers"], granularity=cfg["granularity"])
 
 
 def variational_dropout(net, cfg, train, val, precision, distill, penalty, progress):
@@ -282,7 +291,7 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
                                round(cfg["dns_ramp"] * cfg["retrain_epochs"] * steps_per_epoch), cfg["granularity"])
     scaled = per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
         if cfg["dns_threshold"] == "scaled" else None
-    return functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled)
+    return functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, granularity=cfg["granularity"])
 
 
 SEARCH_RANGE = (0.01, 1.0)  # the automatic recipe's bracket of erk_alive (1.0: dense, always within)

@@ -197,6 +197,9 @@ def test_kernel_magnitudes_known_answer():
     assert torch.equal(prune.magnitudes(fc, "kernel"), fc.abs())  # an fc weight is its own kernel
     one = torch.tensor([[[[-3.0]], [[0.5]]]])
     assert torch.equal(prune.magnitudes(one, "kernel"), one.abs())  # and a 1 x 1 conv's
+    runs = torch.tensor([[1.0, -2.0, 2.0, 4.0], [0.0, 0.0, 3.0, 0.0]])  # an fc read in runs of 2 inputs
+    expected = [[(5 / 2) ** 0.5] * 2 + [10 ** 0.5] * 2, [0.0, 0.0] + [(9 / 2) ** 0.5] * 2]
+    assert torch.allclose(prune.magnitudes(runs, "2"), torch.tensor(expected))
 
 
 S = 0.75 ** 0.5
@@ -235,6 +238,13 @@ def test_kernel_granular_pruning_and_surgery_keep_whole_kernels():
     step = prune.GradualSurgery(net, {"0": 0.0}, 0.0, {"0": 0.5}, 0, "kernel")
     step()
     assert layer.mask[:, :, 0, 0].tolist() == [[1, 0], [0, 1]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
+    # the std rule on kernels: a kernel is kept when its root mean square reaches sensitivity x the weights' std
+    layer = kernel_layer()
+    std = float(layer.weight.detach().std())
+    t = prune.prune_by_std(nn.Sequential(layer), 1.2, granularity="kernel")["0"]
+    assert t == pytest.approx(1.2 * std)  # 2.84: kernels of RMS 3s = 2.6 and below go, 4s = 3.46 stays
+    assert layer.mask[:, :, 0, 0].tolist() == [[0, 0], [0, 1]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
+    assert (layer.weight[0] == 0).all() and (layer.weight[1, 0] == 0).all()  # not surgery: pruned weights zeroed
 
 
 def test_group_lasso_known_answer_and_whole_units():

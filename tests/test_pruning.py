@@ -110,7 +110,8 @@ def test_kernel_granular_surgery_keeps_whole_kernels_at_the_erk_counts(fake_mnis
     out = tmp_path / "kernel"
     code, _, err = run_here("pruning", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}",
                             "--subset=300", "--epochs=1", "--prune_method=dns", "--dns_threshold=density",
-                            "--erk_alive=0.2", "--granularity=kernel", "--retrain_epochs=1", "--lr=0.05",
+                            "--erk_alive=0.2", "--granularity={'conv3': 'weight', 'fc1': '4', '*': 'kernel'}",
+                            "--retrain_epochs=1", "--lr=0.05",
                             "--retrain_lr=0.05", "--optimizer=sgd", capsys=capsys)
     assert code == 0, err
     state = util.load_checkpoint(str(out / "lenet5_pruned.pt"), "pruned", torch.device("cpu"), "")["state_dict"]
@@ -118,12 +119,25 @@ def test_kernel_granular_surgery_keeps_whole_kernels_at_the_erk_counts(fake_mnis
     for layer in erk:
         w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
         assert torch.equal(w != 0, m == 1), layer  # surgery ended: zeros exactly where pruned
-        size = m[0, 0].numel() if m.dim() == 4 else 1  # a conv's kernel, an fc's weight
+        size = m[0, 0].numel() if m.dim() == 4 else 4 if layer == "fc1" else 1  # a conv's kernel, fc1's run
         assert abs(int(m.sum()) - erk[layer] * m.numel()) <= size, layer  # the held count, to a kernel
-        if m.dim() == 4:  # every 5 x 5 kernel alive or pruned whole
+        if m.dim() == 4:  # every 5 x 5 kernel alive or pruned whole, but in conv3 (by weights)
             kernels = m.flatten(2)
-            assert ((kernels == 1).all(2) | (kernels == 0).all(2)).all(), layer
+            whole = ((kernels == 1).all(2) | (kernels == 0).all(2)).all()
+            assert whole if layer != "conv3" else not whole, layer
             assert 0 < kernels[:, :, 0].mean() < 1 or erk[layer] == 1, layer
+    runs = state["fc1.mask"].reshape(state["fc1.mask"].shape[0], -1, 4)  # fc1's inputs in runs of 4, each whole
+    assert ((runs == 1).all(2) | (runs == 0).all(2)).all() and 0 < runs.mean() < 1
+    # surgery's fixed std thresholds (sensitivity x the weights' std) compared with each kernel's root mean square
+    code, _, err = run_here("pruning", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}_std",
+                            "--subset=300", f"--init_from={out}/lenet5_initial.pt", "--prune_method=dns",
+                            "--sensitivity=1.0", "--granularity=kernel", "--retrain_epochs=1", "--retrain_lr=0.05",
+                            "--optimizer=sgd", capsys=capsys)
+    assert code == 0, err
+    mask = util.load_checkpoint(f"{out}_std/lenet5_pruned.pt", "pruned", torch.device("cpu"), "")["state_dict"]
+    for layer in ("conv2", "conv3"):
+        kernels = mask[f"{layer}.mask"].flatten(2)
+        assert ((kernels == 1).all(2) | (kernels == 0).all(2)).all() and 0 < kernels.mean() < 1, layer
 
 
 def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
@@ -237,8 +251,12 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--erk_alive=0.2"], "erk_alive sets the densities that surgery holds: set --prune_method=dns"),
     (["--erk_alive=1.5", "--dns_threshold=density"], "erk_alive must be in [0, 1] (0 = off), got 1.5"),
     (["--group_lasso={'*': -1e-4}"], "group_lasso must be >= 0"),
-    (["--granularity=row"], "unknown granularity 'row'; choose weight or kernel"),
-    (["--granularity=kernel"], "granularity=kernel applies to the held Erdos-Renyi-kernel densities: set --erk_alive"),
+    (["--granularity=row"], "unknown granularity in {'*': 'row'}; choose weight, kernel or a number"),
+    (["--granularity='3'", "--erk_alive=0.2", "--prune_method=dns", "--dns_threshold=density",
+      f"--data_root={__file__}"], "granularity '3' of layer fc1 (300, 784): a number groups an fc layer's inputs"),
+    (["--granularity={'conv2': 'kernel'}", "--erk_alive=0.2", "--prune_method=dns", "--dns_threshold=density",
+      f"--data_root={__file__}"], "granularity: no value for layer"),
+    (["--granularity=kernel", "--prune_method=global"], "granularity other than weight applies to prune_method std"),
     (["--prune_method=vd", "--prune_iterations=2"], "prune_method=vd chooses each layer's density itself"),
     (["--prune_method=vd", "--vd_beta=0.0"], "vd_beta must be > 0, got 0.0"),
     (["--prune_method=vd", "--vd_epochs=0"], "vd_epochs must be at least 1, got 0"),

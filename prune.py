@@ -298,25 +298,26 @@ def surgery_step(model, thresholds, band=0.1, sensitivities=None, densities=None
     loss whose gradients reshape the weight distribution (distillation) moves the density
     that a std rule gives; this does not.
 
-    granularity (a string or per-layer dict): where 'kernel', a conv's kernels are ranked, pruned
-    and spliced whole by their root mean square (see magnitudes), the threshold being on that."""
+    granularity (a string or per-layer dict): where 'kernel' (or a number n, an fc row's inputs
+    in runs of n), a conv's kernels are ranked, pruned and spliced whole by their root mean
+    square (see magnitudes), the threshold being on that."""
     layers = dict(model.named_modules())
     with torch.no_grad():
         if sensitivities is not None:
             for name in thresholds:
                 thresholds[name] = layers[name].weight.std() * sensitivities[name]  # a tensor: no GPU wait
+        mags = {name: magnitudes(layers[name].weight, layer_value(granularity, name, layer_kind(layers[name])))
+                for name in thresholds}
         if densities is not None:
             for name in thresholds:
-                m = layers[name]
-                a = magnitudes(m.weight, layer_value(granularity, name, layer_kind(m))).flatten()
+                a = mags[name].flatten()
                 n, keep = a.numel(), round(densities[name] * a.numel())
                 if keep == 0 or keep == n:  # nothing kept: no magnitude passes; all kept: all pass
                     thresholds[name] = a.new_tensor(float("inf") if keep == 0 else 0.0)
                 else:  # halfway between the largest magnitude dropped and the smallest kept
                     thresholds[name] = (a.kthvalue(n - keep).values + a.kthvalue(n - keep + 1).values) / 2
         for name, t in thresholds.items():
-            m = layers[name]
-            a = magnitudes(m.weight, layer_value(granularity, name, layer_kind(m)))
+            m, a = layers[name], mags[name]
             m.mask.copy_(torch.where(a < (1 - band) * t, 0.0, torch.where(a > (1 + band) * t, 1.0, m.mask)))
 
 

@@ -65,9 +65,10 @@ dns_band = 0.1              # dns: weights within +-band x threshold keep their 
 dns_threshold = "fixed"     # dns: fixed | scaled (with the weights' std) | density (held per layer)
 dns_ramp = 0.0              # dns, density: fraction of retraining over which the density falls to its target
 erk_alive = 0.0             # dns, density: > 0 holds the Erdos-Renyi-kernel densities, this fraction alive
-granularity = {"*": "weight"}  # per layer, with erk_alive or max_drop: what surgery keeps or prunes whole: weight |
-                            # kernel (a conv's kh x kw kernel per filter and input channel, Mao et al. 2017) |
-                            # "n": an fc layer's inputs in runs of n (one channel's h x w map after a conv: "16")
+granularity = {"*": "weight"}  # per layer, std, percentile, dns: what pruning and surgery keep or prune whole:
+                            # weight | kernel (a conv's kh x kw kernel per filter and input channel, Mao et al. 2017)
+                            # | a number as a string, fc layers: the inputs in runs of n (one channel's h x w map
+                            # after a conv: --granularity="{'fc1': '16', '*': 'weight'}")
 vd_epochs = 30              # vd: epochs of variational training (Adam) that learn the masks; retraining follows
 vd_lr = 1e-3                # vd: its learning rate
 vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
@@ -129,8 +130,8 @@ def check_settings(cfg):
     util.require(all(g in GRANULARITIES or (g.isdigit() and int(g) > 0) for g in cfg["granularity"].values()),
                  f"unknown granularity in {cfg['granularity']}; choose {', '.join(GRANULARITIES)} or a number of an "
                  "fc layer's inputs ('16')")
-    util.require(set(cfg["granularity"].values()) == {"weight"} or cfg["prune_method"] in ("std", "percentile",
-                                                                                            "dns"),
+    util.require(set(cfg["granularity"].values()) == {"weight"}
+                 or cfg["prune_method"] in ("std", "percentile", "dns") or cfg["max_drop"],
                  f"granularity other than weight applies to prune_method std, percentile or dns, not "
                  f"{cfg['prune_method']} (global pools single weights; vd learns each weight's noise)")
     util.require(0 <= cfg["dns_ramp"] <= 1, f"dns_ramp must be in [0, 1], got {cfg['dns_ramp']}")

@@ -245,6 +245,32 @@ def test_kernel_granular_pruning_and_surgery_keep_whole_kernels():
     assert t == pytest.approx(1.2 * std)  # 2.84: kernels of RMS 3s = 2.6 and below go, 4s = 3.46 stays
     assert layer.mask[:, :, 0, 0].tolist() == [[0, 0], [0, 1]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
     assert (layer.weight[0] == 0).all() and (layer.weight[1, 0] == 0).all()  # not surgery: pruned weights zeroed
+    # scaled thresholds (sensitivity x the std of all the weights, surgery keeps them) on kernels: scale-free
+    layer = kernel_layer()
+    net = nn.Sequential(layer)
+    prune.surgery_step(net, {"0": 0.0}, band=0.0, sensitivities={"0": 1.2}, granularity="kernel")
+    assert layer.mask[:, :, 0, 0].tolist() == [[0, 0], [0, 1]] and (layer.mask == layer.mask[:, :, :1, :1]).all()
+    with torch.no_grad():
+        layer.weight.mul_(10)
+    prune.surgery_step(net, {"0": 0.0}, band=0.0, sensitivities={"0": 1.2}, granularity="kernel")
+    assert layer.mask[:, :, 0, 0].tolist() == [[0, 0], [0, 1]]
+    # a held count that is not a whole number of kernels (30% of 16 = 5 weights): the threshold lands on the
+    # straddling kernel's magnitude (3s), and that kernel keeps its state whole, alive or pruned
+    for before, alive in ((1.0, 8), (0.0, 4)):
+        layer = kernel_layer()
+        layer.mask[1, 0] = before
+        prune.surgery_step(nn.Sequential(layer), {"0": 0.0}, band=0.0, densities={"0": 0.3}, granularity="kernel")
+        assert int(layer.mask.sum()) == alive and (layer.mask == layer.mask[:, :, :1, :1]).all()
+
+
+def test_fc_runs_prune_whole():
+    fc = MaskedLinear(4, 2, bias=False)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[3.0, 0.1, 0.2, 0.2], [1.0, -1.0, 0.0, 2.5]]))  # runs' RMS: 2.1, 0.2, 1, 1.8
+    prune.prune_by_percentile(nn.Sequential(fc), 50.0, granularity="2")
+    # by single magnitudes 3, 2.5, 1, 1 would stay; by runs of 2 inputs the two strongest runs stay whole
+    assert fc.mask.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]] and float(fc.weight[0, 1].detach()) == pytest.approx(0.1)
+    assert fc.weight[1].detach().tolist() == [0.0, 0.0, 0.0, 2.5] and fc.weight[0, 2:].abs().sum() == 0
 
 
 def test_group_lasso_known_answer_and_whole_units():

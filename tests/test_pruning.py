@@ -111,8 +111,8 @@ def test_kernel_granular_surgery_keeps_whole_kernels_at_the_erk_counts(fake_mnis
     code, _, err = run_here("pruning", "--model=lenet5", f"--data_root={fake_mnist}", f"--out_dir={out}",
                             "--subset=300", "--epochs=1", "--prune_method=dns", "--dns_threshold=density",
                             "--erk_alive=0.2", "--granularity={'conv3': 'weight', 'fc1': '4', '*': 'kernel'}",
-                            "--retrain_epochs=1", "--lr=0.05",
-                            "--retrain_lr=0.05", "--optimizer=sgd", capsys=capsys)
+                            "--dns_band=0.0", "--retrain_epochs=1", "--lr=0.05", "--retrain_lr=0.05",
+                            "--optimizer=sgd", capsys=capsys)
     assert code == 0, err
     state = util.load_checkpoint(str(out / "lenet5_pruned.pt"), "pruned", torch.device("cpu"), "")["state_dict"]
     erk = prune.erk_densities(build_model("lenet5"), 0.2)
@@ -120,8 +120,8 @@ def test_kernel_granular_surgery_keeps_whole_kernels_at_the_erk_counts(fake_mnis
         w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
         assert torch.equal(w != 0, m == 1), layer  # surgery ended: zeros exactly where pruned
         size = m[0, 0].numel() if m.dim() == 4 else 4 if layer == "fc1" else 1  # a conv's kernel, fc1's run
-        assert abs(int(m.sum()) - erk[layer] * m.numel()) <= size, layer  # the held count, to a kernel
-        if m.dim() == 4:  # every 5 x 5 kernel alive or pruned whole, but in conv3 (by weights)
+        assert abs(int(m.sum()) - erk[layer] * m.numel()) <= size, layer  # the held count, to a kernel (no band)
+        if m.dim() == 4:  # every kernel alive or pruned whole, but in conv3 (by weights)
             kernels = m.flatten(2)
             whole = ((kernels == 1).all(2) | (kernels == 0).all(2)).all()
             assert whole if layer != "conv3" else not whole, layer
@@ -254,6 +254,9 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--granularity=row"], "unknown granularity in {'*': 'row'}; choose weight, kernel or a number"),
     (["--granularity='3'", "--erk_alive=0.2", "--prune_method=dns", "--dns_threshold=density",
       f"--data_root={__file__}"], "granularity '3' of layer fc1 (300, 784): a number groups an fc layer's inputs"),
+    (["--granularity={'conv2': '5', '*': 'weight'}", "--model=lenet5", f"--data_root={__file__}"],
+     "granularity '5' of layer conv2 (16, 6, 5, 5): a number groups an fc layer's inputs"),
+    (["--granularity=kernel", "--prune_method=vd"], "granularity other than weight applies to prune_method std"),
     (["--granularity={'conv2': 'kernel'}", "--erk_alive=0.2", "--prune_method=dns", "--dns_threshold=density",
       f"--data_root={__file__}"], "granularity: no value for layer"),
     (["--granularity=kernel", "--prune_method=global"], "granularity other than weight applies to prune_method std"),

@@ -286,13 +286,14 @@ def surgery(net, cfg, thresholds, steps_per_epoch):
     None for the other rules, whose masks stay fixed while the survivors retrain."""
     if cfg["prune_method"] != "dns":
         return None
+    granularity = per_layer(net, cfg["granularity"], "granularity", cfg["prune_layers"])  # resolved once, not a step
     if cfg["dns_threshold"] == "density":  # held at what pruning left, reached over dns_ramp of the steps
         held = {name: float(m.mask.mean()) for name, m in masked_layers(net, cfg["prune_layers"])}
         return GradualSurgery(net, thresholds, cfg["dns_band"], held,
-                               round(cfg["dns_ramp"] * cfg["retrain_epochs"] * steps_per_epoch), cfg["granularity"])
+                               round(cfg["dns_ramp"] * cfg["retrain_epochs"] * steps_per_epoch), granularity)
     scaled = per_layer(net, cfg["sensitivity"], "sensitivity", cfg["prune_layers"]) \
         if cfg["dns_threshold"] == "scaled" else None
-    return functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, granularity=cfg["granularity"])
+    return functools.partial(surgery_step, net, thresholds, cfg["dns_band"], scaled, granularity=granularity)
 
 
 SEARCH_RANGE = (0.01, 1.0)  # the automatic recipe's bracket of erk_alive (1.0: dense, always within)

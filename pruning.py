@@ -71,6 +71,7 @@ granularity = {"*": "weight"}  # per layer, std, percentile, dns: what pruning a
                             # after a conv: --granularity="{'fc1': '16', '*': 'weight'}")
 vd_epochs = 30              # vd: epochs of variational training (Adam) that learn the masks; retraining follows
 vd_lr = 1e-3                # vd: its learning rate
+vd_sigma_lr = 0.0           # vd: learning rate of the log variances (0 = vd_lr); higher prunes in fewer epochs
 vd_beta = 1.0               # vd: weight of the KL term (1 = the evidence lower bound; more = sparser)
 vd_threshold = 3.0          # vd: at the end, prune the weights whose log alpha (noise / signal) is at or above this
 vd_ramp = 0.1               # vd: fraction of vd_epochs over which the KL term's weight rises from 0
@@ -149,6 +150,7 @@ def check_settings(cfg):
         util.require(lo < cfg["vd_threshold"] < hi, f"vd_threshold must be inside log alpha's range ({lo:g}, {hi:g}), "
                      f"where it can prune some weights and keep others, got {cfg['vd_threshold']}")
         util.require(cfg["vd_lr"] > 0, f"vd_lr must be > 0, got {cfg['vd_lr']}")
+        util.require(cfg["vd_sigma_lr"] >= 0, f"vd_sigma_lr must be >= 0 (0 = vd_lr), got {cfg['vd_sigma_lr']}")
     util.require(cfg["search_probes"] >= 1, f"search_probes must be >= 1, got {cfg['search_probes']}")
     util.require(cfg["dns_ramp"] == 0 or cfg["dns_threshold"] == "density",
                  f"dns_ramp ramps the held density: set --dns_threshold=density (got {cfg['dns_threshold']})")
@@ -266,16 +268,21 @@ def variational_dropout(net, cfg, train, val, precision, distill, penalty, progr
     which each weight of the pruned layers is a Gaussian with a learned variance, under the KL
     term that pulls the variances of the weights the data do not need up; those whose log alpha
     ends at or above vd_threshold are pruned, and retraining follows with the masks fixed. The log
-    variances move by about the learning rate per step whatever their gradient's scale, so this
-    phase trains with Adam, as the paper, and without weight decay (the KL is the weights' prior).
-    Returns the phase's history."""
+    variances move by about the learning rate per step whatever their gradient's scale (Adam, as
+    the paper), so the epochs a weight needs to cross the threshold from VD_INIT_LOG_SIGMA2 go as
+    1 / rate: vd_sigma_lr gives the log variances their own rate, apart from the weights'. No
+    weight decay (the KL is the weights' prior). Returns the phase's history."""
     vd = VariationalDropout(masked_layers(net, cfg["prune_layers"]), cfg["vd_threshold"], cfg["vd_beta"],
                             len(train.y), round(cfg["vd_ramp"] * cfg["vd_epochs"] * len(train)))
     print(f"Variational dropout on {len(vd.layers)} layers for {cfg['vd_epochs']} epochs: KL weight {cfg['vd_beta']}, "
           f"prune at log alpha >= {cfg['vd_threshold']}")
     options = training.TrainOptions("adam", cfg["schedule"], 0.0, precision)
     kl = vd.penalty if penalty is None else lambda: penalty() + vd.penalty()
-    history = training.fit(net, net.parameters(), train, val, cfg["vd_epochs"], cfg["vd_lr"], options, label="vd",
+    sigmas = [m.log_sigma2 for _, m in vd.layers]
+    ids = {id(p) for p in sigmas}
+    groups = [{"params": [p for p in net.parameters() if id(p) not in ids]},
+              {"params": sigmas, "lr": cfg["vd_sigma_lr"] or cfg["vd_lr"]}]
+    history = training.fit(net, groups, train, val, cfg["vd_epochs"], cfg["vd_lr"], options, label="vd",
                            after_step=vd, distill=distill, penalty=kl, progress=progress)
     vd.finish()
     return history

@@ -165,6 +165,32 @@ def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
     assert summary["params"]["total"] == sum(v.numel() for k, v in initial.items() if not k.endswith("mask"))
 
 
+def test_vd_sigma_lr_moves_the_log_variances_alone(fake_mnist, tmp_path, capsys):
+    dense = tmp_path / "dense"
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
+                            "--epochs=1", "--retrain_epochs=0", capsys=capsys)
+    assert code == 0, err
+    initial = util.load_checkpoint(str(dense / "lenet_300_100_initial.pt"), "initial", torch.device("cpu"),
+                                   "")["state_dict"]
+    alive = {}
+    for sigma_lr in (0.0, 0.5):  # 0: the log variances at vd_lr, far too slow to move in 23 steps
+        out = tmp_path / f"sigma{sigma_lr}"
+        code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
+                                f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=vd",
+                                "--vd_lr=1e-7", f"--vd_sigma_lr={sigma_lr}", "--vd_epochs=1", "--batch_size=16",
+                                "--vd_beta=200.0", "--vd_ramp=0.0", "--retrain_epochs=0", capsys=capsys)
+        assert code == 0, err
+        state = util.load_checkpoint(str(out / "lenet_300_100_pruned.pt"), "pruned", torch.device("cpu"),
+                                     "")["state_dict"]
+        for layer in ("fc1", "fc2", "fc3"):  # the weights kept their rate: 23 Adam steps of about 1e-7 each
+            w, m = state[f"{layer}.weight"], state[f"{layer}.mask"]
+            assert (w - initial[f"{layer}.weight"] * m).abs().max() < 1e-5, layer
+        alive[sigma_lr] = state["fc1.mask"].mean().item()
+    w0 = initial["fc1.weight"]  # at vd_lr the masks are still those of the initial variances: log alpha < 3
+    start = (prune.VD_INIT_LOG_SIGMA2 - torch.log(w0 * w0 + 1e-8) < 3.0).float().mean().item()
+    assert alive[0.0] == pytest.approx(start, abs=1e-3) and alive[0.5] < start - 0.4
+
+
 def test_retrain_weight_decay_acts_on_retraining_only(fake_mnist, tmp_path, capsys):
     dense = tmp_path / "dense"
     code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
@@ -263,6 +289,7 @@ def test_a_warm_restart_keeps_a_snapshot_that_teaches(fake_mnist, tmp_path, caps
     (["--prune_method=vd", "--prune_iterations=2"], "prune_method=vd chooses each layer's density itself"),
     (["--prune_method=vd", "--vd_beta=0.0"], "vd_beta must be > 0, got 0.0"),
     (["--prune_method=vd", "--vd_epochs=0"], "vd_epochs must be at least 1, got 0"),
+    (["--prune_method=vd", "--vd_sigma_lr=-0.01"], "vd_sigma_lr must be >= 0 (0 = vd_lr), got -0.01"),
     (["--prune_method=vd", "--vd_threshold=12.0"], "vd_threshold must be inside log alpha's range (-10, 10)"),
     (["--retrain_weight_decay=-1e-4"], "weight decay must be >= 0"),
     (["--init_from=/nonexistent/x.pt"], "no checkpoint at /nonexistent/x.pt"),

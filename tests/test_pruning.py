@@ -140,11 +140,17 @@ def test_kernel_granular_surgery_keeps_whole_kernels_at_the_erk_counts(fake_mnis
         assert ((kernels == 1).all(2) | (kernels == 0).all(2)).all() and 0 < kernels.mean() < 1, layer
 
 
-def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
-    dense = tmp_path / "dense"
-    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
+@pytest.fixture
+def dense(fake_mnist, tmp_path, capsys):
+    """A folder holding a LeNet-300-100 trained one epoch on 360 fake digits (lenet_300_100_initial.pt)."""
+    out = tmp_path / "dense"
+    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
                             "--epochs=1", "--retrain_epochs=0", capsys=capsys)
     assert code == 0, err
+    return out
+
+
+def test_variational_dropout_prunes_by_log_alpha(fake_mnist, dense, tmp_path, capsys):
     out = tmp_path / "vd"  # a KL weight far past the ELBO's, so that two short epochs prune
     code, stdout, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={out}", "--subset=400",
                                  f"--init_from={dense}/lenet_300_100_initial.pt", "--prune_method=vd",
@@ -165,11 +171,7 @@ def test_variational_dropout_prunes_by_log_alpha(fake_mnist, tmp_path, capsys):
     assert summary["params"]["total"] == sum(v.numel() for k, v in initial.items() if not k.endswith("mask"))
 
 
-def test_vd_sigma_lr_moves_the_log_variances_alone(fake_mnist, tmp_path, capsys):
-    dense = tmp_path / "dense"
-    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
-                            "--epochs=1", "--retrain_epochs=0", capsys=capsys)
-    assert code == 0, err
+def test_vd_sigma_lr_moves_the_log_variances_alone(fake_mnist, dense, tmp_path, capsys):
     initial = util.load_checkpoint(str(dense / "lenet_300_100_initial.pt"), "initial", torch.device("cpu"),
                                    "")["state_dict"]
     alive = {}
@@ -191,11 +193,7 @@ def test_vd_sigma_lr_moves_the_log_variances_alone(fake_mnist, tmp_path, capsys)
     assert alive[0.0] == pytest.approx(start, abs=1e-3) and alive[0.5] < start - 0.4
 
 
-def test_retrain_weight_decay_acts_on_retraining_only(fake_mnist, tmp_path, capsys):
-    dense = tmp_path / "dense"
-    code, _, err = run_here("pruning", f"--data_root={fake_mnist}", f"--out_dir={dense}", "--subset=400",
-                            "--epochs=1", "--retrain_epochs=0", capsys=capsys)
-    assert code == 0, err
+def test_retrain_weight_decay_acts_on_retraining_only(fake_mnist, dense, tmp_path, capsys):
     norms = {}
     for wd in (0.0, 20.0):  # fixed masks (std rule), the same batches: only the penalty differs
         out = tmp_path / f"wd{wd}"

@@ -42,7 +42,9 @@ def _typed(key, value, default):
         return value
     if want is float and type(value) is int:
         return float(value)
-    raise UserError(f"setting {key} expects {want.__name__}, got {value!r} ({type(value).__name__})")
+    # --granularity=16 reads as the number 16: a string that looks like a number needs its own quotes
+    quote = f"; quote it as a string, '{value}'" if want is str and type(value) in (int, float) else ""
+    raise UserError(f"setting {key} expects {want.__name__}, got {value!r} ({type(value).__name__}){quote}")
 
 
 def _apply(defaults, items, where):

@@ -1,5 +1,6 @@
 """util.py: the settings parser, the per-layer table, atomic files and checkpoints."""
 import os
+import re
 
 import pytest
 import torch
@@ -49,10 +50,11 @@ def test_overrides_parse_types():
     ("--pretrained=1", "setting pretrained expects bool"),
     ("--lr=fast", "setting lr expects float"),
     ("--sensitivity={'*': 'high'}", "expects float"),
+    ("--model=16", "setting model expects str, got 16 (int); quote it as a string, '16'"),
     ("epochs=2", "give settings as --key=value"),
 ])
 def test_override_errors(arg, message):
-    with pytest.raises(util.UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(util.UserError, match=re.escape(message)):
         util.parse_settings(DEFAULTS, [arg])
 
 

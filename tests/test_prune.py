@@ -387,6 +387,11 @@ def test_variational_output_of_a_grouped_conv():
         var = F.conv2d(x[:1] ** 2, conv.log_sigma2.exp(), None, padding=1, groups=2)
     assert torch.allclose(out.mean(0), mean[0], atol=0.05 * var.max().sqrt().item())
     assert torch.allclose(out.var(0), var[0], rtol=0.06)  # each output's variance: its own group's inputs only
+    # the noise, drawn flat, lies in the output's channels_last strides: independent per output
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    z = ((out - mean) / var.sqrt()).reshape(len(out), -1)
+    pick = [c * 25 + p for c in range(4) for p in (0, 12)]  # two positions in each of the 4 channels
+    assert torch.corrcoef(z[:, pick].T).sub(torch.eye(8)).abs().max() < 0.05
 
 
 def test_variational_dropout_masks_ramp_and_finish():

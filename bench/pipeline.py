@@ -58,7 +58,7 @@ SETTINGS = util.settings_from(globals())
 # ternary quantization (Zhu et al. 2017) of the same dense network; '<model>_auto' is the
 # automatic recipe (max_drop: densities and bits searched on validation).
 ORDER = ("lenet_300_100", "lenet_300_100_ratio", "lenet_300_100_tiny", "lenet_300_100_iterative", "lenet_300_100_auto",
-         "lenet5_caffe", "lenet5_caffe_ratio", "lenet5_caffe_iterative", "lenet5_caffe_ttq",
+         "lenet5_caffe", "lenet5_caffe_ratio", "lenet5_caffe_tiny", "lenet5_caffe_iterative", "lenet5_caffe_ttq",
          "lenet5", "resnet20", "resnet20_ttq", "resnet20_auto", "resnet18", "mobilenet_v2", "shufflenet_v2_auto")
 
 

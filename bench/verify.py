@@ -77,13 +77,13 @@ def check_file(run, cfg, data, dev):
     # Validation and test images depend on neither the training seed, augmentation nor batch
     # sizes: files that differ only there share one load (CIFAR-10 is 60,000 JPEGs to decode),
     # and each file is tested in the minibatches it recorded.
-    recorded = DataSpec.from_settings(header["data"], data_root=cfg["data_root"], val_split=run["val_split"])
-    spec = dataclasses.replace(recorded, seed=0, augment="none", batch_size=DataSpec.batch_size,
+    own = DataSpec.from_settings(header["data"], data_root=cfg["data_root"], val_split=run["val_split"])
+    spec = dataclasses.replace(own, seed=0, augment="none", batch_size=DataSpec.batch_size,
                                test_batch_size=DataSpec.test_batch_size)
     if spec not in data:  # one load per data set and split, shared by its files
         data[spec] = load_data(spec, dev)[1:]
     val, test = (copy.copy(b) for b in data[spec])
-    val.batch_size = test.batch_size = recorded.test_batch_size
+    val.batch_size = test.batch_size = own.test_batch_size
     net = net.to(dev)
     now.update(error=error_on(net, test), val_error=error_on(net, val))
     for key, recorded in (("error", run["error"]["decoded"]), ("val_error", run["val_error"])):

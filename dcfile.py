@@ -37,8 +37,8 @@ from quantize import build_quantized_model
 
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"  # PNG-style: the high byte and CR-LF catch 7-bit and newline-mangling transfers
-VERSION = 8
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # the versions this reader decodes
+VERSION = 9
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # the versions this reader decodes
 # The version history, in one place: each feature of the format and the version that added it.
 # A reader of a version-v file reads a feature where v >= SINCE[feature] (_Reader.since).
 SINCE = {
@@ -53,6 +53,7 @@ SINCE = {
     "float blocks": 8,   # codebooks and float32 tables as float blocks (raw, float16 or integers on a grid)
     "header dictionary": 8,  # the header's zlib stream primed with HEADER_DICTIONARY
     "static freqs": 8,   # an 'A' section's cluster frequencies written with the static cluster model only
+    "idle biases": 9,    # a 'G' section leaves out the zero biases of units whose weights are all pruned
 }
 CODERS = ("huffman", "ans")  # encode_model's coder: the paper's Huffman codes | ANS under context models ('A')
 MAX_INDEX_BITS = 16           # a span needs 2**b gap symbols, and a Huffman alphabet holds at most 2**16
@@ -434,21 +435,33 @@ def _bit_patterns(t):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().view(UINT[t.dtype.itemsize])
 
 
-def _group_payload(tensors, positions, whole_role=False):
+def _group_payload(tensors, positions, whole_role=False, idle=None):
     """The payload of a 'G' section: the tensors (one dtype) at these section positions as
     one table of their distinct bit patterns and one index stream, or, from version 6, as
     their values one after the other (k = 0), whichever is smaller; float32 values, table or
     not, as a float block (before version 8: float16 where it held every value exactly). whole_role: the tensors are every 'R' tensor of their role, which
     version 6 writes as m = 0 instead of the positions (19 batch-norms: 38 bytes a group).
+    idle: per tensor, False where it cannot leave elements out (it is not the bias of a
+    quantized layer before it, _idle_units), else None or a bool (n,) of the elements the
+    decoder will place as zeros (the biases of units with no weight left), which must all be
+    +0.0 and are left out of the values; version 9 writes a flag for each tensor that can.
     None for tensors of a dtype the format does not store."""
     dtype = tensors[0].dtype
     if dtype not in DTYPES or any(t.dtype != dtype for t in tensors) or len(positions) > 0xFFFF:
         return None
-    values = np.concatenate([_bit_patterns(t) for t in tensors])
+    idle = idle or [False] * len(tensors)
+    left_out = [i if isinstance(i, np.ndarray) else None for i in idle]
+    patterns = [_bit_patterns(t) for t in tensors]
+    assert all(i is None or not patterns[j][i].any() for j, i in enumerate(left_out)), "an idle element that is not +0.0"
+    values = np.concatenate([p if i is None else p[~i] for p, i in zip(patterns, left_out)])
     listed = [] if whole_role else list(positions)
+    can = [i is not False for i in idle]
+    flags = np.packbits(np.array([i is not None for i, c in zip(left_out, can) if c], bool), bitorder="little").tobytes()
+    present = struct.pack("<I", len(values)) if any(i is not None for i in left_out) else b""
 
-    def head(stored, k):  # dtype, stored dtype, m, the m positions, k
-        return struct.pack(f"<BBH{len(listed)}HI", DTYPES.index(dtype), DTYPES.index(stored), len(listed), *listed, k)
+    def head(stored, k):  # dtype, stored dtype, m, the m positions, the idle flags (and values left), k
+        return struct.pack(f"<BBH{len(listed)}H", DTYPES.index(dtype), DTYPES.index(stored), len(listed),
+                           *listed) + flags + present + struct.pack("<I", k)
 
     payloads = [head(dtype, 0) + _table_bytes(values, dtype)]  # float32: a float block holds float16 too
     table, ids = _value_table(values, dtype)
@@ -458,16 +471,45 @@ def _group_payload(tensors, positions, whole_role=False):
     return min(payloads, key=len)
 
 
+def _idle_units(sections, position):
+    """For the 'R' tensor at layout `position`: the name of the quantized layer L whose bias it
+    is (its name L.bias, its shape (L's output units,), L's section before it), or None. The
+    biases of L's units whose mask rows are all 0 may be left out of a version-9 'G' section:
+    such a unit computes act(bias) alone, and stage 2 zeroes that bias where no layer reads
+    it (prune.drop_dead_units), so it codes in nothing."""
+    kind, name, shape, _ = sections[position]
+    layer = name[:-len(".bias")] if name.endswith(".bias") else None
+    for kind_l, name_l, shape_l, _ in sections[:position]:
+        if kind_l == "Q" and name_l == layer and shape == shape_l[:1]:
+            return layer
+    return None
+
+
+def _idle_of(sections, position, state_dict):
+    """The elements of the 'R' tensor at `position` that a 'G' section leaves out: bool (n,)
+    True at the units of its layer with no weight left (see _idle_units), where each of them is
+    +0.0 and there is at least one; else None; False for a tensor that is no quantized layer's
+    bias (it has no flag)."""
+    layer = _idle_units(sections, position)
+    if layer is None:
+        return False
+    mask = state_dict[f"{layer}.mask"]
+    idle = ~mask.detach().cpu().reshape(mask.shape[0], -1).ne(0).any(1).numpy()
+    bits = _bit_patterns(state_dict[sections[position][1]])
+    return idle if idle.any() and not bits[idle].any() else None
+
+
 def _role_members(sections, roles, role):
     """The positions of every 'R' tensor of `role` in the model's layout: the members of a
     version-6 'G' section that lists none (m = 0)."""
     return [p for p, (kind, name, _, _) in enumerate(sections) if kind == "R" and roles[name] == role]
 
 
-def _read_group(r, position, sections, later, roles):
+def _read_group(r, position, sections, later, roles, state):
     """Decode a 'G' section found at section `position` -> {name: tensor} of the tensor there;
-    the other members go into `later` ({position: (name, tensor)}, filled by earlier groups
-    too), for the decoder to take at their places. sections, roles: the model's layout."""
+    the other members go into `later` ({position: (name, (values, idle layer, shape))}, filled
+    by earlier groups too), for the decoder to take at their places with _member.
+    sections, roles: the model's layout; state: the tensors decoded so far."""
     dtype = r.dtype(DTYPES)
     # before version 8 a float32 group could store float16 values; from 8 a float block says
     blocks = r.since("float blocks")
@@ -485,22 +527,67 @@ def _read_group(r, position, sections, later, roles):
     if any(sections[p][0] != "R" or p in later for p in members):
         raise ValueError("a member that is a quantized layer or was decoded already")
     sizes = [math.prod(sections[p][2]) for p in members]
+    idle = [False] * m
+    can = [_idle_units(sections, p) is not None for p in members]  # the members with a flag, from version 9
+    if r.since("idle biases") and any(can):
+        flags = np.unpackbits(np.frombuffer(r.take((sum(can) + 7) // 8), np.uint8), bitorder="little")
+        if flags[sum(can):].any():
+            raise ValueError("idle-unit flags set past the members that have one")
+        at = iter(flags[:sum(can)].astype(bool))
+        idle = [bool(next(at)) if c else False for c in can]
+    total = sum(sizes)
+    if any(idle):  # the values left: the members' elements less the idle units', known once their masks are
+        total = r.unpack("<I")[0]
+        if total > sum(sizes):
+            raise ValueError(f"{total} values for {sum(sizes)} elements")
     k = r.unpack("<I")[0]
-    if not (0 if r.since("role groups") else 1) <= k <= min(sum(sizes), huffman.MAX_ALPHABET):
-        raise ValueError(f"a table of {k} values for {sum(sizes)} elements")
-    count = k or sum(sizes)  # k = 0: the members' values themselves, no index stream
+    if not (0 if r.since("role groups") else 1) <= k <= min(total, huffman.MAX_ALPHABET):
+        raise ValueError(f"a table of {k} values for {total} elements")
+    count = k or total  # k = 0: the members' values themselves, no index stream
     table = _read_table(r, count, stored)
     if stored != dtype:  # float16 -> float32, exact
         table = table.view("<f2").astype(np.float32).view(np.uint32)
-    values = (table[_read_stream(r, sum(sizes), k)] if k else table).astype(UINT[dtype.itemsize])
+    values = (table[_read_stream(r, total, k)] if k else table).astype(UINT[dtype.itemsize])
     r.done()
-    start = 0
-    for p, size in zip(members, sizes):
+    left = _Values(values, dtype, m)
+    for p, flag in zip(members, idle):
         _, name, shape, _ = sections[p]
-        chunk = values[start:start + size].view(np.uint8).copy()
-        later[p] = (name, torch.from_numpy(chunk).view(dtype).reshape(shape))
-        start += size
-    return dict([later.pop(position)])
+        later[p] = (name, (left, _idle_units(sections, p) if flag else None, shape))
+    return dict([_member(later.pop(position), state)])
+
+
+class _Values:
+    """A 'G' section's decoded values (n,) as unsigned bit patterns, handed out to its
+    members in layout order as each is reached (a member with idle units takes as many as its
+    layer's mask has units with a weight, which is known only then)."""
+
+    def __init__(self, values, dtype, members):
+        self.values, self.dtype, self.start, self.members = values, dtype, 0, members
+
+    def take(self, n):
+        """The next n values; the last member's take must spend them all."""
+        left = len(self.values) - self.start
+        self.members -= 1
+        if n > left or (self.members == 0 and n != left):
+            raise ValueError(f"a member takes {n} values where its section has {left} left"
+                             + ("" if n > left else " (the last member)"))
+        self.start += n
+        return self.values[self.start - n:self.start]
+
+
+def _member(entry, state):
+    """A 'G' member (name, (values, idle layer or None, shape)) -> (name, tensor): its
+    elements, the idle units' as +0.0 where `idle layer` is set (that layer's mask is in
+    `state`, decoded before it)."""
+    name, (left, layer, shape) = entry
+    size = math.prod(shape)
+    if layer is None:
+        bits = left.take(size)
+    else:
+        alive = state[f"{layer}.mask"].reshape(shape[0], -1).ne(0).any(1).numpy()
+        bits = np.zeros(size, left.values.dtype)
+        bits[alive] = left.take(int(alive.sum()))
+    return name, torch.from_numpy(bits.view(np.uint8).copy()).view(left.dtype).reshape(shape)
 
 
 def _read_tabled(r, name, shape):
@@ -819,7 +906,8 @@ def encode_model(state_dict, model_args, quantized, index_bits=0, info=None, sha
         for (role, _), members in by_role.items():
             names = [sections[p][1] for p in members]
             whole = members == _role_members(sections, roles, role)  # the decoder finds them from the role alone
-            payload = _group_payload([state_dict[n] for n in names], members, whole) if len(members) > 1 else None
+            idle = [_idle_of(sections, p, state_dict) for p in members]
+            payload = _group_payload([state_dict[n] for n in names], members, whole, idle) if len(members) > 1 else None
             if payload is not None and len(payload) < sum(len(alone[n][1]) + FRAME for n in names) - FRAME:
                 groups[members[0]] = (payload, names)
 
@@ -912,17 +1000,20 @@ def decode_bytes(blob):
         sections, _, roles = architecture(header["model"], header["quantized"])
     except ValueError as e:
         raise FormatError(f"section 0 (header): {e}") from None
-    state, later = {}, {}  # later: {position: (name, tensor)} decoded by an earlier 'G' section
+    state, later = {}, {}  # later: {position: a member of an earlier 'G' section}, see _read_group
     for at, (kind, name, shape, clusters) in enumerate(sections):
         if at in later:
-            state.update([later.pop(at)])
+            try:
+                state.update([_member(later.pop(at), state)])
+            except ValueError as e:
+                raise FormatError(f"the 'G' section holding {name}: {e}") from None
             continue
         readers = ({"Q": functools.partial(_read_quantized, name=name, shape=shape, clusters=clusters),
                     "A": functools.partial(_read_ans, name=name, shape=shape, clusters=clusters)} if kind == "Q"
                    else {"R": functools.partial(_read_raw, name=name, shape=shape),
                          "T": functools.partial(_read_tabled, name=name, shape=shape),
                          "G": functools.partial(_read_group, position=at, sections=sections, later=later,
-                                                roles=roles)})
+                                                roles=roles, state=state)})
         state.update(parse(name, readers))
     end = parse("end marker", {"E": _end})
     if end != index - 1 or pos != len(blob):

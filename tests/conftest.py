@@ -193,7 +193,8 @@ def header_json(payload):
 def as_version7(blob, version=7):
     """The same file as version 7 wrote it (and labelled `version`, for the tests of what an
     older reader refuses): the header plain zlib, codebooks and float32 tables raw float32
-    (a 'G' group's values as float16 where each is one exactly). 'A' payloads are left as they are."""
+    (a 'G' group's values as float16 where each is one exactly) and without version 9's idle-bias
+    flags. 'A' payloads are left as they are."""
     secs = sections(blob)
     header = header_json(secs[0][2])
     layout, _, roles = dcfile.architecture(header["model"], header["quantized"])
@@ -218,6 +219,12 @@ def as_version7(blob, version=7):
                        [p for p, e in enumerate(layout) if e[0] == "R" and roles[e[1]] == roles[name]])
             later |= set(members[1:])
             k_at = 4 + 2 * m
+            flagged = sum(dcfile._idle_units(layout, p) is not None for p in members)  # version 9's idle flags
+            if flagged:
+                flags = payload[k_at:k_at + (flagged + 7) // 8]
+                assert not any(flags), "a group that leaves idle biases out has no version-7 form"
+                payload = payload[:k_at] + payload[k_at + len(flags):]
+                r, replace[i] = dcfile._Reader(payload), payload
             k = struct.unpack_from("<I", payload, k_at)[0]
             if payload[0] == 0:  # float32 values
                 r.take(k_at + 4)

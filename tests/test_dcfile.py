@@ -194,9 +194,9 @@ def test_intact_file_decodes(small_file):
     state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
     blob, _ = round_trip(state, args, quantized)
     assert [k for _, k, _ in sections(blob)] == ["H", "Q", "G", "Q", "Q", "E"]
-    # the group's dtype, stored dtype, m = 0 (every bias), k = 0 and a float block's form byte
-    # in place of 3 dtypes (the values raw, or fewer bytes on a grid)
-    assert len(blob) <= len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 4 + 1) - 3
+    # the group's dtype, stored dtype, m = 0 (every bias), the idle flags' byte (version 9), k = 0
+    # and a float block's form byte in place of 3 dtypes (the values raw, or fewer bytes on a grid)
+    assert len(blob) <= len(small_file) - 2 * dcfile.FRAME + (1 + 1 + 2 + 1 + 4 + 1) - 3
 
 
 def test_version_2_files_still_decode_bit_for_bit():
@@ -453,6 +453,75 @@ def test_hostile_group_is_rejected():
     fails(rebuild(blob, {i: patch(g, 2, "<H", 1)}), "member")
     fails(rebuild(blob, {i: patch(g, 1, "<B", dcfile.DTYPES.index(torch.float64))}), "dtype")  # wider than float32
     fails(rebuild(blob, {i: g[:-1]}), "needs")
+
+
+
+def idle_state():
+    """LeNet-300-100 in stage 2's contract with 40 of fc1's 300 units and 20 of fc2's 100 left
+    with no weight and a bias of 0 (what prune.drop_dead_units leaves), the other biases on a
+    few values; fc3's 10 units all keep weights. -> (state, args, quantized, {layer: idle (n,)})."""
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
+    g = torch.Generator().manual_seed(1)
+    idle = {}
+    for layer, n in (("fc1", 40), ("fc2", 20), ("fc3", 0)):
+        units = state[f"{layer}.mask"].shape[0]
+        out = torch.zeros(units, dtype=torch.bool)
+        out[torch.randperm(units, generator=g)[:n]] = True
+        for leaf in ("mask", "index"):
+            state[f"{layer}.{leaf}"][out] = 0
+        state[f"{layer}.bias"] = torch.randint(1, 8, (units,), generator=g).float() / 8 * ~out
+        idle[layer] = out
+    return state, args, quantized, idle
+
+
+def bias_group(blob):
+    return next(p for _, kind, p in sections(blob) if kind == "G")
+
+
+def test_idle_biases_are_left_out_of_their_group():
+    state, args, quantized, idle = idle_state()
+    blob, _ = round_trip(state, args, quantized)  # bit for bit, the idle zeros placed by the decoder
+    g = bias_group(blob)
+    # m = 0 (every bias), then one byte of flags for the three biases: fc1 and fc2 leave theirs out
+    assert struct.unpack_from("<H", g, 2)[0] == 0 and g[4] == 0b011
+    assert struct.unpack_from("<I", g, 5)[0] == 300 + 100 + 10 - 40 - 20  # the values left
+    # one idle unit's bias not 0: fc1 codes all 300 of its biases, fc2 still leaves 20 out
+    state["fc1.bias"][idle["fc1"].nonzero()[0]] = 0.5
+    blob_all, _ = round_trip(state, args, quantized)
+    g_all = bias_group(blob_all)
+    assert g_all[4] == 0b010 and struct.unpack_from("<I", g_all, 5)[0] == 300 + 100 + 10 - 20
+    assert len(g) < len(g_all)
+    # -0.0 is not a zero the decoder can place: that bias is coded too
+    state, args, quantized, idle = idle_state()
+    state["fc2.bias"][idle["fc2"].nonzero()[0]] = -0.0
+    assert bias_group(round_trip(state, args, quantized)[0])[4] == 0b001
+    # Which tensors can: the bias of a quantized layer that precedes it, no other
+    layout = dcfile.architecture(args, quantized)[0]
+    assert [dcfile._idle_units(layout, p) for p, (kind, _, _, _) in enumerate(layout) if kind == "R"] \
+        == ["fc1", "fc2", "fc3"]
+    layout = dcfile.architecture(args, {"fc2": quantized["fc2"]})[0]  # fc1 and fc3 stored whole
+    assert [dcfile._idle_units(layout, p) for p, (kind, _, _, _) in enumerate(layout) if kind == "R"] \
+        == [None, None, None, "fc2", None, None, None]
+
+
+def test_hostile_idle_flags_are_rejected():
+    state, args, quantized, _ = idle_state()
+    blob, _ = dcfile.encode_model(state, args, quantized)
+    i = next(j for j, (_, kind, _) in enumerate(sections(blob)) if kind == "G")
+    g = bias_group(blob)
+    fails(rebuild(blob, {i: patch(g, 4, "<B", 0b1011)}), "past the members")  # a flag for a 4th bias
+    fails(rebuild(blob, {i: patch(g, 5, "<I", 411)}), "411 values for 410 elements")
+    for total in (351, 349):  # the stream then codes one symbol more or fewer than it holds
+        fails(rebuild(blob, {i: patch(g, 5, "<I", total)}), "stream")
+    # The values left must be what the masks say, to the last member (the masks are decoded
+    # after the group: the count is checked as each member is placed)
+    values = dcfile._Values(np.arange(5, dtype=np.uint32), torch.float32, members=2)
+    assert list(values.take(2)) == [0, 1]
+    with pytest.raises(ValueError, match="takes 2 values where its section has 3 left .the last member"):
+        values.take(2)
+    with pytest.raises(ValueError, match="takes 4 values where its section has 3 left"):
+        dcfile._Values(np.arange(3, dtype=np.uint32), torch.float32, members=2).take(4)
+    fails(blob[:8] + struct.pack("<H", 8) + blob[10:], "table")  # version 8 has no flags: k reads them
 
 
 def test_decode_file_names_the_path(tmp_path, small_file):

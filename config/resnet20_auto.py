@@ -2,7 +2,7 @@
 config/resnet20.py, and max_drop = 1.0 point of validation accuracy given up; the densities
 (Erdos-Renyi-kernel, the alive fraction bisected on validation) and the bits per layer are
 searched, not set; batch-norm folded to float16.
-Result: 19.0x at 11.85% test error (1 seed; dense 11.77%). docs/experiments.md#resnet20_auto"""
+Result: 19.2x at 11.85% test error (1 seed; dense 11.77%). docs/experiments.md#resnet20_auto"""
 model = "resnet20"
 pruning = {"dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "epochs": 60,
            "restart_epochs": 40, "restart_lr": 0.05, "augment": "auto", "precision": "auto",

@@ -17,6 +17,7 @@ import coders  # noqa: E402
 import context_models  # noqa: E402
 import levers  # noqa: E402
 import peer_nncodec  # noqa: E402
+import recode  # noqa: E402
 import results_table  # noqa: E402
 import util  # noqa: E402
 import verify  # noqa: E402
@@ -95,6 +96,39 @@ def test_verify_catches_a_changed_figure(shipped_copy, capsys, tmp_path):
     assert code == 1 and "results table is not the one results.json gives" in err
     readme.write_text(f"{results_table.BEGIN}\n{text}\n{results_table.END}\n")
     assert run_verify(capsys, f"--results={path}", f"--readme={readme}", "--data_root=")[0] == 0
+
+
+def test_recode_rewrites_a_file_smaller_and_its_figures(shipped_copy, capsys, tmp_path):
+    """A file written with a section per tensor (as version 3 did): recode.py groups its biases
+    into one section, checks the new file decodes to the same tensors, and writes its bytes,
+    ratio and sha256; a file it would not shrink is kept; the README table follows."""
+    import dcfile
+    from conftest import SMALL, assert_bit_equal, quantized_state
+    path, copy, results = shipped_copy
+    state, args, quantized = quantized_state("lenet_300_100", SMALL, density=0.3)
+    loose, _ = dcfile.encode_model(state, args, quantized, share_tables=False)
+    copy.write_bytes(loose)
+    run = {**results["runs"][0], "compressed_bytes": len(loose), "ratio": results["runs"][0]["dense_bytes"] / len(loose),
+           "sha256": verify.sha256(str(copy))}
+    path.write_text(json.dumps({**results, "runs": [run], "rows": verify.summarise([run])}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results_table.BEGIN}\nold\n{results_table.END}\n")
+
+    def run_recode(*args):
+        util.run_stage(recode.main, recode.SETTINGS, [f"--results={path}", f"--readme={readme}", *args])
+        return capsys.readouterr().out
+
+    assert "recoded" in run_recode("--dry_run=True") and copy.read_bytes() == loose  # nothing written
+    assert "recoded" in run_recode()
+    new = copy.read_bytes()
+    assert len(new) < len(loose)
+    assert_bit_equal(dcfile.decode_bytes(loose)[0], dcfile.decode_bytes(new)[0])
+    after = json.loads(path.read_text())
+    assert after["runs"][0]["compressed_bytes"] == len(new) and after["runs"][0]["sha256"] == verify.sha256(str(copy))
+    assert after["rows"] == verify.summarise(after["runs"])
+    assert results_table.table(after["rows"]) in readme.read_text()
+    assert run_verify(capsys, f"--results={path}", f"--readme={readme}", "--data_root=")[0] == 0
+    assert "kept" in run_recode() and copy.read_bytes() == new  # already as small as it gets
 
 
 def blocks(text):

@@ -435,7 +435,7 @@ def _bit_patterns(t):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().view(UINT[t.dtype.itemsize])
 
 
-def _group_payload(tensors, positions, whole_role=False, idle=None):
+def _group_payload(tensors, positions, whole_role, idle):
     """The payload of a 'G' section: the tensors (one dtype) at these section positions as
     one table of their distinct bit patterns and one index stream, or, from version 6, as
     their values one after the other (k = 0), whichever is smaller; float32 values, table or
@@ -449,7 +449,6 @@ def _group_payload(tensors, positions, whole_role=False, idle=None):
     dtype = tensors[0].dtype
     if dtype not in DTYPES or any(t.dtype != dtype for t in tensors) or len(positions) > 0xFFFF:
         return None
-    idle = idle or [False] * len(tensors)
     left_out = [i if isinstance(i, np.ndarray) else None for i in idle]
     patterns = [_bit_patterns(t) for t in tensors]
     assert all(i is None or not patterns[j][i].any() for j, i in enumerate(left_out)), "an idle element that is not +0.0"
@@ -493,9 +492,10 @@ def _idle_of(sections, position, state_dict):
     layer = _idle_units(sections, position)
     if layer is None:
         return False
-    mask = state_dict[f"{layer}.mask"]
-    idle = ~mask.detach().cpu().reshape(mask.shape[0], -1).ne(0).any(1).numpy()
-    bits = _bit_patterns(state_dict[sections[position][1]])
+    mask, bits = state_dict[f"{layer}.mask"], _bit_patterns(state_dict[sections[position][1]])
+    if mask.dim() == 0 or mask.shape[0] != len(bits) or not len(bits):  # encode_model refuses a wrong mask later
+        return None
+    idle = ~mask.detach().cpu().reshape(len(bits), -1).ne(0).any(1).numpy()
     return idle if idle.any() and not bits[idle].any() else None
 
 
@@ -527,16 +527,16 @@ def _read_group(r, position, sections, later, roles, state):
     if any(sections[p][0] != "R" or p in later for p in members):
         raise ValueError("a member that is a quantized layer or was decoded already")
     sizes = [math.prod(sections[p][2]) for p in members]
-    idle = [False] * m
-    can = [_idle_units(sections, p) is not None for p in members]  # the members with a flag, from version 9
-    if r.since("idle biases") and any(can):
-        flags = np.unpackbits(np.frombuffer(r.take((sum(can) + 7) // 8), np.uint8), bitorder="little")
-        if flags[sum(can):].any():
+    # from version 9 a flag for each member that is a quantized layer's bias: (position, layer)
+    flagged = [(p, layer) for p, layer in ((p, _idle_units(sections, p)) for p in members) if layer is not None]
+    idle = {}  # {position: the layer whose idle units that member leaves out}
+    if r.since("idle biases") and flagged:
+        flags = np.unpackbits(np.frombuffer(r.take((len(flagged) + 7) // 8), np.uint8), bitorder="little")
+        if flags[len(flagged):].any():
             raise ValueError("idle-unit flags set past the members that have one")
-        at = iter(flags[:sum(can)].astype(bool))
-        idle = [bool(next(at)) if c else False for c in can]
+        idle = {p: layer for (p, layer), flag in zip(flagged, flags) if flag}
     total = sum(sizes)
-    if any(idle):  # the values left: the members' elements less the idle units', known once their masks are
+    if idle:  # the values left: the members' elements less the idle units', known once their masks are
         total = r.unpack("<I")[0]
         if total > sum(sizes):
             raise ValueError(f"{total} values for {sum(sizes)} elements")
@@ -550,9 +550,9 @@ def _read_group(r, position, sections, later, roles, state):
     values = (table[_read_stream(r, total, k)] if k else table).astype(UINT[dtype.itemsize])
     r.done()
     left = _Values(values, dtype, m)
-    for p, flag in zip(members, idle):
+    for p in members:
         _, name, shape, _ = sections[p]
-        later[p] = (name, (left, _idle_units(sections, p) if flag else None, shape))
+        later[p] = (name, (left, idle.get(p), shape))
     return dict([_member(later.pop(position), state)])
 
 
@@ -584,9 +584,12 @@ def _member(entry, state):
     if layer is None:
         bits = left.take(size)
     else:
-        alive = state[f"{layer}.mask"].reshape(shape[0], -1).ne(0).any(1).numpy()
+        mask = state[f"{layer}.mask"]
+        alive = mask.reshape(shape[0], math.prod(mask.shape[1:])).ne(0).any(1).numpy()
         bits = np.zeros(size, left.values.dtype)
         bits[alive] = left.take(int(alive.sum()))
+    if size == 0:  # torch cannot view 0 bytes as a wider dtype
+        return name, torch.empty(shape, dtype=left.dtype)
     return name, torch.from_numpy(bits.view(np.uint8).copy()).view(left.dtype).reshape(shape)
 
 
@@ -613,6 +616,8 @@ def _read_raw(r, name, shape):
     size = math.prod(shape) * dtype.itemsize
     data = np.frombuffer(r.take(size), np.uint8).copy()
     r.done()
+    if size == 0:  # a layer of no units: torch cannot view 0 bytes as a wider dtype
+        return {name: torch.empty(shape, dtype=dtype)}
     return {name: torch.from_numpy(data).view(dtype).reshape(shape)}
 
 

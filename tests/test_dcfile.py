@@ -503,6 +503,11 @@ def test_idle_biases_are_left_out_of_their_group():
     assert [dcfile._idle_units(layout, p) for p, (kind, _, _, _) in enumerate(layout) if kind == "R"] \
         == [None, None, None, "fc2", None, None, None]
 
+    # A layer of no units (num_classes=0): its empty bias decodes, in a group or alone
+    state, args, quantized = quantized_state("lenet_300_100", {**SMALL, "num_classes": 0}, density=0.3)
+    for share in (True, False):
+        round_trip(state, args, quantized, share_tables=share)
+
 
 def test_hostile_idle_flags_are_rejected():
     state, args, quantized, _ = idle_state()

@@ -484,6 +484,11 @@ def _idle_units(sections, position):
     return None
 
 
+def _units_with_weights(mask):
+    """A layer's mask (units, ...) -> bool (units,): True where the unit keeps a weight."""
+    return mask.detach().cpu().reshape(mask.shape[0], math.prod(mask.shape[1:])).ne(0).any(1).numpy()
+
+
 def _idle_of(sections, position, state_dict):
     """The elements of the 'R' tensor at `position` that a 'G' section leaves out: bool (n,)
     True at the units of its layer with no weight left (see _idle_units), where each of them is
@@ -495,7 +500,7 @@ def _idle_of(sections, position, state_dict):
     mask, bits = state_dict[f"{layer}.mask"], _bit_patterns(state_dict[sections[position][1]])
     if mask.dim() == 0 or mask.shape[0] != len(bits) or not len(bits):  # encode_model refuses a wrong mask later
         return None
-    idle = ~mask.detach().cpu().reshape(len(bits), -1).ne(0).any(1).numpy()
+    idle = ~_units_with_weights(mask)
     return idle if idle.any() and not bits[idle].any() else None
 
 
@@ -584,8 +589,7 @@ def _member(entry, state):
     if layer is None:
         bits = left.take(size)
     else:
-        mask = state[f"{layer}.mask"]
-        alive = mask.reshape(shape[0], math.prod(mask.shape[1:])).ne(0).any(1).numpy()
+        alive = _units_with_weights(state[f"{layer}.mask"])
         bits = np.zeros(size, left.values.dtype)
         bits[alive] = left.take(int(alive.sum()))
     if size == 0:  # torch cannot view 0 bytes as a wider dtype

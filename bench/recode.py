@@ -14,8 +14,6 @@ import json
 import os
 import sys
 
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -33,13 +31,6 @@ dry_run = False             # print what would change, write nothing
 SETTINGS = util.settings_from(globals())
 
 
-def same_tensors(a, b):
-    """Two decoded state dicts hold the same names, dtypes, shapes and bit patterns."""
-    bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731  (-0.0 and NaNs as stored)
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-                                      and torch.equal(bits(a[k]), bits(b[k])) for k in a)
-
-
 def recode(blob):
     """The bytes of one file -> the same tensors and header encoded by the current version."""
     state, header = dcfile.decode_bytes(blob)
@@ -48,7 +39,8 @@ def recode(blob):
     new, _ = dcfile.encode_model(state, header["model"], header["quantized"], index_bits=settings.get("index_bits", 0),
                                  info=info, coder=settings.get("coder", "huffman"))
     again, header_again = dcfile.decode_bytes(new)
-    if header_again != header or not same_tensors(state, again):
+    same = list(again) == list(state) and all(dcfile.bit_equal(state[k], again[k]) for k in state)
+    if header_again != header or not same:
         raise util.UserError("the re-encoded file does not decode to the same tensors and header: not written")
     return new
 
